@@ -1,0 +1,229 @@
+"""`loopscope` commands: thin over the engine. Errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn, TextIO
+
+from loopscope import __version__
+from loopscope.catalog import DEFAULT_SCENARIO, SCENARIOS, STAGE_DESCRIPTIONS
+from loopscope.errors import UserError
+
+EXIT_OK, EXIT_STAGE_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+TARGET_HELP = (
+    "a built-in scenario (" + ", ".join(SCENARIOS) + f"; default {DEFAULT_SCENARIO}), "
+    "a file.py defining experiment(), or package.module:factory"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63-1, got {value}")
+    return value
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", nargs="?", default=DEFAULT_SCENARIO, help=TARGET_HELP)
+    parser.add_argument(
+        "--device", default="auto", metavar="D",
+        help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)",
+    )
+    parser.add_argument(
+        "--seed", type=_seed, default=0, metavar="N",
+        help="seeds torch, random and numpy once, before the experiment is built (default: 0)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    stages = "\n".join(f"  {name:<11} {text}" for name, text in STAGE_DESCRIPTIONS.items())
+    parser = _Parser(
+        prog="loopscope",
+        description="A debugger for the PyTorch training loop: run a real loop one stage at a time "
+        "and see what each stage does to the tensors.",
+        epilog=f"The stages of the loop:\n{stages}\n\nWith no command, loopscope runs the default "
+        f"scenario ({DEFAULT_SCENARIO}).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"loopscope {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser(
+        "run", help="step through a training loop (headless table until the app lands)",
+        description="Run a training loop and show every stage.",
+    )
+    _add_run_arguments(run)
+
+    trace = commands.add_parser(
+        "trace", help="run headless and write one record per stage (table or JSON lines)",
+        description="Run a training loop headless and write what every stage did.",
+        epilog="Exit status: 0 when the run completes, 1 when a stage raised (the trace ends "
+        "with that stage's error), 2 for bad arguments or targets, 130 when interrupted.",
+    )
+    _add_run_arguments(trace)
+    trace.add_argument(
+        "--iterations", "-n", type=_positive_int, default=None, metavar="N",
+        help="training iterations to run (default: the experiment's whole run)",
+    )
+    trace.add_argument("--format", choices=("jsonl", "table"), default="table", help="output format (default: table)")
+    trace.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    trace.add_argument(
+        "--fast", action="store_true",
+        help="skip the full statistics (tensor stats, per-layer norms); losses and errors are still recorded",
+    )
+
+    scenarios = commands.add_parser("scenarios", help="list the built-in scenarios", description="List the built-in scenarios.")
+    scenarios.add_argument("--json", action="store_true", help="print JSON for machines")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["run"])
+    try:
+        if args.command == "scenarios":
+            return _scenarios(args.json)
+        if args.command == "trace":
+            return _trace(args)
+        if args.command == "run":
+            sys.stderr.write("loopscope: the interactive app is not built yet; showing the headless trace\n")
+            args.iterations, args.format, args.output, args.fast = None, "table", None, False
+            return _trace(args)
+        raise AssertionError(f"unhandled command {args.command}")
+    except UserError as exc:
+        sys.stderr.write(f"loopscope: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("\nloopscope: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `loopscope trace | head` closed the pipe: not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _scenarios(as_json: bool) -> int:
+    if as_json:
+        rows = [
+            {"name": s.name, "description": s.description, "task": s.task, "bugs": []}
+            for s in SCENARIOS.values()
+        ]
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    width = max(map(len, SCENARIOS))
+    for info in SCENARIOS.values():
+        default = " (default)" if info.name == DEFAULT_SCENARIO else ""
+        print(f"{info.name:<{width}}  {info.task:<14} {info.description}{default}")
+    return EXIT_OK
+
+
+def _trace(args: argparse.Namespace) -> int:
+    # Imported here so `--help`, `scenarios` and argument errors answer before torch loads.
+    from loopscope.engine.devices import resolve_device
+    from loopscope.engine.stepper import Stepper
+    from loopscope.experiment import load_experiment
+    from loopscope.trace import TraceWriter
+
+    device = resolve_device(args.device)
+    experiment = load_experiment(args.target, args.seed)
+    out: TextIO
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as exc:
+        raise UserError(f"cannot write {args.output}: {exc.strerror}") from exc
+    writer = TraceWriter(out, args.format)
+    progress = _Progress(enabled=bool(args.output) and sys.stderr.isatty(), total=args.iterations)
+    stepper = Stepper(experiment, device, probe=not args.fast, sync_cuda=True)
+    stepper.on_event = lambda event: (writer.write(event), progress.update(stepper))
+    try:
+        stepper.run(args.iterations)
+    finally:
+        out.flush()
+        if out is not sys.stdout:
+            out.close()
+        progress.close()
+    return _report(stepper, writer, args)
+
+
+def _report(stepper, writer, args: argparse.Namespace) -> int:
+    where = f" to {args.output}" if args.output else ""
+    loss = stepper.history.series["loss"]
+    points = loss.points()
+    first = next((p.mean for p in points if p.count > p.nonfinite), None)
+    last = loss.last()
+    summary = (
+        f"loopscope: {stepper.completed_iterations} iterations, epoch {stepper.epoch}, "
+        f"{writer.count} stage records{where}"
+    )
+    if first is not None and last is not None:
+        summary += f"; loss {first:.4g} -> {last:.4g}"
+    val = stepper.history.series["val_accuracy"].last()
+    if val is not None:
+        summary += f", val accuracy {val:.1%}"
+    if stepper.stop_reason:
+        summary += f" ({stepper.stop_reason})"
+    sys.stderr.write(summary + "\n")
+    if stepper.halted is not None:
+        err = stepper.halted
+        last_event = stepper.history.last()
+        stage = last_event.stage if last_event else "?"
+        message = f"loopscope: stage {stage} failed at iteration {stepper.iteration}: {err.type}: {err.message}"
+        if err.location:
+            message += f" ({err.location})"
+        sys.stderr.write(message + "\n")
+        if err.hint:
+            sys.stderr.write(f"loopscope: hint: {err.hint}\n")
+        return EXIT_STAGE_ERROR
+    return EXIT_OK
+
+
+class _Progress:
+    """A one-line progress report on a terminal's stderr while a trace goes to a file."""
+
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.enabled = enabled
+        self.total = total
+        self._last = -1
+
+    def update(self, stepper) -> None:
+        done = stepper.completed_iterations
+        if not self.enabled or done == self._last or done % 10:
+            return
+        self._last = done
+        total = f"/{self.total}" if self.total else ""
+        loss = stepper.history.series["loss"].last()
+        loss_text = f"  loss {loss:.4g}" if loss is not None else ""
+        sys.stderr.write(f"\r  iteration {done}{total}  epoch {stepper.epoch}{loss_text}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._last >= 0:
+            sys.stderr.write("\n")

@@ -1,0 +1,1 @@
+"""The training-loop engine: torch only, never Textual."""

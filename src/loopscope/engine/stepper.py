@@ -1,0 +1,563 @@
+"""The one way the loop runs: a real PyTorch training loop, one stage at a time.
+
+Each call to `step_stage` runs exactly the code a careful practitioner writes for that stage and
+returns an immutable StageEvent describing it. The stepper never draws random numbers of its own,
+so its losses and parameters are bitwise those of the plain loop (the trajectory contract).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from loopscope.engine import probes
+from loopscope.engine.batches import batch_size, call_model, primary_output, split_batch, to_device
+from loopscope.engine.explain import explain
+from loopscope.events import LayerStat, StageError, StageEvent, TensorStat
+from loopscope.experiment import Experiment
+from loopscope.history import History
+
+
+class LoopHalted(RuntimeError):
+    """A stage raised; call `resume()` to abandon that iteration and start the next one."""
+
+
+@dataclass
+class _Iteration:
+    """What the stages of one iteration hand each other, like the local variables of a loop body."""
+
+    inputs: Any = None
+    targets: Any = None
+    raw_output: Any = None
+    output: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    grad_norms: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class _Record:
+    """Mutable scratch for the event a stage is building."""
+
+    tensors: list[TensorStat] = field(default_factory=list)
+    loss: float | None = None
+    grad_norm: float | None = None
+    layers: list[LayerStat] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def infer_task(experiment: Experiment) -> str | None:
+    """The task implied by the loss function when the experiment does not say."""
+    if experiment.task:
+        return experiment.task
+    loss = experiment.loss_fn
+    if isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return "classification"
+    if isinstance(loss, (nn.BCEWithLogitsLoss, nn.BCELoss)):
+        return "binary"
+    if isinstance(loss, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)):
+        return "regression"
+    return None
+
+
+class Stepper:
+    """Runs an Experiment stage by stage and reports each stage as a StageEvent."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        device: str | torch.device = "cpu",
+        *,
+        probe: bool = True,
+        sync_cuda: bool = True,
+        history: History | None = None,
+        on_event: Callable[[StageEvent], None] | None = None,
+    ) -> None:
+        self.experiment = experiment
+        self.device = torch.device(device)
+        self.probe = probe  # full statistics; the loss and error checks run regardless
+        self.sync_cuda = sync_cuda and self.device.type == "cuda"
+        self.history = history if history is not None else History()
+        self.on_event = on_event
+        self.task = infer_task(experiment)
+        self.model = experiment.model.to(self.device)
+        if isinstance(experiment.loss_fn, nn.Module):
+            experiment.loss_fn.to(self.device)
+        # Deduplicated like the optimizer sees them: shared weights appear once.
+        self.named_params: list[tuple[str, nn.Parameter]] = list(self.model.named_parameters())
+        self.iteration = 0  # iterations started
+        self.completed_iterations = 0
+        self.epoch = 1
+        self.finished = False
+        self.halted: StageError | None = None
+        self.stop_reason: str | None = None
+        self.best_val_loss = math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.validations_without_improvement = 0
+        self._train_iter: Iterator[Any] | None = None
+        self._batches_this_epoch = 0
+        self._queue: deque[str] = deque()  # stages left in the current block
+        self._current = _Iteration()
+        self._last_val_loss: float | None = None
+        self._epoch_ending = False  # running the epoch-end block
+        self._prefetched: tuple[float, Any, BaseException | None] | None = None
+
+    # ----- what runs next -------------------------------------------------------------------
+    def iteration_stages(self) -> list[str]:
+        """The stages of one training iteration for this experiment, in order."""
+        exp = self.experiment
+        stages = ["load_batch", "zero_grad", "forward", "loss", "backward"]
+        if exp.clip_grad_norm is not None:
+            stages.append("clip_grad")
+        stages.append("step")
+        if exp.scheduler is not None and exp.scheduler_interval == "iteration":
+            stages.append("scheduler")
+        return stages
+
+    def _validation_stages(self) -> list[str]:
+        stages = ["validate"]
+        if self.experiment.checkpoint:
+            stages.append("checkpoint")
+        if self.experiment.early_stopping_patience is not None:
+            stages.append("early_stop")
+        return stages
+
+    def _epoch_end_stages(self) -> list[str]:
+        exp = self.experiment
+        validate_now = exp.val_loader is not None and exp.validate_every is None
+        stages = ["validate"] if validate_now else []
+        if exp.scheduler is not None and exp.scheduler_interval == "epoch":
+            stages.append("scheduler")
+        if validate_now:
+            stages.extend(self._validation_stages()[1:])
+        return stages
+
+    @property
+    def at_boundary(self) -> bool:
+        """True between blocks: the next stage starts an iteration (or ends the epoch)."""
+        return not self._queue
+
+    def next_stage(self) -> str | None:
+        """The stage `step_stage` will run next (`load_batch` may turn out to be the epoch's end)."""
+        if self.finished:
+            return None
+        return self._queue[0] if self._queue else "load_batch"
+
+    # ----- running --------------------------------------------------------------------------
+    def step_stage(self) -> StageEvent | None:
+        """Run one stage; None once training is over."""
+        if self.halted is not None:
+            raise LoopHalted(f"the loop stopped at an error ({self.halted.type}); call resume()")
+        if self.finished:
+            return None
+        if not self._queue:
+            return self._start_block()
+        return self._run(self._queue.popleft())
+
+    def run_iteration(self) -> list[StageEvent]:
+        """Run to the end of the current block: the rest of this iteration, or the epoch's end."""
+        events = []
+        while True:
+            event = self.step_stage()
+            if event is None:
+                break
+            events.append(event)
+            if event.error is not None or self.at_boundary:
+                break
+        return events
+
+    def run_epoch(self) -> list[StageEvent]:
+        """Run to the end of the current epoch, its validation and bookkeeping stages included."""
+        events: list[StageEvent] = []
+        start_epoch = self.epoch
+        while not self.finished and self.halted is None:
+            if self.at_boundary and self.epoch != start_epoch:
+                break
+            if self.at_boundary and events and not self._epoch_end_stages() and self._loader_exhausted():
+                # No epoch-end stages to show: close the epoch here so the next call starts the new one.
+                self._prefetched = None
+                self._train_iter = None
+                self._advance_epoch()
+                break
+            event = self.step_stage()
+            if event is None:
+                break
+            events.append(event)
+        return events
+
+    def run(self, iterations: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
+        """Run `iterations` more training iterations (None: to the end); returns events produced.
+
+        Events go to `on_event` and the history; `should_stop` is checked between stages.
+        """
+        target = None if iterations is None else self.completed_iterations + iterations
+        produced = 0
+        while not self.finished and self.halted is None:
+            if target is not None and self.completed_iterations >= target and self.at_boundary:
+                break
+            if should_stop is not None and should_stop():
+                break
+            if self.step_stage() is None:
+                break
+            produced += 1
+        return produced
+
+    def resume(self) -> None:
+        """After an error: drop the broken iteration; the next stage starts a fresh one."""
+        self.halted = None
+        self._queue.clear()
+        self._current = _Iteration()
+        if self._epoch_ending:
+            self._epoch_ending = False
+            self._advance_epoch()
+
+    # ----- blocks ---------------------------------------------------------------------------
+    def _start_block(self) -> StageEvent | None:
+        while True:
+            start, batch, failure = self._take_batch()
+            if failure is not None:
+                self.iteration += 1
+                return self._finish("load_batch", _Record(), start, failure)
+            if batch is not _END:
+                self.iteration += 1
+                self._batches_this_epoch += 1
+                self._current = _Iteration()
+                self._queue.extend(self.iteration_stages()[1:])
+                return self._run("load_batch", batch=batch, start=start)
+            if self._batches_this_epoch == 0:
+                self.iteration += 1
+                self._train_iter = None
+                error = ValueError("the training loader yielded no batches in this epoch")
+                return self._finish("load_batch", _Record(), start, error)
+            # The loader is exhausted: this epoch is over.
+            self._train_iter = None
+            end_stages = self._epoch_end_stages()
+            if end_stages:
+                self._epoch_ending = True
+                self._queue.extend(end_stages[1:])
+                return self._run(end_stages[0])
+            if not self._advance_epoch():
+                return None
+
+    def _take_batch(self) -> tuple[float, Any, BaseException | None]:
+        """(start time, batch or _END, exception); uses a batch fetched early by `run_epoch`."""
+        if self._prefetched is not None:
+            seconds, batch, failure = self._prefetched
+            self._prefetched = None
+            return time.perf_counter() - seconds, batch, failure
+        start = time.perf_counter()
+        try:
+            return start, self._next_batch(), None
+        except Exception as exc:
+            return start, None, exc
+
+    def _loader_exhausted(self) -> bool:
+        """At a boundary: whether the epoch's loader has no batch left (fetching it early if not).
+
+        The early fetch happens exactly where the plain loop's `next()` would, so it changes
+        nothing in the order of random draws.
+        """
+        if self._prefetched is None:
+            start, batch, failure = self._take_batch()
+            self._prefetched = (time.perf_counter() - start, batch, failure)
+        return self._prefetched[1] is _END
+
+    def _next_batch(self) -> Any:
+        if self._train_iter is None:
+            # Created exactly where `for batch in loader:` would create it: the DataLoader draws
+            # its base seed from the global RNG here, so the order of draws matches a plain loop.
+            self._train_iter = iter(self.experiment.train_loader)
+            self._batches_this_epoch = 0
+        return next(self._train_iter, _END)
+
+    def _advance_epoch(self) -> bool:
+        if self.epoch >= self.experiment.epochs:
+            self.finished = True
+            self.stop_reason = f"finished {self.experiment.epochs} epochs"
+            return False
+        self.epoch += 1
+        return True
+
+    def _run(self, stage: str, **kwargs: Any) -> StageEvent | None:
+        start = kwargs.pop("start", None) or time.perf_counter()
+        record = _Record()
+        try:
+            getattr(self, f"_stage_{stage}")(record, **kwargs)
+        except Exception as exc:  # user code failing is shown at its stage, never a crash
+            return self._finish(stage, record, start, exc)
+        if stage == self.iteration_stages()[-1] and not self._queue:
+            self._end_iteration()
+        event = self._finish(stage, record, start, None)
+        if self._epoch_ending and not self._queue:
+            self._epoch_ending = False
+            if not self.finished:
+                self._advance_epoch()
+        return event
+
+    def _end_iteration(self) -> None:
+        self.completed_iterations += 1
+        every = self.experiment.validate_every
+        if every and self.experiment.val_loader is not None and self.completed_iterations % every == 0:
+            self._queue.extend(self._validation_stages())
+
+    def _finish(self, stage: str, record: _Record, start: float, exc: BaseException | None) -> StageEvent:
+        if self.sync_cuda:
+            torch.cuda.synchronize(self.device)
+        duration_ms = (time.perf_counter() - start) * 1000.0
+        error = None
+        if exc is not None:
+            error = explain(exc)
+            self.halted = error
+            self._queue.clear()
+        if self.device.type == "cuda":
+            record.metrics["cuda_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
+            record.metrics["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        event = StageEvent(
+            iteration=self.iteration,
+            epoch=self.epoch,
+            stage=stage,
+            tensors=tuple(record.tensors),
+            loss=record.loss,
+            grad_norm=record.grad_norm,
+            layers=tuple(record.layers),
+            metrics=dict(record.metrics),
+            error=error,
+            duration_ms=duration_ms,
+            device=str(self.device),
+        )
+        self.history.add(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        return event
+
+    # ----- the stages: each is the code of a hand-written loop, plus probes -----------------
+    def _stage_load_batch(self, record: _Record, batch: Any) -> None:
+        inputs, targets = split_batch(batch)
+        self._current.inputs = to_device(inputs, self.device)
+        self._current.targets = to_device(targets, self.device)
+        named = [(n, t, None) for n, t in probes.flatten_tensors("inputs", self._current.inputs)]
+        named += [(n, t, None) for n, t in probes.flatten_tensors("targets", self._current.targets)]
+        if self.probe:
+            record.tensors = probes.tensor_stats(named)
+            counts = self._class_counts(self._current.targets)
+            if counts is not None:
+                record.metrics["class_counts"] = counts
+        else:
+            record.tensors = [probes._describe(n, t, None) for n, t, _ in named]
+        record.metrics["batch_size"] = batch_size(self._current.targets)
+
+    def _class_counts(self, targets: Any) -> dict[str, int] | None:
+        if not isinstance(targets, torch.Tensor) or self.task not in ("binary", "classification"):
+            return None
+        labels = targets.detach().reshape(-1)
+        if labels.is_floating_point():
+            labels = labels.round()
+        values, counts = torch.unique(labels.to(torch.int64), return_counts=True)
+        return {str(v): c for v, c in zip(values.tolist(), counts.tolist())}
+
+    def _stage_zero_grad(self, record: _Record) -> None:
+        params = [p for _, p in self.named_params]
+        if self.probe:
+            record.metrics["grads_before"] = probes.grad_presence(params)
+        self.experiment.optimizer.zero_grad()
+        if self.probe:
+            record.metrics["grads_after"] = probes.grad_presence(params)
+
+    def _stage_forward(self, record: _Record) -> None:
+        if self.probe:
+            with probes.ForwardRecorder(self.model) as recorder:
+                raw = call_model(self.model, self._current.inputs)
+            output = primary_output(raw)
+            record.tensors = probes.tensor_stats(recorder.outputs + [("output", output.detach(), None)])
+        else:
+            raw = call_model(self.model, self._current.inputs)
+            output = primary_output(raw)
+            record.tensors = [probes._describe("output", output, None)]
+        self._current.raw_output, self._current.output = raw, output
+
+    def _stage_loss(self, record: _Record) -> None:
+        output, targets = self._current.output, self._current.targets
+        loss = self.experiment.loss_fn(output, targets)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"the loss function returned {type(loss).__name__}, not a tensor")
+        self._current.loss = loss
+        # One host sync per iteration: the loss is always shown and always checked for NaN.
+        record.loss = loss.detach().float().mean().item() if loss.numel() else math.nan
+        record.metrics["loss_shape"] = list(loss.shape)
+        named = [("output", output.detach(), None)]
+        if isinstance(targets, torch.Tensor):
+            named.append(("targets", targets.detach(), None))
+        if self.probe:
+            record.tensors = probes.tensor_stats(named)
+            record.metrics["loss_input"] = self._describe_loss_input(output)
+        else:
+            record.tensors = [probes._describe(n, t, None) for n, t, _ in named]
+
+    @staticmethod
+    def _describe_loss_input(output: torch.Tensor) -> str:
+        """`probabilities` if each row sums to 1 (softmax already applied), `unit_interval`, or `logits`."""
+        out = output.detach()
+        if not out.is_floating_point() or out.numel() == 0:
+            return "other"
+        low, high = out.amin().item(), out.amax().item()
+        if low < 0 or high > 1:
+            return "logits"
+        if out.dim() >= 2 and out.shape[1] > 1:
+            row_sums = out.sum(dim=1)
+            if torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-3):
+                return "probabilities"
+        return "unit_interval"
+
+    def _stage_backward(self, record: _Record) -> None:
+        if self._current.loss is None:
+            raise RuntimeError("there is no loss to backpropagate")
+        self._current.loss.backward()
+        if self.probe:
+            layers, total, nonfinite = probes.grad_layers(self.named_params)
+            record.layers = layers
+            record.grad_norm = total
+            record.metrics["nonfinite_grads"] = nonfinite
+            record.metrics["grads_none"] = sum(1 for layer in layers if layer.grad_norm is None)
+            self._current.grad_norms = {layer.name: layer.grad_norm for layer in layers}
+
+    def _stage_clip_grad(self, record: _Record) -> None:
+        max_norm = self.experiment.clip_grad_norm
+        total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm_before = float(total)
+        record.metrics.update(max_norm=max_norm, norm_before=norm_before, clipped=norm_before > max_norm)
+        if self.probe:
+            layers, after, _ = probes.grad_layers(self.named_params)
+            record.layers = layers
+            record.grad_norm = after
+            self._current.grad_norms = {layer.name: layer.grad_norm for layer in layers}
+
+    def _stage_step(self, record: _Record) -> None:
+        optimizer = self.experiment.optimizer
+        trainable = [(n, p) for n, p in self.named_params if p.requires_grad]
+        before = [p.detach().clone() for _, p in trainable] if self.probe else None
+        optimizer.step()
+        record.metrics["lr"] = optimizer.param_groups[0].get("lr")
+        if len(optimizer.param_groups) > 1:
+            record.metrics["lrs"] = [group.get("lr") for group in optimizer.param_groups]
+        if self.probe and before is not None:
+            record.layers = probes.update_layers(trainable, before, self._current.grad_norms)
+            ratios = [layer.update_ratio for layer in record.layers if layer.update_ratio is not None]
+            if ratios:
+                record.metrics["max_update_ratio"] = max(ratios)
+
+    def _stage_scheduler(self, record: _Record) -> None:
+        scheduler = self.experiment.scheduler
+        optimizer = self.experiment.optimizer
+        record.metrics["lr_before"] = optimizer.param_groups[0].get("lr")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if self._last_val_loss is None:
+                raise RuntimeError("ReduceLROnPlateau needs a validation loss: give the experiment a val_loader")
+            scheduler.step(self._last_val_loss)
+        else:
+            scheduler.step()
+        record.metrics["lr"] = optimizer.param_groups[0].get("lr")
+
+    def _stage_validate(self, record: _Record) -> None:
+        loader = self.experiment.val_loader
+        loss_fn = self.experiment.loss_fn
+        started = time.perf_counter()
+        total_loss: torch.Tensor | None = None
+        correct: torch.Tensor | None = None
+        examples = 0
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    inputs, targets = split_batch(batch)
+                    inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+                    output = primary_output(call_model(self.model, inputs))
+                    n = batch_size(targets)
+                    # Weighted by example count so a short last batch does not skew the mean.
+                    batch_loss = loss_fn(output, targets).detach().float() * n
+                    total_loss = batch_loss if total_loss is None else total_loss + batch_loss
+                    hits = self._correct(output, targets)
+                    if hits is not None:
+                        correct = hits if correct is None else correct + hits
+                    examples += n
+        finally:
+            self.model.train()
+        if examples == 0:
+            raise ValueError("the validation loader yielded no batches")
+        val_loss = total_loss.item() / examples
+        self._last_val_loss = val_loss
+        record.metrics["val_loss"] = val_loss
+        record.metrics["val_examples"] = examples
+        if correct is not None:
+            record.metrics["val_accuracy"] = correct.item() / examples
+        record.metrics["val_seconds"] = time.perf_counter() - started
+
+    def _correct(self, output: torch.Tensor, targets: Any) -> torch.Tensor | None:
+        """Number of right answers in a batch, or None where accuracy means nothing."""
+        if not isinstance(targets, torch.Tensor):
+            return None
+        if self.task == "binary":
+            threshold = 0.5 if isinstance(self.experiment.loss_fn, nn.BCELoss) else 0.0
+            if output.numel() != targets.numel():
+                return None
+            predicted = (output.reshape(-1) > threshold).to(torch.int64)
+            return (predicted == targets.reshape(-1).round().to(torch.int64)).sum()
+        if self.task == "classification" and output.dim() >= 2:
+            predicted = output.argmax(dim=1)
+            truth = targets.argmax(dim=1) if targets.shape == output.shape else targets
+            if predicted.shape != truth.shape:
+                return None
+            return (predicted == truth).sum()
+        return None
+
+    def _stage_checkpoint(self, record: _Record) -> None:
+        val_loss = self._last_val_loss
+        improved = val_loss is not None and val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = val_loss
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            path = self.experiment.checkpoint
+            if isinstance(path, str):
+                torch.save(self.best_state, path)
+                record.metrics["path"] = path
+        record.metrics.update(saved=improved, best_val_loss=self.best_val_loss)
+
+    def _stage_early_stop(self, record: _Record) -> None:
+        patience = self.experiment.early_stopping_patience
+        if self._last_val_loss is not None and self._last_val_loss <= self.best_val_loss and self._improved_now():
+            self.validations_without_improvement = 0
+        else:
+            self.validations_without_improvement += 1
+        stop = self.validations_without_improvement >= patience
+        record.metrics.update(
+            without_improvement=self.validations_without_improvement, patience=patience, stop=stop
+        )
+        if stop:
+            self.finished = True
+            self.stop_reason = f"early stop: no better validation loss in {patience} validations"
+            self._queue.clear()
+
+    def _improved_now(self) -> bool:
+        # Without a checkpoint stage the best loss is tracked here instead.
+        if self.experiment.checkpoint:
+            return self._last_val_loss == self.best_val_loss
+        if self._last_val_loss is not None and self._last_val_loss < self.best_val_loss:
+            self.best_val_loss = self._last_val_loss
+            return True
+        return False
+
+    def state_copy(self) -> dict[str, Any]:
+        """Deep copies of model and optimizer state (for checks that must not touch the run)."""
+        return {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizer": copy.deepcopy(self.experiment.optimizer.state_dict()),
+        }
+
+
+_END = object()

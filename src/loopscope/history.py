@@ -1,0 +1,147 @@
+"""Bounded memory over arbitrarily long runs: recent events in full, older numbers downsampled.
+
+Torch-free, so the UI can keep the same structures on its side of the pipe.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from loopscope.events import StageEvent
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesPoint:
+    """One bucket of a downsampled series: mean, min and max of the finite values in it."""
+
+    x: float  # the bucket's last x (iteration)
+    mean: float
+    low: float
+    high: float
+    count: int
+    nonfinite: int
+
+
+class Series:
+    """A numeric series that never holds more than `capacity` buckets.
+
+    Each bucket covers `width` consecutive points; when the buckets fill up, neighbours merge and
+    the width doubles. Adding a point is O(1) amortised; min/max keep spikes visible.
+    """
+
+    def __init__(self, capacity: int = 2048) -> None:
+        if capacity < 2 or capacity % 2:
+            raise ValueError("capacity must be an even number >= 2")
+        self.capacity = capacity
+        self.width = 1
+        self.total_points = 0
+        self._x = array("d")
+        self._sum = array("d")
+        self._low = array("d")
+        self._high = array("d")
+        self._count = array("q")  # points in the bucket, finite or not
+        self._finite = array("q")
+
+    def add(self, x: float, value: float | None) -> None:
+        self.total_points += 1
+        finite = value is not None and math.isfinite(value)
+        if not self._count or self._count[-1] >= self.width:
+            if len(self._count) == self.capacity:
+                self._merge_pairs()
+            self._x.append(x)
+            self._sum.append(value if finite else 0.0)
+            self._low.append(value if finite else math.inf)
+            self._high.append(value if finite else -math.inf)
+            self._count.append(1)
+            self._finite.append(1 if finite else 0)
+            return
+        self._x[-1] = x
+        self._count[-1] += 1
+        if finite:
+            self._sum[-1] += value
+            self._low[-1] = min(self._low[-1], value)
+            self._high[-1] = max(self._high[-1], value)
+            self._finite[-1] += 1
+
+    def _merge_pairs(self) -> None:
+        def merged(values: array, combine) -> array:
+            return array(values.typecode, (combine(values[i], values[i + 1]) for i in range(0, len(values), 2)))
+
+        self._x = merged(self._x, lambda a, b: b)
+        self._sum = merged(self._sum, lambda a, b: a + b)
+        self._low = merged(self._low, min)
+        self._high = merged(self._high, max)
+        self._count = merged(self._count, lambda a, b: a + b)
+        self._finite = merged(self._finite, lambda a, b: a + b)
+        self.width *= 2
+
+    def __len__(self) -> int:
+        return len(self._count)
+
+    def points(self) -> list[SeriesPoint]:
+        """Buckets oldest first; a bucket with no finite value has NaN mean/min/max."""
+        result = []
+        for i in range(len(self._count)):
+            finite = self._finite[i]
+            mean = self._sum[i] / finite if finite else math.nan
+            low = self._low[i] if finite else math.nan
+            high = self._high[i] if finite else math.nan
+            result.append(SeriesPoint(self._x[i], mean, low, high, self._count[i], self._count[i] - finite))
+        return result
+
+    def last(self) -> float | None:
+        if not self._count or not self._finite[-1]:
+            return None
+        return self._sum[-1] / self._finite[-1]
+
+    def nbytes(self) -> int:
+        return sum(a.itemsize * a.buffer_info()[1] for a in (self._x, self._sum, self._low, self._high, self._count, self._finite))
+
+
+SERIES_NAMES = ("loss", "grad_norm", "val_loss", "val_accuracy", "lr", "twin_loss")
+
+
+class History:
+    """The last `recent_iterations` iterations' events in full, plus downsampled series."""
+
+    def __init__(self, recent_iterations: int = 200, capacity: int = 2048) -> None:
+        self.recent_iterations = recent_iterations
+        self._events: deque[StageEvent] = deque()
+        self.series: dict[str, Series] = {name: Series(capacity) for name in SERIES_NAMES}
+        self.event_count = 0
+
+    def add(self, event: StageEvent) -> None:
+        self.event_count += 1
+        self._events.append(event)
+        oldest_kept = event.iteration - self.recent_iterations
+        while self._events and self._events[0].iteration <= oldest_kept:
+            self._events.popleft()
+        if event.stage == "loss" and event.error is None:
+            self.series["loss"].add(event.iteration, event.loss)
+            if event.twin_loss is not None:
+                self.series["twin_loss"].add(event.iteration, event.twin_loss)
+        elif event.stage == "backward" and event.error is None:
+            self.series["grad_norm"].add(event.iteration, event.grad_norm)
+        elif event.stage == "step" and "lr" in event.metrics:
+            self.series["lr"].add(event.iteration, event.metrics["lr"])
+        elif event.stage == "validate" and event.error is None:
+            self.series["val_loss"].add(event.iteration, event.metrics.get("val_loss"))
+            if event.metrics.get("val_accuracy") is not None:
+                self.series["val_accuracy"].add(event.iteration, event.metrics["val_accuracy"])
+
+    def extend(self, events: Iterable[StageEvent]) -> None:
+        for event in events:
+            self.add(event)
+
+    def recent(self) -> list[StageEvent]:
+        return list(self._events)
+
+    def last(self, stage: str | None = None) -> StageEvent | None:
+        for event in reversed(self._events):
+            if stage is None or event.stage == stage:
+                return event
+        return None

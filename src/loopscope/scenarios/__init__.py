@@ -1,0 +1,1 @@
+"""Built-in experiments, one module each, all data generated locally."""

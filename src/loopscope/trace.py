@@ -1,0 +1,114 @@
+"""Write StageEvents as JSON lines or as a human-readable table (torch-free)."""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+from loopscope.events import StageEvent, TensorStat
+
+TABLE_HEADER = f"{'iter':>6} {'epoch':>5}  {'stage':<11} {'ms':>7}  what happened"
+
+
+def event_json(event: StageEvent) -> str:
+    """One line of valid JSON (NaN/Inf written as null and listed under `nonfinite`)."""
+    return json.dumps(event.to_dict(), allow_nan=False, separators=(",", ":"))
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def _shape(stat: TensorStat) -> str:
+    return "[" + ",".join(map(str, stat.shape)) + "]"
+
+
+def _tensor(stat: TensorStat) -> str:
+    text = f"{stat.name} {_shape(stat)} {stat.dtype} {stat.device}"
+    if stat.mean is not None:
+        text += f" mean {_num(stat.mean, 3)} std {_num(stat.std, 3)}"
+    if stat.nan_count or stat.inf_count:
+        text += f" ({stat.nan_count} NaN, {stat.inf_count} Inf)"
+    return text
+
+
+def describe(event: StageEvent) -> str:
+    """What the stage did, in one line."""
+    m = event.metrics
+    if event.error is not None:
+        err = event.error
+        text = f"ERROR {err.type}: {err.message}"
+        if err.location:
+            text += f" [{err.location}]"
+        if err.hint:
+            text += f" -- {err.hint}"
+        return text
+    stage = event.stage
+    if stage == "load_batch":
+        text = " | ".join(_tensor(t) for t in event.tensors)
+        if "class_counts" in m:
+            text += "  classes " + " ".join(f"{k}:{v}" for k, v in m["class_counts"].items())
+        return text
+    if stage == "zero_grad":
+        if "grads_before" not in m:
+            return "optimizer.zero_grad()"
+        before, after = m["grads_before"], m["grads_after"]
+        return (
+            f"grads before: {before['nonzero']} with values (norm {_num(before['norm'])}), "
+            f"{before['none']} None -> after: {after['nonzero']} with values, {after['none']} None"
+        )
+    if stage == "forward":
+        output = next((t for t in event.tensors if t.name == "output"), None)
+        modules = sum(1 for t in event.tensors if t.module_type)
+        return (_tensor(output) if output else "") + (f"  ({modules} module outputs)" if modules else "")
+    if stage == "loss":
+        shapes = " vs ".join(f"{t.name} {_shape(t)}" for t in event.tensors)
+        kind = ", rows sum to 1: probabilities, not logits" if m.get("loss_input") == "probabilities" else ""
+        return f"loss {_num(event.loss)}  ({shapes}{kind})"
+    if stage == "backward":
+        if event.grad_norm is None and not event.layers:
+            return "loss.backward()"
+        return f"grad norm {_num(event.grad_norm)} over {sum(1 for l in event.layers if l.grad_norm is not None)} tensors"
+    if stage == "clip_grad":
+        return f"norm {_num(m.get('norm_before'))} -> {_num(event.grad_norm)} (max {m.get('max_norm')}, clipped: {m.get('clipped')})"
+    if stage == "step":
+        text = f"lr {_num(m.get('lr'), 6)}"
+        if "max_update_ratio" in m:
+            text += f"  max update/weight {_num(m['max_update_ratio'])}"
+        return text
+    if stage == "scheduler":
+        return f"lr {_num(m.get('lr_before'), 6)} -> {_num(m.get('lr'), 6)}"
+    if stage == "validate":
+        text = f"val loss {_num(m.get('val_loss'))}"
+        if m.get("val_accuracy") is not None:
+            text += f"  val accuracy {m['val_accuracy']:.1%}"
+        return text + f"  ({m.get('val_examples')} examples)"
+    if stage == "checkpoint":
+        return f"{'saved' if m.get('saved') else 'kept'} best (val loss {_num(m.get('best_val_loss'))})"
+    if stage == "early_stop":
+        verdict = "STOP" if m.get("stop") else "continue"
+        return f"{m.get('without_improvement')}/{m.get('patience')} validations without improvement: {verdict}"
+    return ""
+
+
+def event_row(event: StageEvent) -> str:
+    return f"{event.iteration:>6} {event.epoch:>5}  {event.stage:<11} {event.duration_ms:>7.2f}  {describe(event)}"
+
+
+class TraceWriter:
+    """Streams events to a text file as they happen, so an interrupted trace is complete so far."""
+
+    def __init__(self, out: TextIO, fmt: str) -> None:
+        self.out = out
+        self.fmt = fmt
+        self.count = 0
+        if fmt == "table":
+            out.write(TABLE_HEADER + "\n")
+
+    def write(self, event: StageEvent) -> None:
+        self.out.write((event_json(event) if self.fmt == "jsonl" else event_row(event)) + "\n")
+        self.count += 1
+        if event.stage in ("validate", "step") or event.error is not None:
+            self.out.flush()

@@ -1,0 +1,153 @@
+"""`loopscope trace`, `scenarios` and argument handling, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loopscope.cli import main
+
+TRACE_FIELDS = {
+    "iteration", "epoch", "stage", "bugs", "tensors", "loss", "grad_norm", "layers", "metrics",
+    "diagnostics", "error", "duration_ms",
+}
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real console entry point, in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "loopscope", *args], capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_trace_table_shows_every_stage_and_the_loss_falls(capsys):
+    assert main(["trace", "blobs", "--iterations", "300", "--format", "table"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["iter", "epoch", "stage", "ms"]
+    rows = [line.split(None, 3) for line in out[1:]]
+    assert [r[2] for r in rows[:6]] == ["load_batch", "zero_grad", "forward", "loss", "backward", "step"]
+    assert "inputs [10,10] float32 cpu" in out[1] and "grad norm" in out[5]
+    # A row is: iter, epoch, stage, ms, then what happened ("loss 0.6931  (output ...)").
+    losses = [float(line.split()[5]) for line in out[1:] if line.split()[2] == "loss"]
+    assert len(losses) == 300
+    first, last = sum(losses[:50]) / 50, sum(losses[-50:]) / 50
+    assert last < 0.5 * first
+    assert sum(1 for line in out if line.split()[2] == "validate") == 3
+
+
+def test_trace_jsonl_writes_every_design_field_to_a_file(tmp_path, capsys):
+    path = tmp_path / "trace.jsonl"
+    assert main(["trace", "spirals", "-n", "25", "--format", "jsonl", "-o", str(path)]) == 0
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(TRACE_FIELDS <= r.keys() for r in records)
+    assert records[0]["stage"] == "load_batch" and records[0]["tensors"][0]["shape"] == [32, 2]
+    backward = next(r for r in records if r["stage"] == "backward")
+    assert backward["grad_norm"] > 0 and backward["layers"][0]["name"] == "0.weight"
+    step = next(r for r in records if r["stage"] == "step")
+    assert all(l["update_ratio"] is not None for l in step["layers"])
+    validate = next(r for r in records if r["stage"] == "validate")
+    assert {"val_loss", "val_accuracy"} <= validate["metrics"].keys()
+    stages = {r["stage"] for r in records}
+    assert {"clip_grad", "scheduler", "checkpoint", "early_stop"} <= stages
+    assert "stage records to" in capsys.readouterr().err
+
+
+def test_user_file_and_module_factory_targets(fixtures, monkeypatch, capsys):
+    assert main(["trace", str(fixtures / "dict_rnn_experiment.py"), "-n", "3", "--format", "jsonl"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert [t["name"] for t in first["tensors"]] == ["inputs.series", "inputs.mask", "targets"]
+    monkeypatch.syspath_prepend(str(fixtures))
+    assert main(["trace", "tuple_experiment:experiment", "-n", "2", "--format", "jsonl"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert [t["name"] for t in first["tensors"]] == ["inputs[0]", "inputs[1]", "targets"]
+
+
+def test_a_stage_error_ends_the_trace_with_a_readable_message(fixtures):
+    result = run_cli("trace", str(fixtures / "shape_mismatch.py"), "--format", "jsonl")
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert records[-1]["stage"] == "forward"
+    assert records[-1]["error"]["type"] == "RuntimeError"
+    assert "Traceback" not in result.stderr
+    assert "stage forward failed at iteration 1" in result.stderr
+    assert "hint:" in result.stderr
+
+
+BAD_FILES = {
+    "missing": (None, "no such file"),
+    "no_factory.py": ("x = 1\n", "defines no experiment() function"),
+    "syntax.py": ("def experiment(:\n", "syntax.py:1: SyntaxError"),
+    "raises.py": ("def experiment():\n    raise ValueError('no data here')\n", "raised ValueError: no data here (raises.py:2)"),
+    "wrong_type.py": ("def experiment():\n    return {'model': 1}\n", "must return a loopscope.Experiment, got dict"),
+    "bad_fields.py": (
+        "from loopscope import Experiment\ndef experiment():\n"
+        "    return Experiment(model=1, loss_fn=None, optimizer=2, train_loader=3)\n",
+        "model must be a torch.nn.Module",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_bad_targets_are_one_line_and_exit_2(name, tmp_path, capsys):
+    text, expected = BAD_FILES[name]
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    assert main(["trace", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.count("\n") == 1 and err.startswith("loopscope: error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["trace", "moons"], "unknown target 'moons'"),
+        (["trace", "nosuchmodule:factory"], "cannot import 'nosuchmodule'"),
+        (["trace", "blobs", "--device", "tpu"], "expected one of auto|cpu|cuda|cuda:N|mps"),
+        (["trace", "blobs", "--iterations", "0"], "must be at least 1"),
+        (["trace", "blobs", "--iterations", "many"], "expected a whole number"),
+        (["trace", "blobs", "--format", "xml"], "invalid choice"),
+        (["trace", "blobs", "--seed", "-3"], "must be between 0"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        code = main(args)
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+
+
+def test_asking_for_cuda_without_it_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["trace", "blobs", "--device", "cuda", "-n", "1"]) == 2
+    assert "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_scenarios_lists_the_four_builtins(capsys):
+    assert main(["scenarios"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()] == ["blobs", "spirals", "regression", "digits"]
+    assert "(default)" in out.splitlines()[0]
+    assert main(["scenarios", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {"blobs", "spirals", "regression", "digits"}
+    assert all({"name", "description", "task", "bugs"} <= r.keys() for r in rows)
+
+
+def test_console_script_help_and_python_m(tmp_path):
+    result = run_cli("--help")
+    assert result.returncode == 0 and "trace" in result.stdout and "load_batch" in result.stdout
+    result = run_cli("trace", "digits", "-n", "2", "--format", "jsonl", "--seed", "4")
+    assert result.returncode == 0
+    assert len(result.stdout.splitlines()) == 12
+    assert json.loads(result.stdout.splitlines()[0])["tensors"][0]["shape"] == [32, 1, 8, 8]

@@ -1,0 +1,21 @@
+"""The README's two set-up-and-go commands exist, and CI runs the test one verbatim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Set up and go", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    install_and_launch, install_and_test = readme_commands()
+    assert install_and_launch.endswith("loopscope") and "torch==2.13.0" in install_and_launch
+    assert install_and_test.endswith("pytest")
+    assert install_and_test in (ROOT / ".ci" / "run").read_text().splitlines()
