@@ -35,6 +35,15 @@ class ScenarioInfo:
     description: str
     task: str  # "binary" | "classification" | "regression"
     factory: str  # "module:function", imported only in the engine process
+    # What the experiment is made of (`loopscope.engine.features` computes the same from the
+    # experiment itself; a test keeps the two equal). Decides which bugs apply.
+    features: frozenset[str] = frozenset()
+
+    @property
+    def bugs(self) -> list[str]:
+        from loopscope.bugs import applicable
+
+        return applicable(self.features)
 
 
 SCENARIOS: dict[str, ScenarioInfo] = {
@@ -46,6 +55,7 @@ SCENARIOS: dict[str, ScenarioInfo] = {
             "an MLP with ReLU and one logit, BCEWithLogitsLoss, SGD",
             "binary",
             "loopscope.scenarios.blobs:experiment",
+            frozenset({"binary_logits", "relu", "no_batchnorm", "mlp", "multi_feature_inputs", "labels", "validation", "float_inputs", "tensor_inputs", "hidden_layers", "map_dataset"}),
         ),
         ScenarioInfo(
             "spirals",
@@ -53,12 +63,16 @@ SCENARIOS: dict[str, ScenarioInfo] = {
             "careful loop: gradient clipping, LR scheduler, best checkpoint, early stopping",
             "classification",
             "loopscope.scenarios.spirals:experiment",
+            frozenset({"classification", "relu", "no_batchnorm", "mlp", "multi_feature_inputs", "dropout", "train_eval_differs", "scheduler",
+                       "clip_grad", "labels", "validation", "float_inputs", "tensor_inputs", "hidden_layers", "map_dataset"}),
         ),
         ScenarioInfo(
             "regression",
             "fit a noisy 1-D curve with an MLP and MSELoss, Adam",
             "regression",
             "loopscope.scenarios.regression:experiment",
+            frozenset({"regression_column", "no_batchnorm", "mlp", "validation", "float_inputs", "tensor_inputs",
+                       "hidden_layers", "map_dataset"}),
         ),
         ScenarioInfo(
             "digits",
@@ -66,6 +80,7 @@ SCENARIOS: dict[str, ScenarioInfo] = {
             "CrossEntropyLoss, SGD with momentum",
             "classification",
             "loopscope.scenarios.digits:experiment",
+            frozenset({"classification", "relu", "batchnorm", "train_eval_differs", "multi_feature_inputs", "labels", "validation", "float_inputs", "tensor_inputs", "hidden_layers", "map_dataset"}),
         ),
     )
 }

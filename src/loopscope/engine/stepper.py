@@ -8,10 +8,12 @@ so its losses and parameters are bitwise those of the plain loop (the trajectory
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,9 @@ from torch import nn
 from loopscope.engine import probes
 from loopscope.engine.batches import batch_size, call_model, primary_output, split_batch, to_device
 from loopscope.engine.explain import explain
+from loopscope.engine.features import experiment_features
+from loopscope.engine.inject import BugInjector
+from loopscope.bugs import applicable
 from loopscope.events import LayerStat, StageError, StageEvent, TensorStat
 from loopscope.experiment import Experiment
 from loopscope.history import History
@@ -36,6 +41,8 @@ class _Iteration:
 
     inputs: Any = None
     targets: Any = None
+    clean_inputs: Any = None  # before any data-pipeline bug (what a clean twin is fed)
+    clean_targets: Any = None
     raw_output: Any = None
     output: torch.Tensor | None = None
     loss: torch.Tensor | None = None
@@ -79,6 +86,8 @@ class Stepper:
         sync_cuda: bool = True,
         history: History | None = None,
         on_event: Callable[[StageEvent], None] | None = None,
+        bugs: Iterable[str] = (),
+        diagnose: bool = True,
     ) -> None:
         self.experiment = experiment
         self.device = torch.device(device)
@@ -107,19 +116,44 @@ class Stepper:
         self._current = _Iteration()
         self._last_val_loss: float | None = None
         self._epoch_ending = False  # running the epoch-end block
+        self._running_loss: Any = 0.0  # what the loop accumulates for its epoch report
+        self._iteration_last_stage = "step"
+        self.features = experiment_features(experiment, self.task)
+        self.injector = BugInjector(experiment, applicable(self.features))
+        for bug_id in bugs:
+            self.injector.set(bug_id, True)
+        from loopscope.engine.diagnostics import Diagnostics
+
+        self.diagnostics = Diagnostics(self) if diagnose else None
         self._prefetched: tuple[float, Any, BaseException | None] | None = None
 
     # ----- what runs next -------------------------------------------------------------------
     def iteration_stages(self) -> list[str]:
         """The stages of one training iteration for this experiment, in order."""
         exp = self.experiment
+        bugs = self.injector
+        per_iteration_scheduler = exp.scheduler is not None and exp.scheduler_interval == "iteration"
         stages = ["load_batch", "zero_grad", "forward", "loss", "backward"]
         if exp.clip_grad_norm is not None:
             stages.append("clip_grad")
-        stages.append("step")
-        if exp.scheduler is not None and exp.scheduler_interval == "iteration":
-            stages.append("scheduler")
+        if "step_before_backward" in bugs:
+            stages = ["load_batch", "forward", "loss", "step", "zero_grad", "backward"] + stages[5:]
+        else:
+            stages.append("step")
+        if per_iteration_scheduler:
+            if "scheduler_before_step" in bugs:
+                stages.insert(stages.index("step"), "scheduler")
+            else:
+                stages.append("scheduler")
         return stages
+
+    @property
+    def active_bugs(self) -> tuple[str, ...]:
+        return self.injector.ids()
+
+    def set_bug(self, bug_id: str, on: bool) -> bool:
+        """Turn a bug on or off; it takes effect from the next stage (stage order: next iteration)."""
+        return self.injector.set(bug_id, on)
 
     def _validation_stages(self) -> list[str]:
         stages = ["validate"]
@@ -133,7 +167,7 @@ class Stepper:
         exp = self.experiment
         validate_now = exp.val_loader is not None and exp.validate_every is None
         stages = ["validate"] if validate_now else []
-        if exp.scheduler is not None and exp.scheduler_interval == "epoch":
+        if exp.scheduler is not None and exp.scheduler_interval == "epoch" and "scheduler_before_step" not in self.injector:
             stages.append("scheduler")
         if validate_now:
             stages.extend(self._validation_stages()[1:])
@@ -229,7 +263,12 @@ class Stepper:
                 self.iteration += 1
                 self._batches_this_epoch += 1
                 self._current = _Iteration()
-                self._queue.extend(self.iteration_stages()[1:])
+                plan = self.iteration_stages()[1:]
+                if self._batches_this_epoch == 1 and self._epoch_scheduler_first():
+                    plan.insert(0, "scheduler")  # the bug: scheduler.step() at the top of the epoch
+                # Fixed when the iteration starts: a bug switched mid-iteration changes the next one.
+                self._iteration_last_stage = plan[-1] if plan else "load_batch"
+                self._queue.extend(plan)
                 return self._run("load_batch", batch=batch, start=start)
             if self._batches_this_epoch == 0:
                 self.iteration += 1
@@ -245,6 +284,10 @@ class Stepper:
                 return self._run(end_stages[0])
             if not self._advance_epoch():
                 return None
+
+    def _epoch_scheduler_first(self) -> bool:
+        exp = self.experiment
+        return exp.scheduler is not None and exp.scheduler_interval == "epoch" and "scheduler_before_step" in self.injector
 
     def _take_batch(self) -> tuple[float, Any, BaseException | None]:
         """(start time, batch or _END, exception); uses a batch fetched early by `run_epoch`."""
@@ -288,13 +331,18 @@ class Stepper:
     def _run(self, stage: str, **kwargs: Any) -> StageEvent | None:
         start = kwargs.pop("start", None) or time.perf_counter()
         record = _Record()
+        bugs_now = self.active_bugs
         try:
-            getattr(self, f"_stage_{stage}")(record, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                getattr(self, f"_stage_{stage}")(record, **kwargs)
         except Exception as exc:  # user code failing is shown at its stage, never a crash
-            return self._finish(stage, record, start, exc)
-        if stage == self.iteration_stages()[-1] and not self._queue:
+            return self._finish(stage, record, start, exc, bugs_now)
+        if caught:
+            record.metrics["warnings"] = sorted({str(w.message).splitlines()[0][:300] for w in caught})
+        if stage == self._iteration_last_stage and not self._queue and not self._epoch_ending:
             self._end_iteration()
-        event = self._finish(stage, record, start, None)
+        event = self._finish(stage, record, start, None, bugs_now)
         if self._epoch_ending and not self._queue:
             self._epoch_ending = False
             if not self.finished:
@@ -307,7 +355,9 @@ class Stepper:
         if every and self.experiment.val_loader is not None and self.completed_iterations % every == 0:
             self._queue.extend(self._validation_stages())
 
-    def _finish(self, stage: str, record: _Record, start: float, exc: BaseException | None) -> StageEvent:
+    def _finish(
+        self, stage: str, record: _Record, start: float, exc: BaseException | None, bugs: tuple[str, ...] | None = None
+    ) -> StageEvent:
         if self.sync_cuda:
             torch.cuda.synchronize(self.device)
         duration_ms = (time.perf_counter() - start) * 1000.0
@@ -331,7 +381,12 @@ class Stepper:
             error=error,
             duration_ms=duration_ms,
             device=str(self.device),
+            bugs=self.active_bugs if bugs is None else bugs,
         )
+        if self.diagnostics is not None:
+            findings = self.diagnostics.observe(event)
+            if findings:
+                event = dataclasses.replace(event, diagnostics=tuple(findings))
         self.history.add(event)
         if self.on_event is not None:
             self.on_event(event)
@@ -340,8 +395,11 @@ class Stepper:
     # ----- the stages: each is the code of a hand-written loop, plus probes -----------------
     def _stage_load_batch(self, record: _Record, batch: Any) -> None:
         inputs, targets = split_batch(batch)
-        self._current.inputs = to_device(inputs, self.device)
-        self._current.targets = to_device(targets, self.device)
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        self._current.clean_inputs, self._current.clean_targets = inputs, targets
+        self._current.inputs, self._current.targets = self.injector.prepare_batch(inputs, targets)
+        if self._batches_this_epoch == 1:
+            self._running_loss = 0.0  # the loop's per-epoch report starts afresh
         named = [(n, t, None) for n, t in probes.flatten_tensors("inputs", self._current.inputs)]
         named += [(n, t, None) for n, t in probes.flatten_tensors("targets", self._current.targets)]
         if self.probe:
@@ -366,34 +424,52 @@ class Stepper:
         params = [p for _, p in self.named_params]
         if self.probe:
             record.metrics["grads_before"] = probes.grad_presence(params)
-        self.experiment.optimizer.zero_grad()
+        if "skip_zero_grad" in self.injector or "zero_grad_after_backward" in self.injector:
+            record.metrics["skipped"] = True
+        else:
+            self.experiment.optimizer.zero_grad()
         if self.probe:
             record.metrics["grads_after"] = probes.grad_presence(params)
 
     def _stage_forward(self, record: _Record) -> None:
+        grad_mode = torch.no_grad() if "forward_under_no_grad" in self.injector else torch.enable_grad()
+        record.metrics["model_training"] = self.model.training
         if self.probe:
-            with probes.ForwardRecorder(self.model) as recorder:
+            with probes.ForwardRecorder(self.model) as recorder, grad_mode:
                 raw = call_model(self.model, self._current.inputs)
-            output = primary_output(raw)
+                output = self.injector.transform_output(primary_output(raw))
             record.tensors = probes.tensor_stats(recorder.outputs + [("output", output.detach(), None)])
         else:
-            raw = call_model(self.model, self._current.inputs)
-            output = primary_output(raw)
+            with grad_mode:
+                raw = call_model(self.model, self._current.inputs)
+                output = self.injector.transform_output(primary_output(raw))
             record.tensors = [probes._describe("output", output, None)]
+        record.metrics["output_requires_grad"] = output.requires_grad
         self._current.raw_output, self._current.output = raw, output
 
     def _stage_loss(self, record: _Record) -> None:
-        output, targets = self._current.output, self._current.targets
+        output = self._current.output
+        targets = self.injector.transform_targets_for_loss(self._current.targets)
         loss = self.experiment.loss_fn(output, targets)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"the loss function returned {type(loss).__name__}, not a tensor")
+        if "clip_loss_not_grad" in self.injector:
+            loss = loss.clamp(max=self.experiment.clip_grad_norm)
         self._current.loss = loss
         # One host sync per iteration: the loss is always shown and always checked for NaN.
         record.loss = loss.detach().float().mean().item() if loss.numel() else math.nan
         record.metrics["loss_shape"] = list(loss.shape)
+        if "loss_accumulates_graph" in self.injector:
+            self._running_loss = self._running_loss + loss  # the bug: keeps every graph alive
+        else:
+            self._running_loss = float(self._running_loss) + record.loss
+        record.metrics["running_loss_holds_graph"] = isinstance(self._running_loss, torch.Tensor) and (
+            self._running_loss.grad_fn is not None
+        )
         named = [("output", output.detach(), None)]
         if isinstance(targets, torch.Tensor):
             named.append(("targets", targets.detach(), None))
+        named.append(("loss", loss.detach(), None))
         if self.probe:
             record.tensors = probes.tensor_stats(named)
             record.metrics["loss_input"] = self._describe_loss_input(output)
@@ -418,7 +494,12 @@ class Stepper:
     def _stage_backward(self, record: _Record) -> None:
         if self._current.loss is None:
             raise RuntimeError("there is no loss to backpropagate")
-        self._current.loss.backward()
+        if self.probe:
+            record.metrics["grads_before"] = probes.grad_presence([p for _, p in self.named_params])
+        if "missing_backward" in self.injector:
+            record.metrics["skipped"] = True
+        else:
+            self._current.loss.backward()
         if self.probe:
             layers, total, nonfinite = probes.grad_layers(self.named_params)
             record.layers = layers
@@ -429,6 +510,9 @@ class Stepper:
 
     def _stage_clip_grad(self, record: _Record) -> None:
         max_norm = self.experiment.clip_grad_norm
+        if "clip_loss_not_grad" in self.injector:
+            record.metrics.update(skipped=True, max_norm=max_norm)
+            return
         total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         norm_before = float(total)
         record.metrics.update(max_norm=max_norm, norm_before=norm_before, clipped=norm_before > max_norm)
@@ -442,7 +526,14 @@ class Stepper:
         optimizer = self.experiment.optimizer
         trainable = [(n, p) for n, p in self.named_params if p.requires_grad]
         before = [p.detach().clone() for _, p in trainable] if self.probe else None
-        optimizer.step()
+        if "zero_grad_after_backward" in self.injector:
+            optimizer.zero_grad()  # the bug: the fresh gradients are thrown away here
+        if self.probe:
+            record.metrics["grads_at_step"] = probes.grad_presence([p for _, p in trainable])
+        if "missing_step" in self.injector:
+            record.metrics["skipped"] = True
+        else:
+            optimizer.step()
         record.metrics["lr"] = optimizer.param_groups[0].get("lr")
         if len(optimizer.param_groups) > 1:
             record.metrics["lrs"] = [group.get("lr") for group in optimizer.param_groups]
@@ -465,19 +556,31 @@ class Stepper:
         record.metrics["lr"] = optimizer.param_groups[0].get("lr")
 
     def _stage_validate(self, record: _Record) -> None:
-        loader = self.experiment.val_loader
+        bugs = self.injector
+        loader = self.experiment.train_loader if "val_is_train" in bugs else self.experiment.val_loader
+        record.metrics["val_loader_is_train_loader"] = loader is self.experiment.train_loader or (
+            getattr(loader, "dataset", None) is not None
+            and getattr(loader, "dataset", None) is getattr(self.experiment.train_loader, "dataset", object())
+        )
         loss_fn = self.experiment.loss_fn
         started = time.perf_counter()
         total_loss: torch.Tensor | None = None
         correct: torch.Tensor | None = None
         examples = 0
-        self.model.eval()
+        if "validate_in_train_mode" not in bugs:
+            self.model.eval()
+        record.metrics["model_training"] = any(m.training for m in self.model.modules())
+        grad_mode = torch.enable_grad() if "validate_with_grad" in bugs else torch.no_grad()
+        builds_graph = False
         try:
-            with torch.no_grad():
+            with grad_mode:
                 for batch in loader:
                     inputs, targets = split_batch(batch)
                     inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-                    output = primary_output(call_model(self.model, inputs))
+                    inputs, targets = bugs.prepare_batch(inputs, targets)
+                    output = bugs.transform_output(primary_output(call_model(self.model, inputs)))
+                    builds_graph = builds_graph or output.requires_grad
+                    targets = bugs.transform_targets_for_loss(targets)
                     n = batch_size(targets)
                     # Weighted by example count so a short last batch does not skew the mean.
                     batch_loss = loss_fn(output, targets).detach().float() * n
@@ -487,7 +590,9 @@ class Stepper:
                         correct = hits if correct is None else correct + hits
                     examples += n
         finally:
-            self.model.train()
+            if "train_in_eval_mode" not in bugs:
+                self.model.train()
+        record.metrics["builds_graph"] = builds_graph
         if examples == 0:
             raise ValueError("the validation loader yielded no batches")
         val_loss = total_loss.item() / examples

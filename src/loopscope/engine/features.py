@@ -1,0 +1,81 @@
+"""What an experiment is made of, read without running it: decides which bugs apply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from loopscope.engine.batches import split_batch
+from loopscope.experiment import Experiment
+
+
+def first_example(loader: Any) -> Any:
+    """One example or batch, read without iterating a DataLoader (which would draw a random seed)."""
+    if isinstance(loader, DataLoader):
+        dataset = loader.dataset
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+            return None
+        try:
+            return dataset[0]
+        except Exception:
+            return None
+    if isinstance(loader, (list, tuple)) and loader:
+        return loader[0]
+    return None
+
+
+def experiment_features(experiment: Experiment, task: str | None) -> frozenset[str]:
+    """Feature names as `loopscope.bugs.Bug.requires` uses them."""
+    model, loss = experiment.model, experiment.loss_fn
+    modules = list(model.modules())
+    found: set[str] = set()
+    if isinstance(loss, nn.CrossEntropyLoss):
+        found.add("classification")
+    if isinstance(loss, nn.BCEWithLogitsLoss):
+        found.add("binary_logits")
+    if task in ("binary", "classification"):
+        found.add("labels")
+    if experiment.val_loader is not None:
+        found.add("validation")
+    has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in modules)
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules)
+    if has_dropout:
+        found.add("dropout")
+    found.add("batchnorm" if has_batchnorm else "no_batchnorm")
+    if has_dropout or has_batchnorm:
+        found.add("train_eval_differs")
+    if any(isinstance(m, nn.ReLU) for m in modules):
+        found.add("relu")
+    if sum(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in modules) >= 2:
+        found.add("hidden_layers")
+    if not any(isinstance(m, nn.modules.conv._ConvNd) for m in modules):
+        found.add("mlp")
+    if experiment.scheduler is not None:
+        found.add("scheduler")
+    if experiment.clip_grad_norm is not None:
+        found.add("clip_grad")
+    loader = experiment.train_loader
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        found.add("map_dataset")
+    example = first_example(loader)
+    if example is not None:
+        try:
+            inputs, targets = split_batch(example)
+        except TypeError:
+            inputs = targets = None
+        if isinstance(inputs, torch.Tensor):
+            found.add("tensor_inputs")
+            if inputs.numel() >= 2:
+                found.add("multi_feature_inputs")
+            if inputs.is_floating_point():
+                found.add("float_inputs")
+        if (
+            isinstance(loss, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss))
+            and isinstance(targets, torch.Tensor)
+            and targets.shape[-1:] == (1,)
+        ):
+            found.add("regression_column")
+    return frozenset(found)

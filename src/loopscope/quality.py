@@ -1,0 +1,113 @@
+"""The diagnostics quality matrix: does every bug get named, and does a clean run stay quiet?
+
+    python -m loopscope.quality [--budget 200] [--clean-iterations 1000] [--json]
+
+Recall: each bug, on each scenario it applies to, runs from the start for at most `budget`
+iterations; it counts as caught when a finding names it among its suspects, or a stage raises an
+error explained at that stage. False alarms: each scenario runs clean for `clean-iterations`
+iterations; any warning or error finding is a false alarm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class RecallRow:
+    bug: str
+    scenario: str
+    caught: bool
+    iteration: int | None
+    finding: str | None
+    how: str
+
+
+def recall_run(bug: str, scenario: str, budget: int, seed: int = 0) -> RecallRow:
+    from loopscope.engine.stepper import Stepper
+    from loopscope.experiment import load_experiment
+
+    stepper = Stepper(load_experiment(scenario, seed), bugs=[bug])
+    while stepper.completed_iterations < budget and not stepper.finished:
+        event = stepper.step_stage()
+        if event is None:
+            break
+        for finding in event.diagnostics:
+            if bug in finding.suspects:
+                return RecallRow(bug, scenario, True, event.iteration, finding.id, finding.message)
+        if event.error is not None:
+            return RecallRow(bug, scenario, True, event.iteration, f"error at {event.stage}",
+                             f"{event.error.type}: {event.error.message}")
+    return RecallRow(bug, scenario, False, None, None, "not named within the budget")
+
+
+def clean_run(scenario: str, iterations: int, seed: int = 0) -> list[tuple[int, str, str, str]]:
+    """(iteration, severity, id, message) of every warning/error finding in a clean run."""
+    from loopscope.engine.stepper import Stepper
+    from loopscope.experiment import load_experiment
+
+    experiment = load_experiment(scenario, seed)
+    # Long enough for `iterations`, and no early stop: detectors must stay quiet through
+    # convergence and overfitting alike.
+    experiment.epochs = iterations // max(len(experiment.train_loader), 1) + 1
+    experiment.early_stopping_patience = None
+    stepper = Stepper(experiment)
+    alarms = []
+    while stepper.completed_iterations < iterations and not stepper.finished:
+        event = stepper.step_stage()
+        if event is None:
+            break
+        for finding in event.diagnostics:
+            if finding.severity in ("warning", "error"):
+                alarms.append((event.iteration, finding.severity, finding.id, finding.message))
+    return alarms
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loopscope.bugs import BUGS
+    from loopscope.catalog import SCENARIOS
+
+    parser = argparse.ArgumentParser(prog="python -m loopscope.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=int, default=200, help="iterations per bug run (default 200)")
+    parser.add_argument("--clean-iterations", type=int, default=1000, help="iterations per clean run (default 1000)")
+    parser.add_argument("--bug", action="append", help="only these bugs")
+    parser.add_argument("--scenario", action="append", help="only these scenarios")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)  # small models: one thread is faster and steadier on a shared machine
+    scenarios = [s for s in SCENARIOS.values() if not args.scenario or s.name in args.scenario]
+    rows = []
+    for bug in BUGS:
+        if args.bug and bug.id not in args.bug:
+            continue
+        for info in scenarios:
+            if bug.id in info.bugs:
+                rows.append(recall_run(bug.id, info.name, args.budget))
+                if not args.json:
+                    r = rows[-1]
+                    print(f"{r.bug:<32} {r.scenario:<11} {'caught' if r.caught else 'MISSED':<7} "
+                          f"{r.iteration if r.iteration is not None else '-':>5}  {r.finding or ''}", flush=True)
+    alarms = {}
+    if args.clean_iterations > 0:
+        for info in scenarios:
+            alarms[info.name] = clean_run(info.name, args.clean_iterations)
+            if not args.json:
+                found = alarms[info.name]
+                print(f"clean {info.name:<11} {len(found)} false alarm(s) in {args.clean_iterations} iterations"
+                      + "".join(f"\n    it {a[0]} {a[1]} {a[2]}: {a[3]}" for a in found), flush=True)
+    caught = sum(r.caught for r in rows)
+    false_alarms = sum(len(v) for v in alarms.values())
+    if args.json:
+        print(json.dumps({"recall": [r.__dict__ for r in rows], "false_alarms": alarms}, indent=2))
+    else:
+        print(f"recall {caught}/{len(rows)} ({caught / max(len(rows), 1):.0%}); false alarms {false_alarms}")
+    return 0 if caught == len(rows) and false_alarms == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
