@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-TORCH_FREE = ["loopscope", "loopscope.catalog", "loopscope.events", "loopscope.history", "loopscope.trace",
+TORCH_FREE = ["loopscope", "loopscope.catalog", "loopscope.bugs", "loopscope.events", "loopscope.history", "loopscope.trace",
               "loopscope.cli", "loopscope.errors"]
-TEXTUAL_FREE = ["loopscope.engine.stepper", "loopscope.engine.probes", "loopscope.experiment",
+TEXTUAL_FREE = ["loopscope.engine.stepper", "loopscope.engine.probes", "loopscope.engine.diagnostics",
+                "loopscope.engine.checks", "loopscope.engine.inject", "loopscope.experiment",
                 "loopscope.scenarios.blobs", "loopscope.scenarios.digits"]
 
 

@@ -67,11 +67,11 @@ BUGS: tuple[Bug, ...] = (
     ),
     Bug(
         "step_before_backward", "step() runs before backward()", "step",
-        "optimizer.zero_grad()\n...\nloss.backward()\noptimizer.step()",
-        "...\noptimizer.step()\noptimizer.zero_grad()\nloss.backward()",
-        "Each update uses the previous batch's gradients: training is one step late and less stable.",
-        "When step() runs, .grad still holds the gradients of the last iteration; this iteration's "
-        "gradients arrive only afterwards and are used next time.",
+        "loss.backward()\noptimizer.step()", "optimizer.step()\noptimizer.zero_grad()\nloss.backward()",
+        "The first step uses no gradient; from the second iteration on, backward() raises: a weight "
+        "it needs was changed in place.",
+        "The forward pass saved the weights it used for backward(). step() changes those weights in "
+        "place first, so autograd refuses to compute gradients from stale values.",
         "Order the calls: zero_grad(), forward, loss, backward(), step().",
     ),
     Bug(
@@ -289,3 +289,37 @@ BUGS_BY_ID: dict[str, Bug] = {bug.id: bug for bug in BUGS}
 def applicable(features: frozenset[str] | set[str]) -> list[str]:
     """Ids of the bugs whose requirements an experiment with these features meets."""
     return [bug.id for bug in BUGS if set(bug.requires) <= set(features)]
+
+# Plain words for the features in `Bug.requires`, for error messages and listings.
+FEATURE_WORDS: dict[str, str] = {
+    "classification": "CrossEntropyLoss",
+    "binary_logits": "BCEWithLogitsLoss",
+    "labels": "class labels",
+    "validation": "a validation loader",
+    "train_eval_differs": "dropout or batch norm",
+    "dropout": "dropout",
+    "relu": "ReLU layers",
+    "no_batchnorm": "no batch norm",
+    "batchnorm": "batch norm",
+    "mlp": "no convolutions",
+    "hidden_layers": "two or more layers",
+    "scheduler": "an LR scheduler",
+    "clip_grad": "gradient clipping",
+    "map_dataset": "a DataLoader over a map-style dataset",
+    "float_inputs": "floating-point inputs",
+    "tensor_inputs": "a single input tensor",
+    "multi_feature_inputs": "more than one value per example",
+    "regression_column": "an MSE-style loss with [N, 1] targets",
+}
+
+
+def requirement_text(bug: Bug) -> str:
+    return ", ".join(FEATURE_WORDS.get(f, f) for f in bug.requires) or "nothing special"
+
+
+def unknown_bug_message(bug_id: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(bug_id, BUGS_BY_ID, n=1)
+    hint = f"; did you mean {close[0]}?" if close else "; `loopscope bugs` lists them"
+    return f"unknown bug {bug_id!r}{hint}"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
 from loopscope import __version__
+from loopscope.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.catalog import DEFAULT_SCENARIO, SCENARIOS, STAGE_DESCRIPTIONS
 from loopscope.errors import UserError
 
@@ -49,8 +50,22 @@ def _seed(text: str) -> int:
     return value
 
 
+def _bug_id(text: str) -> str:
+    if text not in BUGS_BY_ID:
+        raise argparse.ArgumentTypeError(unknown_bug_message(text))
+    return text
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", default=DEFAULT_SCENARIO, help=TARGET_HELP)
+    parser.add_argument(
+        "--bug", action="append", type=_bug_id, default=[], metavar="ID",
+        help="start with this bug injected (repeatable; `loopscope bugs` lists them)",
+    )
+    parser.add_argument(
+        "--twin", action="store_true",
+        help="while a bug is on, train a clean twin on the same batches and record its loss",
+    )
     parser.add_argument(
         "--device", default="auto", metavar="D",
         help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)",
@@ -98,24 +113,63 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the full statistics (tensor stats, per-layer norms); losses and errors are still recorded",
     )
 
-    scenarios = commands.add_parser("scenarios", help="list the built-in scenarios", description="List the built-in scenarios.")
+    scenarios = commands.add_parser(
+        "scenarios", help="list the built-in scenarios and the bugs that apply to each",
+        description="List the built-in scenarios and the bugs that apply to each.",
+    )
     scenarios.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    check = commands.add_parser(
+        "check", help="run Karpathy's four sanity checks on copies of the model (pass/fail with numbers)",
+        description="Sanity checks from Karpathy's recipe, each on a copy of the model and optimizer: "
+        "loss at initialisation vs -ln(1/C), overfitting a single batch, an input-independent "
+        "baseline (zeroed inputs must do worse), and the batch-mixing probe.",
+        epilog="Exit status: 0 when every check passes, 1 when one fails, 2 for bad arguments.",
+    )
+    check.add_argument("target", nargs="?", default=DEFAULT_SCENARIO, help=TARGET_HELP)
+    check.add_argument("--bug", action="append", type=_bug_id, default=[], metavar="ID",
+                       help="inject this bug first (repeatable)")
+    check.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
+    check.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed (default: 0)")
+    check.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    bugs = commands.add_parser(
+        "bugs", help="list the bugs loopscope can inject, or explain one",
+        description="The catalog of classic training-loop bugs: what changes, what you will see, why, "
+        "and the fix.",
+    )
+    bugs.add_argument("bug", nargs="?", type=_bug_id, metavar="ID", help="explain this bug in full")
+    bugs.add_argument("--json", action="store_true", help="print JSON for machines")
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["run", *argv]  # `loopscope --device cpu` means `loopscope run --device cpu`
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        prog = f"loopscope {args.command}" if args.command else "loopscope"
+        sys.stderr.write(f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
+        raise SystemExit(EXIT_USAGE)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command is None:
-        args = build_parser().parse_args(["run"])
+    args = _parse(argv)
     try:
         if args.command == "scenarios":
             return _scenarios(args.json)
+        if args.command == "bugs":
+            return _bugs(args.bug, args.json)
+        if args.command == "check":
+            return _check(args)
         if args.command == "trace":
             return _trace(args)
         if args.command == "run":
-            sys.stderr.write("loopscope: the interactive app is not built yet; showing the headless trace\n")
             args.iterations, args.format, args.output, args.fast = None, "table", None, False
-            return _trace(args)
+            return _trace(args, note="the interactive app is not built yet; showing the headless trace")
         raise AssertionError(f"unhandled command {args.command}")
     except UserError as exc:
         sys.stderr.write(f"loopscope: error: {exc}\n")
@@ -133,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _scenarios(as_json: bool) -> int:
     if as_json:
         rows = [
-            {"name": s.name, "description": s.description, "task": s.task, "bugs": []}
+            {"name": s.name, "description": s.description, "task": s.task, "bugs": s.bugs}
             for s in SCENARIOS.values()
         ]
         print(json.dumps(rows, indent=2))
@@ -142,10 +196,54 @@ def _scenarios(as_json: bool) -> int:
     for info in SCENARIOS.values():
         default = " (default)" if info.name == DEFAULT_SCENARIO else ""
         print(f"{info.name:<{width}}  {info.task:<14} {info.description}{default}")
+        print(f"{'':<{width}}  {len(info.bugs)} bugs apply: {', '.join(info.bugs)}")
     return EXIT_OK
 
 
-def _trace(args: argparse.Namespace) -> int:
+def _bugs(bug_id: str | None, as_json: bool) -> int:
+    chosen = [BUGS_BY_ID[bug_id]] if bug_id else list(BUGS)
+    if as_json:
+        keys = ("id", "title", "stage", "symptom", "why", "fix", "correct", "buggy", "requires")
+        rows = [{k: v for k, v in bug.to_dict().items() if k in keys} for bug in chosen]
+        print(json.dumps(rows[0] if bug_id else rows, indent=2))
+        return EXIT_OK
+    if bug_id:
+        bug = chosen[0]
+        scenarios = [s.name for s in SCENARIOS.values() if bug.id in s.bugs]
+        print(f"{bug.id}: {bug.title}  (stage {bug.stage})\n")
+        for line in bug.correct.splitlines():
+            print(f"  - {line}")
+        for line in (bug.buggy.splitlines() or ["(line removed)"]):
+            print(f"  + {line}")
+        print(f"\nWhat you will see: {bug.symptom}\nWhy: {bug.why}\nFix: {bug.fix}")
+        print(f"Needs: {requirement_text(bug)}; built-in scenarios: {', '.join(scenarios) or 'none'}")
+        return EXIT_OK
+    width = max(len(b.id) for b in BUGS)
+    for bug in BUGS:
+        print(f"{bug.id:<{width}}  {bug.stage:<10}  {bug.title}")
+    print(f"\n{len(BUGS)} bugs. `loopscope bugs ID` explains one; `--bug ID` on run/trace injects it.")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from loopscope.engine.checks import run_checks
+    from loopscope.engine.devices import resolve_device
+    from loopscope.engine.stepper import Stepper
+    from loopscope.experiment import load_experiment
+
+    device = resolve_device(args.device)
+    stepper = Stepper(load_experiment(args.target, args.seed), device, bugs=args.bug, diagnose=False)
+    results = run_checks(stepper)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        width = max(len(r.title) for r in results)
+        for r in results:
+            print(f"{'PASS' if r.passed else 'FAIL'}  {r.title:<{width}}  {r.message}")
+    return EXIT_OK if all(r.passed for r in results) else EXIT_STAGE_ERROR
+
+
+def _trace(args: argparse.Namespace, note: str | None = None) -> int:
     # Imported here so `--help`, `scenarios` and argument errors answer before torch loads.
     from loopscope.engine.devices import resolve_device
     from loopscope.engine.stepper import Stepper
@@ -154,6 +252,9 @@ def _trace(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     experiment = load_experiment(args.target, args.seed)
+    stepper = Stepper(experiment, device, probe=not args.fast, sync_cuda=True, bugs=args.bug, twin=args.twin)
+    if note:
+        sys.stderr.write(f"loopscope: {note}\n")
     out: TextIO
     try:
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -161,7 +262,6 @@ def _trace(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write {args.output}: {exc.strerror}") from exc
     writer = TraceWriter(out, args.format)
     progress = _Progress(enabled=bool(args.output) and sys.stderr.isatty(), total=args.iterations)
-    stepper = Stepper(experiment, device, probe=not args.fast, sync_cuda=True)
     stepper.on_event = lambda event: (writer.write(event), progress.update(stepper))
     try:
         stepper.run(args.iterations)
@@ -179,8 +279,9 @@ def _report(stepper, writer, args: argparse.Namespace) -> int:
     points = loss.points()
     first = next((p.mean for p in points if p.count > p.nonfinite), None)
     last = loss.last()
+    done = stepper.completed_iterations
     summary = (
-        f"loopscope: {stepper.completed_iterations} iterations, epoch {stepper.epoch}, "
+        f"loopscope: {done} iteration{'' if done == 1 else 's'} completed, epoch {stepper.epoch}, "
         f"{writer.count} stage records{where}"
     )
     if first is not None and last is not None:

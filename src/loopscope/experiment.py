@@ -7,14 +7,13 @@ import importlib.util
 import os
 import random
 import sys
-import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loopscope.catalog import SCENARIOS
-from loopscope.errors import UserError
+from loopscope.errors import UserError, user_frame
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +59,12 @@ class Experiment:
             problems.append(f"train_loader must be iterable, got {type(self.train_loader).__name__}")
         if self.val_loader is not None and not hasattr(self.val_loader, "__iter__"):
             problems.append(f"val_loader must be iterable, got {type(self.val_loader).__name__}")
+        if self.clip_grad_norm is not None and not (isinstance(self.clip_grad_norm, (int, float)) and self.clip_grad_norm > 0):
+            problems.append(f"clip_grad_norm must be a number above 0, got {self.clip_grad_norm!r}")
+        if self.early_stopping_patience is not None and (
+            not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1
+        ):
+            problems.append(f"early_stopping_patience must be a whole number >= 1, got {self.early_stopping_patience!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             problems.append(f"epochs must be a whole number >= 1, got {self.epochs!r}")
         if self.scheduler_interval not in ("epoch", "iteration"):
@@ -109,7 +114,7 @@ def resolve_factory(target: str) -> tuple[Callable[[], Any], str]:
         module_name, func_name = SCENARIOS[target].factory.split(":")
         return getattr(importlib.import_module(module_name), func_name), f"scenario {target!r}"
     if target.endswith(".py") or os.sep in target or Path(target).is_file():
-        return _factory_from_file(Path(target))
+        return _factory_from_file(Path(target), target)
     if ":" in target:
         return _factory_from_module(target)
     known = ", ".join(SCENARIOS)
@@ -119,9 +124,9 @@ def resolve_factory(target: str) -> tuple[Callable[[], Any], str]:
     )
 
 
-def _factory_from_file(path: Path) -> tuple[Callable[[], Any], str]:
+def _factory_from_file(path: Path, as_given: str) -> tuple[Callable[[], Any], str]:
     if not path.is_file():
-        raise UserError(f"no such file: {path}")
+        raise UserError(f"no such file: {as_given}")
     module_name = f"loopscope_user_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -148,6 +153,9 @@ def _factory_from_module(target: str) -> tuple[Callable[[], Any], str]:
     module_name, _, func_name = target.partition(":")
     if not module_name or not func_name:
         raise UserError(f"bad target {target!r}: expected package.module:factory")
+    # As `python -m` does: modules in the current folder are importable.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -163,9 +171,6 @@ def _factory_from_module(target: str) -> tuple[Callable[[], Any], str]:
 
 
 def _where(exc: BaseException) -> str:
-    """` (file.py:12)` for the innermost frame of the traceback, or nothing."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return ""
-    last = frames[-1]
-    return f" ({Path(last.filename).name}:{last.lineno})"
+    """` (file.py:12 in f)` for the innermost frame of the user's code, or nothing."""
+    location = user_frame(exc)
+    return f" ({location})" if location else ""

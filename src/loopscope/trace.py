@@ -64,7 +64,7 @@ def describe(event: StageEvent) -> str:
         modules = sum(1 for t in event.tensors if t.module_type)
         return (_tensor(output) if output else "") + (f"  ({modules} module outputs)" if modules else "")
     if stage == "loss":
-        shapes = " vs ".join(f"{t.name} {_shape(t)}" for t in event.tensors)
+        shapes = " vs ".join(f"{t.name} {_shape(t)}" for t in event.tensors if t.name in ("output", "targets"))
         kind = ", rows sum to 1: probabilities, not logits" if m.get("loss_input") == "probabilities" else ""
         return f"loss {_num(event.loss)}  ({shapes}{kind})"
     if stage == "backward":

@@ -80,7 +80,7 @@ BAD_FILES = {
     "missing": (None, "no such file"),
     "no_factory.py": ("x = 1\n", "defines no experiment() function"),
     "syntax.py": ("def experiment(:\n", "syntax.py:1: SyntaxError"),
-    "raises.py": ("def experiment():\n    raise ValueError('no data here')\n", "raised ValueError: no data here (raises.py:2)"),
+    "raises.py": ("def experiment():\n    raise ValueError('no data here')\n", "raised ValueError: no data here (raises.py:2 in experiment)"),
     "wrong_type.py": ("def experiment():\n    return {'model': 1}\n", "must return a loopscope.Experiment, got dict"),
     "bad_fields.py": (
         "from loopscope import Experiment\ndef experiment():\n"
@@ -136,7 +136,8 @@ def test_asking_for_cuda_without_it_is_a_clear_error(capsys):
 def test_scenarios_lists_the_four_builtins(capsys):
     assert main(["scenarios"]) == 0
     out = capsys.readouterr().out
-    assert [line.split()[0] for line in out.splitlines()] == ["blobs", "spirals", "regression", "digits"]
+    names = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert names == ["blobs", "spirals", "regression", "digits"]
     assert "(default)" in out.splitlines()[0]
     assert main(["scenarios", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

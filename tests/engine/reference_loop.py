@@ -21,18 +21,41 @@ def plain_run(
     seed: int,
     iterations: int,
     forward: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, torch.Tensor]] = default_forward,
+    mistakes: frozenset[str] = frozenset(),
 ) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
-    """Per-iteration losses, final parameters and validation losses of a hand-written loop."""
+    """Per-iteration losses, final parameters and validation losses of a hand-written loop.
+
+    `mistakes` writes some classic bugs into this loop by hand, the way a person would.
+    """
     seed_everything(seed)
     exp = factory()
     model, optimizer, loss_fn = exp.model, exp.optimizer, exp.loss_fn
+    if "lr_too_high" in mistakes:
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * 100
+    if "missing_activation" in mistakes:
+        for i, module in enumerate(model):
+            if isinstance(module, torch.nn.ReLU):
+                model[i] = torch.nn.Identity()
+    if mistakes & {"double_softmax", "target_shape_broadcast"}:
+        clean_forward = forward
+
+        def forward(m: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            out, y = clean_forward(m, batch)
+            if "double_softmax" in mistakes:
+                out = out.softmax(dim=1)
+            if "target_shape_broadcast" in mistakes:
+                y = y.squeeze(1)
+            return out, y
+
     losses: list[float] = []
     val_losses: list[float] = []
     best, bad_validations = math.inf, 0
 
     def validate() -> bool:
         nonlocal best, bad_validations
-        model.eval()
+        if "validate_in_train_mode" not in mistakes:
+            model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in exp.val_loader:
@@ -51,7 +74,8 @@ def plain_run(
     done = 0
     for _epoch in range(exp.epochs):
         for batch in exp.train_loader:
-            optimizer.zero_grad()
+            if "skip_zero_grad" not in mistakes:
+                optimizer.zero_grad()
             out, y = forward(model, batch)
             loss = loss_fn(out, y)
             loss.backward()

@@ -99,6 +99,8 @@ class Diagnostics:
         suspects: tuple[str, ...] = ()
         if "does not require grad" in err.message:
             suspects = ("forward_under_no_grad",)
+        elif "modified by an inplace operation" in err.message:
+            suspects = ("step_before_backward",)
         elif "dtype" in err.message or "Double" in err.message or "scalar type" in err.message:
             suspects = ("inputs_wrong_dtype",)
         elif "same device" in err.message:
@@ -459,8 +461,8 @@ class Diagnostics:
         if "backward" not in stages:
             self._fire(out, it, Finding(
                 "step_before_backward", "warning",
-                f"optimizer.step() ran before loss.backward() in iteration {it}: the step used the "
-                "previous iteration's gradients.",
+                f"optimizer.step() ran before loss.backward() in iteration {it}: it used whatever "
+                "gradients were left over, and changed weights the coming backward() needs.",
                 ("step_before_backward",),
                 "Order the calls: zero_grad(), forward, loss, backward(), step().",
             ))

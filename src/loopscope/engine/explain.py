@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import re
-import traceback
-from pathlib import Path
 
+from loopscope.errors import user_frame
 from loopscope.events import StageError
-
-_LIBRARY_DIRS = tuple(
-    str(Path(p).resolve())
-    for p in (
-        __import__("torch").__file__.rsplit("/", 1)[0],
-        str(Path(__file__).resolve().parent.parent),
-    )
-)
 
 # (pattern in the message, plain explanation). First match wins.
 _HINTS: tuple[tuple[str, str], ...] = (
@@ -24,14 +15,14 @@ _HINTS: tuple[tuple[str, str], ...] = (
         "dimension and the layer's in_features must match",
     ),
     (
-        r"expected (?:m1 and m2|mat1 and mat2|both vectors|scalar type|input and weight).*(?:same dtype|Double|Float|Half)"
-        r"|Input type \(.*\) and weight type \(.*\) should be the same|found dtype .* but expected",
-        "the tensors in this operation have different dtypes (often float64 inputs against "
-        "float32 weights): convert the inputs with x.float()",
+        r"Expected all tensors to be on the same device|type \(torch\.cuda\.|type \(torch\.mps",
+        "tensors on different devices met: move the batch to the model's device with x.to(device)",
     ),
     (
-        r"Expected all tensors to be on the same device|Input type \(.*cuda.*\) and weight type",
-        "tensors on different devices met: move the batch to the model's device with x.to(device)",
+        r"same dtype|Input type \(\w+\) and (?:weight|bias) type \(\w+\) should be the same"
+        r"|expected scalar type|found dtype .* but expected",
+        "the tensors in this operation have different dtypes (often float64 inputs against "
+        "float32 weights): convert the inputs with x.float()",
     ),
     (
         r"does not require grad and does not have a grad_fn",
@@ -51,6 +42,11 @@ _HINTS: tuple[tuple[str, str], ...] = (
         "the model returned {0} rows but there are {1} targets: the batch dimension got mixed up",
     ),
     (
+        r"modified by an inplace operation",
+        "a tensor the backward pass needs was changed in place after the forward pass (for "
+        "example by optimizer.step() running before loss.backward())",
+    ),
+    (
         r"Trying to backward through the graph a second time",
         "this graph was already used by a backward pass: something keeps the loss (or a tensor "
         "computed from it) across iterations",
@@ -66,7 +62,7 @@ _HINTS: tuple[tuple[str, str], ...] = (
 )
 
 
-def explain(exc: BaseException) -> StageError:
+def explain(exc: BaseException, module: str | None = None) -> StageError:
     """Type, message, the innermost frame of user code, and a plain hint when one is known."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = None
@@ -75,13 +71,8 @@ def explain(exc: BaseException) -> StageError:
         if match:
             hint = text.format(*match.groups())
             break
-    return StageError(type=type(exc).__name__, message=message[:500], location=_user_location(exc), hint=hint)
-
-
-def _user_location(exc: BaseException) -> str | None:
-    """The innermost frame outside torch and loopscope: where the user's code was."""
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        path = str(Path(frame.filename).resolve())
-        if not path.startswith(_LIBRARY_DIRS):
-            return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
-    return None
+    location = user_frame(exc)
+    if module is not None:
+        # Built-in layers have no user frame; the module that raised is the useful pointer.
+        location = f"{location}, in module {module}" if location else f"in module {module}"
+    return StageError(type=type(exc).__name__, message=message[:500], location=location, hint=hint)

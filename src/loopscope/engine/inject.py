@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from loopscope.bugs import BUGS_BY_ID
+from loopscope.bugs import BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.engine.batches import split_batch
 from loopscope.errors import UserError
 
@@ -35,15 +35,19 @@ class BugInjector:
         self._saved_activations: list[tuple[nn.Module, str, nn.Module]] = []
         self._clean_train_loader = experiment.train_loader
         self._label_weights: dict[tuple[int, ...], torch.Tensor] = {}
+        self._saved_lrs: dict[str, list[float]] = {}
+        self._buggy_lrs: dict[str, list[float]] = {}
 
     # ----- switching --------------------------------------------------------------------
     def set(self, bug_id: str, on: bool) -> bool:
         """Turn a bug on or off; returns whether anything changed."""
         if bug_id not in BUGS_BY_ID:
-            raise UserError(f"unknown bug {bug_id!r} (see `loopscope bugs`)")
+            raise UserError(unknown_bug_message(bug_id))
         if bug_id not in self.applicable:
-            raise UserError(f"bug {bug_id!r} does not apply to this experiment (it needs: "
-                            f"{', '.join(BUGS_BY_ID[bug_id].requires)})")
+            raise UserError(
+                f"bug {bug_id!r} does not apply to this experiment: it needs "
+                f"{requirement_text(BUGS_BY_ID[bug_id])}; the bugs that apply here: {', '.join(self.applicable)}"
+            )
         if on == (bug_id in self.active):
             return False
         (self.active.add if on else self.active.discard)(bug_id)
@@ -59,18 +63,29 @@ class BugInjector:
         return tuple(sorted(self.active))
 
     # ----- effects applied when a bug is switched --------------------------------------
-    def _scale_lr(self, factor: float) -> None:
-        for group in self.experiment.optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
+    def _scale_lr(self, bug_id: str, factor: float, on: bool) -> None:
+        """Multiply every learning rate; switching off restores the exact values if nothing else
+        (a scheduler) changed them meanwhile, else divides."""
+        groups = self.experiment.optimizer.param_groups
         scheduler = self.experiment.scheduler
+        if on:
+            self._saved_lrs[bug_id] = [group["lr"] for group in groups]
+            for group in groups:
+                group["lr"] = group["lr"] * factor
+            self._buggy_lrs[bug_id] = [group["lr"] for group in groups]
+        else:
+            saved, buggy = self._saved_lrs.pop(bug_id, None), self._buggy_lrs.pop(bug_id, None)
+            untouched = buggy == [group["lr"] for group in groups]
+            for i, group in enumerate(groups):
+                group["lr"] = saved[i] if untouched and saved else group["lr"] / factor
         if scheduler is not None and hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            scheduler.base_lrs = [lr * factor if on else lr / factor for lr in scheduler.base_lrs]
 
     def _switch_lr_too_high(self, on: bool) -> None:
-        self._scale_lr(LR_TOO_HIGH if on else 1 / LR_TOO_HIGH)
+        self._scale_lr("lr_too_high", LR_TOO_HIGH, on)
 
     def _switch_lr_too_low(self, on: bool) -> None:
-        self._scale_lr(LR_TOO_LOW if on else 1 / LR_TOO_LOW)
+        self._scale_lr("lr_too_low", LR_TOO_LOW, on)
 
     def _hidden_layers(self) -> list[nn.Module]:
         layers = [m for m in self.experiment.model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]

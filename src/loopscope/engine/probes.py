@@ -200,12 +200,19 @@ class ForwardRecorder:
         self._handles: list[Any] = []
         self.outputs: list[tuple[str, torch.Tensor, str | None]] = []
         self._calls: dict[str, int] = {}
+        self._running: list[str] = []  # leaf modules entered and not yet returned
 
     def __enter__(self) -> ForwardRecorder:
         for name, module in self._model.named_modules():
             if name and not any(True for _ in module.children()):
+                label = f"{name} ({type(module).__name__})"
+                self._handles.append(module.register_forward_pre_hook(lambda m, a, label=label: self._running.append(label)))
                 self._handles.append(module.register_forward_hook(self._hook_for(name)))
         return self
+
+    def failing_module(self) -> str | None:
+        """After an exception in the forward pass: the leaf module that was running, if any."""
+        return self._running[-1] if self._running else None
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
@@ -214,6 +221,8 @@ class ForwardRecorder:
 
     def _hook_for(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._running:
+                self._running.pop()
             # A module called twice in one forward (shared weights) gets `name#2`.
             count = self._calls[name] = self._calls.get(name, 0) + 1
             label = name if count == 1 else f"{name}#{count}"

@@ -25,6 +25,7 @@ from loopscope.engine.batches import batch_size, call_model, primary_output, spl
 from loopscope.engine.explain import explain
 from loopscope.engine.features import experiment_features
 from loopscope.engine.inject import BugInjector
+from loopscope.engine.twin import CleanTwin, rng_state
 from loopscope.bugs import applicable
 from loopscope.events import LayerStat, StageError, StageEvent, TensorStat
 from loopscope.experiment import Experiment
@@ -47,6 +48,7 @@ class _Iteration:
     output: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     grad_norms: dict[str, float | None] = field(default_factory=dict)
+    rng_before_forward: Any = None
 
 
 @dataclass
@@ -58,6 +60,7 @@ class _Record:
     grad_norm: float | None = None
     layers: list[LayerStat] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    twin_loss: float | None = None
 
 
 def infer_task(experiment: Experiment) -> str | None:
@@ -88,6 +91,7 @@ class Stepper:
         on_event: Callable[[StageEvent], None] | None = None,
         bugs: Iterable[str] = (),
         diagnose: bool = True,
+        twin: bool = False,
     ) -> None:
         self.experiment = experiment
         self.device = torch.device(device)
@@ -118,10 +122,13 @@ class Stepper:
         self._epoch_ending = False  # running the epoch-end block
         self._running_loss: Any = 0.0  # what the loop accumulates for its epoch report
         self._iteration_last_stage = "step"
+        self._failing_module: str | None = None
         self.features = experiment_features(experiment, self.task)
         self.injector = BugInjector(experiment, applicable(self.features))
+        self.twin_enabled = twin
+        self.twin: CleanTwin | None = None
         for bug_id in bugs:
-            self.injector.set(bug_id, True)
+            self.set_bug(bug_id, True)
         from loopscope.engine.diagnostics import Diagnostics
 
         self.diagnostics = Diagnostics(self) if diagnose else None
@@ -153,7 +160,24 @@ class Stepper:
 
     def set_bug(self, bug_id: str, on: bool) -> bool:
         """Turn a bug on or off; it takes effect from the next stage (stage order: next iteration)."""
-        return self.injector.set(bug_id, on)
+        if on and self.twin_enabled and self.twin is None and bug_id not in self.injector:
+            self._start_twin()  # copied before the bug changes anything
+        changed = self.injector.set(bug_id, on)
+        if not self.injector.active:
+            self.twin = None
+        return changed
+
+    def set_twin(self, on: bool) -> None:
+        """Run a clean twin beside the loop while any bug is on (from the current state if one already is)."""
+        self.twin_enabled = on
+        if not on:
+            self.twin = None
+        elif self.injector.active and self.twin is None:
+            self._start_twin()
+
+    def _start_twin(self) -> None:
+        exp = self.experiment
+        self.twin = CleanTwin(self.model, exp.optimizer, exp.loss_fn, exp.clip_grad_norm, self.device)
 
     def _validation_stages(self) -> list[str]:
         stages = ["validate"]
@@ -363,7 +387,8 @@ class Stepper:
         duration_ms = (time.perf_counter() - start) * 1000.0
         error = None
         if exc is not None:
-            error = explain(exc)
+            error = explain(exc, module=self._failing_module)
+            self._failing_module = None
             self.halted = error
             self._queue.clear()
         if self.device.type == "cuda":
@@ -382,6 +407,7 @@ class Stepper:
             duration_ms=duration_ms,
             device=str(self.device),
             bugs=self.active_bugs if bugs is None else bugs,
+            twin_loss=record.twin_loss,
         )
         if self.diagnostics is not None:
             findings = self.diagnostics.observe(event)
@@ -434,9 +460,15 @@ class Stepper:
     def _stage_forward(self, record: _Record) -> None:
         grad_mode = torch.no_grad() if "forward_under_no_grad" in self.injector else torch.enable_grad()
         record.metrics["model_training"] = self.model.training
+        if self.twin is not None:
+            self._current.rng_before_forward = rng_state(self.device)
         if self.probe:
             with probes.ForwardRecorder(self.model) as recorder, grad_mode:
-                raw = call_model(self.model, self._current.inputs)
+                try:
+                    raw = call_model(self.model, self._current.inputs)
+                except Exception:
+                    self._failing_module = recorder.failing_module()
+                    raise
                 output = self.injector.transform_output(primary_output(raw))
             record.tensors = probes.tensor_stats(recorder.outputs + [("output", output.detach(), None)])
         else:
@@ -456,6 +488,10 @@ class Stepper:
         if "clip_loss_not_grad" in self.injector:
             loss = loss.clamp(max=self.experiment.clip_grad_norm)
         self._current.loss = loss
+        if self.twin is not None and self._current.rng_before_forward is not None:
+            record.twin_loss = self.twin.iterate(
+                self._current.clean_inputs, self._current.clean_targets, self._current.rng_before_forward
+            )
         # One host sync per iteration: the loss is always shown and always checked for NaN.
         record.loss = loss.detach().float().mean().item() if loss.numel() else math.nan
         record.metrics["loss_shape"] = list(loss.shape)

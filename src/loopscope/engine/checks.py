@@ -1,0 +1,187 @@
+"""Karpathy's sanity checks ("A Recipe for Training Neural Networks"), each on a copy.
+
+Every check copies the model and optimizer, forks the random generators and runs the loop's own
+code (with whatever bugs are active) on the copy, so the main run is untouched and can go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from loopscope.engine.batches import split_batch, to_device
+from loopscope.engine.diagnostics import batch_mixing_rows
+
+if TYPE_CHECKING:
+    from loopscope.engine.stepper import Stepper
+
+OVERFIT_STEPS = 300
+BASELINE_STEPS = 150
+BASELINE_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One sanity check: did it pass, and the numbers that say so."""
+
+    id: str
+    title: str
+    passed: bool
+    message: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def _batches(stepper: Stepper, count: int) -> list[Any]:
+    """The first `count` training batches of a fresh iterator (RNG forked: the run is untouched)."""
+    batches = []
+    devices = [stepper.device] if stepper.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for batch in stepper.experiment.train_loader:
+            inputs, targets = split_batch(batch)
+            batches.append((to_device(inputs, stepper.device), to_device(targets, stepper.device)))
+            if len(batches) == count:
+                break
+    if not batches:
+        raise ValueError("the training loader yielded no batches")
+    return batches
+
+
+def _copy_stepper(stepper: Stepper, batches: list[Any], steps: int) -> Stepper:
+    """A stepper over copies of the model and optimizer, fed `batches` in turn for `steps` iterations."""
+    from loopscope.engine.stepper import Stepper
+    from loopscope.experiment import Experiment
+
+    exp = stepper.experiment
+    model = copy.deepcopy(stepper.model)
+    optimizer = type(exp.optimizer)(model.parameters(), **exp.optimizer.defaults)
+    optimizer.load_state_dict(copy.deepcopy(exp.optimizer.state_dict()))
+    loader = [batches[i % len(batches)] for i in range(steps)]
+    trial = Experiment(model=model, loss_fn=exp.loss_fn, optimizer=optimizer, train_loader=loader,
+                       epochs=1, task=stepper.task, clip_grad_norm=exp.clip_grad_norm)
+    copy_stepper = Stepper(trial, stepper.device, probe=False, diagnose=False)
+    # The copies already carry the bugs' switch effects (scaled lr, swapped modules): only the
+    # in-loop effects need turning on, without switching again.
+    copy_stepper.injector.active = set(stepper.injector.active)
+    return copy_stepper
+
+
+def _losses(copy_stepper: Stepper) -> list[float]:
+    devices = [copy_stepper.device] if copy_stepper.device.type == "cuda" else []
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=devices):
+        while not copy_stepper.finished and copy_stepper.halted is None:
+            event = copy_stepper.step_stage()
+            if event is None:
+                break
+            if event.stage == "loss" and event.loss is not None:
+                losses.append(event.loss)
+    if copy_stepper.halted is not None:
+        raise RuntimeError(f"{copy_stepper.halted.type}: {copy_stepper.halted.message}")
+    return losses
+
+
+def check_initial_loss(stepper: Stepper, batches: list[Any]) -> CheckResult:
+    title = "loss at initialisation"
+    losses = _losses(_copy_stepper(stepper, batches[:1], 1))
+    loss = losses[0]
+    name = type(stepper.experiment.loss_fn).__name__
+    inputs, targets = batches[0]
+    if name == "CrossEntropyLoss":
+        model_copy = copy.deepcopy(stepper.model).eval()
+        with torch.no_grad(), torch.random.fork_rng():
+            from loopscope.engine.batches import call_model, primary_output
+
+            classes = primary_output(call_model(model_copy, inputs)).shape[1]
+        expected, what = math.log(classes), f"-ln(1/{classes})"
+    elif name in ("BCEWithLogitsLoss", "BCELoss"):
+        expected, what = math.log(2), "-ln(1/2)"
+    elif name == "MSELoss" and isinstance(targets, torch.Tensor):
+        expected, what = float((targets.float() ** 2).mean()), "mean(y^2), the loss of predicting 0"
+    else:
+        return CheckResult("init_loss", title, True, f"loss {loss:.4g} (no reference for {name})", {"loss": loss})
+    ratio = loss / expected if expected else math.inf
+    passed = math.isfinite(loss) and 0.5 <= ratio <= 1.5 if name != "MSELoss" else loss <= 2 * expected
+    return CheckResult(
+        "init_loss", title, passed,
+        f"loss {loss:.4g} vs {expected:.4g} expected ({what}): {ratio:.2f}x",
+        {"loss": loss, "expected": expected, "ratio": ratio},
+    )
+
+
+def check_overfit_one_batch(stepper: Stepper, batches: list[Any]) -> CheckResult:
+    title = "overfit a single batch"
+    losses = _losses(_copy_stepper(stepper, batches[:1], OVERFIT_STEPS))
+    first, last = losses[0], min(losses[-10:])
+    passed = math.isfinite(last) and (last <= 0.05 or last <= 0.02 * first)
+    return CheckResult(
+        "overfit_batch", title, passed,
+        f"loss {first:.4g} -> {last:.4g} after {len(losses)} steps on one batch "
+        f"({'reached' if passed else 'did not reach'} ~0)",
+        {"first": first, "last": last, "steps": len(losses)},
+    )
+
+
+def check_input_independent(stepper: Stepper, batches: list[Any]) -> CheckResult:
+    title = "input-independent baseline"
+    real = _losses(_copy_stepper(stepper, batches, BASELINE_STEPS))
+    zeroed_batches = [(_zeros_like(x), y) for x, y in batches]
+    zeroed = _losses(_copy_stepper(stepper, zeroed_batches, BASELINE_STEPS))
+    window = min(len(batches), 10)
+    real_end, zero_end = sum(real[-window:]) / window, sum(zeroed[-window:]) / window
+    passed = math.isfinite(real_end) and real_end < 0.9 * zero_end
+    return CheckResult(
+        "input_baseline", title, passed,
+        f"after {BASELINE_STEPS} steps: loss {real_end:.4g} with the real inputs vs {zero_end:.4g} with "
+        f"zeroed inputs ({'the inputs help' if passed else 'the inputs do not help'})",
+        {"real": real_end, "zeroed": zero_end},
+    )
+
+
+def _zeros_like(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.zeros_like(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_zeros_like(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _zeros_like(v) for k, v in value.items()}
+    return value
+
+
+def check_batch_mixing(stepper: Stepper, batches: list[Any]) -> CheckResult:
+    title = "batch-mixing probe"
+    saved = stepper._current.clean_inputs, stepper._current.clean_targets
+    stepper._current.clean_inputs, stepper._current.clean_targets = batches[0]
+    try:
+        mixed = batch_mixing_rows(stepper)
+    finally:
+        stepper._current.clean_inputs, stepper._current.clean_targets = saved
+    if mixed is None:
+        return CheckResult("batch_mixing", title, True,
+                           "the gradient of output row 1 reaches input row 1 only", {"rows_mixed": 0})
+    row, others = mixed
+    return CheckResult(
+        "batch_mixing", title, False,
+        f"the gradient of output row {row} reaches {others} other input row(s): examples are mixed "
+        "across the batch",
+        {"rows_mixed": others},
+    )
+
+
+CHECKS = (check_initial_loss, check_overfit_one_batch, check_input_independent, check_batch_mixing)
+
+
+def run_checks(stepper: Stepper) -> list[CheckResult]:
+    """All four checks on copies of the stepper's current state."""
+    batches = _batches(stepper, BASELINE_BATCHES)
+    results = []
+    for check in CHECKS:
+        try:
+            results.append(check(stepper, batches))
+        except Exception as exc:  # a check that cannot run is a failed check, with the reason
+            name = check.__name__.removeprefix("check_")
+            results.append(CheckResult(name, name.replace("_", " "), False, f"could not run: {type(exc).__name__}: {exc}"))
+    return results

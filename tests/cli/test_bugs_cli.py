@@ -1,0 +1,77 @@
+"""`loopscope bugs`, `check`, `--bug` and `--twin` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loopscope.bugs import BUGS
+from loopscope.cli import main
+
+
+def test_bugs_lists_the_catalog_and_explains_one(capsys):
+    assert main(["bugs"]) == 0
+    out = capsys.readouterr().out
+    assert all(bug.id in out for bug in BUGS)
+    assert main(["bugs", "skip_zero_grad"]) == 0
+    out = capsys.readouterr().out
+    assert "- optimizer.zero_grad()" in out and "What you will see:" in out and "Fix:" in out
+
+
+def test_bugs_json_has_the_design_fields(capsys):
+    assert main(["bugs", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == len(BUGS)
+    assert all({"id", "title", "stage", "symptom", "why", "fix"} <= row.keys() for row in rows)
+
+
+def test_scenarios_say_which_bugs_apply(capsys):
+    assert main(["scenarios", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert "double_softmax" in rows["digits"]["bugs"] and "double_softmax" not in rows["blobs"]["bugs"]
+    assert "target_shape_broadcast" in rows["regression"]["bugs"]
+
+
+def test_trace_with_a_bug_records_it_and_its_findings(capsys):
+    assert main(["trace", "blobs", "--bug", "skip_zero_grad", "-n", "3", "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(r["bugs"] == ["skip_zero_grad"] for r in records)
+    findings = [d for r in records for d in r["diagnostics"]]
+    assert any(d["id"] == "stale_gradients" and "skip_zero_grad" in d["suspects"] for d in findings)
+    assert all({"id", "severity", "message", "suspects"} <= d.keys() for d in findings)
+
+
+def test_trace_twin_writes_the_clean_twins_loss(capsys):
+    assert main(["trace", "spirals", "--bug", "lr_too_high", "--twin", "-n", "4", "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    losses = [r for r in records if r["stage"] == "loss"]
+    assert all(r["twin_loss"] is not None for r in losses)
+    assert losses[-1]["twin_loss"] != losses[-1]["loss"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["trace", "blobs", "--bug", "skip_zerograd"], "did you mean skip_zero_grad?"),
+        (["trace", "blobs", "--bug", "double_softmax"], "does not apply to this experiment"),
+        (["bugs", "nope"], "unknown bug 'nope'"),
+        (["check", "blobs", "--bug", "nope"], "unknown bug"),
+    ],
+)
+def test_bad_bug_ids_are_one_line_and_exit_2(args, expected, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+
+
+def test_check_exit_codes(capsys):
+    assert main(["check", "regression"]) == 0
+    assert capsys.readouterr().out.count("PASS") == 4
+    assert main(["check", "blobs", "--bug", "view_instead_of_permute", "--json"]) == 1
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["batch_mixing"]["passed"] is False and "9 other input row(s)" in rows["batch_mixing"]["message"]
