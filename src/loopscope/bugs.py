@@ -42,7 +42,7 @@ BUGS: tuple[Bug, ...] = (
     ),
     Bug(
         "zero_grad_after_backward", "zero_grad() between backward() and step()", "step",
-        "loss.backward()\noptimizer.step()", "loss.backward()\noptimizer.zero_grad()\noptimizer.step()",
+        "optimizer.step()", "optimizer.zero_grad()\noptimizer.step()",
         "The gradients are gone when step() runs; the parameters never move and the loss stays flat.",
         "zero_grad() throws away the gradients backward() just computed, so step() has nothing to "
         "follow.",
@@ -140,7 +140,7 @@ BUGS: tuple[Bug, ...] = (
     ),
     Bug(
         "shuffled_labels", "labels do not match their inputs", "load_batch",
-        "x, y = batch", "x, y = batch; y = scrambled_labels(x)",
+        "train_set = TensorDataset(inputs, labels)", "train_set = TensorDataset(inputs, scrambled(labels))",
         "Train loss creeps down slowly (the model memorises), while val accuracy stays at chance.",
         "If labels are not those of their inputs there is nothing to learn that generalises; the "
         "model can only memorise the training pairs.",
@@ -175,7 +175,7 @@ BUGS: tuple[Bug, ...] = (
     ),
     Bug(
         "inputs_wrong_dtype", "inputs left as float64", "load_batch",
-        "x = x.to(device)", "x = x.to(device).double()",
+        "x, y = x.to(device), y.to(device)", "x, y = x.to(device).double(), y.to(device)",
         "The forward pass raises a dtype error at the first layer.",
         "NumPy arrays default to float64 while PyTorch weights are float32; matrix multiplication "
         "needs both to match.",
@@ -284,6 +284,8 @@ BUGS: tuple[Bug, ...] = (
 )
 
 BUGS_BY_ID: dict[str, Bug] = {bug.id: bug for bug in BUGS}
+# Bugs that move a call rather than change a line: the code panel shows them by the stage order.
+ORDER_BUGS = frozenset({"step_before_backward", "scheduler_before_step"})
 
 
 def applicable(features: frozenset[str] | set[str]) -> list[str]:

@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser(
-        "run", help="step through a training loop (headless table until the app lands)",
-        description="Run a training loop and show every stage.",
+        "run", help="step through a training loop in the terminal app (the default command)",
+        description="Open the app on a training loop: step it stage by stage, run it, break it.",
+        epilog="Keys: space stage, n iteration, e epoch, r run/pause, +/- speed, t twin, c checks, "
+        "? help, q quit.",
     )
     _add_run_arguments(run)
 
@@ -168,8 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "trace":
             return _trace(args)
         if args.command == "run":
-            args.iterations, args.format, args.output, args.fast = None, "table", None, False
-            return _trace(args, note="the interactive app is not built yet; showing the headless trace")
+            return _run_app(args)
         raise AssertionError(f"unhandled command {args.command}")
     except UserError as exc:
         sys.stderr.write(f"loopscope: error: {exc}\n")
@@ -222,6 +223,23 @@ def _bugs(bug_id: str | None, as_json: bool) -> int:
     for bug in BUGS:
         print(f"{bug.id:<{width}}  {bug.stage:<10}  {bug.title}")
     print(f"\n{len(BUGS)} bugs. `loopscope bugs ID` explains one; `--bug ID` on run/trace injects it.")
+    return EXIT_OK
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    from loopscope.experiment import check_target
+    from loopscope.protocol import SessionSpec
+
+    check_target(args.target)
+    if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
+        raise UserError(f"--device {args.device!r}: expected one of auto|cpu|cuda|cuda:N|mps")
+    from loopscope.ui.app import LoopscopeApp
+
+    app = LoopscopeApp(SessionSpec(args.target, args.device, args.seed, tuple(args.bug), args.twin))
+    app.run()
+    if app.model.failure and app.model.info is None:
+        sys.stderr.write(f"loopscope: error: {app.model.failure}\n")
+        return EXIT_USAGE
     return EXIT_OK
 
 

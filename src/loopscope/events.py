@@ -59,6 +59,17 @@ class StageError:
     hint: str | None = None
 
 
+@dataclass(frozen=True)
+class CheckResult:
+    """One sanity check on a copy of the model: did it pass, and the numbers that say so."""
+
+    id: str
+    title: str
+    passed: bool
+    message: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class StageEvent:
     """Everything one stage run did. The UI and the trace writers render only these."""

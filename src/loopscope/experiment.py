@@ -124,6 +124,26 @@ def resolve_factory(target: str) -> tuple[Callable[[], Any], str]:
     )
 
 
+def check_target(target: str) -> None:
+    """Reject what can be judged without importing anything: unknown names, missing files."""
+    if target in SCENARIOS:
+        return
+    if target.endswith(".py") or os.sep in target or Path(target).is_file():
+        if not Path(target).is_file():
+            raise UserError(f"no such file: {target}")
+        return
+    if ":" in target:
+        module_name, _, func_name = target.partition(":")
+        if not module_name or not func_name:
+            raise UserError(f"bad target {target!r}: expected package.module:factory")
+        return
+    known = ", ".join(SCENARIOS)
+    raise UserError(
+        f"unknown target {target!r}: expected a scenario ({known}), a file.py defining "
+        "experiment(), or package.module:factory"
+    )
+
+
 def _factory_from_file(path: Path, as_given: str) -> tuple[Callable[[], Any], str]:
     if not path.is_file():
         raise UserError(f"no such file: {as_given}")

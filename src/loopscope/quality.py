@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clean-iterations", type=int, default=1000, help="iterations per clean run (default 1000)")
     parser.add_argument("--bug", action="append", help="only these bugs")
     parser.add_argument("--scenario", action="append", help="only these scenarios")
+    parser.add_argument("--seed", type=int, default=0, help="seed for every run (default 0)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     import torch
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for info in scenarios:
             if bug.id in info.bugs:
-                rows.append(recall_run(bug.id, info.name, args.budget))
+                rows.append(recall_run(bug.id, info.name, args.budget, args.seed))
                 if not args.json:
                     r = rows[-1]
                     print(f"{r.bug:<32} {r.scenario:<11} {'caught' if r.caught else 'MISSED':<7} "
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     alarms = {}
     if args.clean_iterations > 0:
         for info in scenarios:
-            alarms[info.name] = clean_run(info.name, args.clean_iterations)
+            alarms[info.name] = clean_run(info.name, args.clean_iterations, args.seed)
             if not args.json:
                 found = alarms[info.name]
                 print(f"clean {info.name:<11} {len(found)} false alarm(s) in {args.clean_iterations} iterations"

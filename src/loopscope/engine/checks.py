@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loopscope.engine.batches import split_batch, to_device
 from loopscope.engine.diagnostics import batch_mixing_rows
+from loopscope.events import CheckResult
 
 if TYPE_CHECKING:
     from loopscope.engine.stepper import Stepper
@@ -22,17 +22,6 @@ if TYPE_CHECKING:
 OVERFIT_STEPS = 300
 BASELINE_STEPS = 150
 BASELINE_BATCHES = 8
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One sanity check: did it pass, and the numbers that say so."""
-
-    id: str
-    title: str
-    passed: bool
-    message: str
-    numbers: dict[str, Any] = field(default_factory=dict)
 
 
 def _batches(stepper: Stepper, count: int) -> list[Any]:

@@ -24,14 +24,20 @@ if TYPE_CHECKING:
 # Thresholds, each with its source.
 UPDATE_RATIO_HIGH = 1e-1  # cs231n "Neural Networks 3": ratio ~1e-3 is healthy; DeepDiagnosis flags far off
 UPDATE_RATIO_LOW = 1e-5  # same sources, the low side
+# A gentler low bar (10x under the healthy 1e-3) counts only together with a loss that has barely
+# moved: adaptive optimizers at a tiny learning rate sit between the two.
+UPDATE_RATIO_SLOW, SLOW_LOSS_FRACTION = 1e-4, 0.9
 LOSS_NUMERIC_FAILURE = 1e3  # AUTOTRAINER: loss >= 1e3 or NaN is numerical failure
 DEAD_RELU_FRACTION = 0.7  # DeepDiagnosis / AUTOTRAINER: >= 70% of a layer's activations <= 0
 EXPLODING_RATIO = 70.0  # AUTOTRAINER: first/last layer gradient-norm ratio > 70
 VANISHING_RATIO, VANISHING_FIRST_NORM = 1e-3, 1e-4  # AUTOTRAINER: ratio < 1e-3 and first-layer norm < 1e-4
 INPUT_ABS_MAX, INPUT_ABS_MEAN = 20.0, 5.0  # UMLAUT: inputs outside [-1, 1] "by a wide margin"
 ACTIVATION_RMS = 10.0  # AUTOTRAINER / UMLAUT: mean |layer output| >= 10
-# AUTOTRAINER starts judging symptoms after 30% of training; here: after a fixed warm-up.
-WARMUP_ITERATIONS = 100
+# AUTOTRAINER starts judging symptoms after 30% of training; here: after a fixed warm-up, long
+# enough that a slow but healthy start (blobs with some seeds) is not called a stall.
+WARMUP_ITERATIONS = 150
+STALLED_FRACTION = 0.97  # the last 50 losses average at least 97% of the first 20
+RATIO_WINDOW = 20  # steps over which the update/weight ratio's median is judged
 REFIRE_AFTER = 200  # iterations before the same finding is reported again
 RELU_TYPES = {"ReLU", "ReLU6"}
 DROPOUT_TYPES = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"}
@@ -56,7 +62,7 @@ class Diagnostics:
         self._last_fired: dict[str, int] = {}
         self._losses: deque[float] = deque(maxlen=50)
         self._first_losses: list[float] = []
-        self._max_ratios: deque[float] = deque(maxlen=20)
+        self._max_ratios: deque[float] = deque(maxlen=RATIO_WINDOW)
         self._single_class: deque[bool] = deque(maxlen=20)
         self._classes_seen: set[str] = set()
         self._zero_fraction: dict[str, deque[float]] = {}
@@ -321,7 +327,7 @@ class Diagnostics:
             ))
         if it >= WARMUP_ITERATIONS and len(self._losses) == self._losses.maxlen and self._first_losses:
             start, recent = statistics.fmean(self._first_losses), statistics.fmean(self._losses)
-            if recent >= 0.95 * start:
+            if recent >= STALLED_FRACTION * start:
                 self._fire(out, it, Finding(
                     "loss_stalled", "warning",
                     f"the loss has not fallen: {start:.4g} over the first {len(self._first_losses)} "
@@ -490,23 +496,28 @@ class Diagnostics:
             ratio = max(layer.update_ratio for layer in weights)
             if math.isfinite(ratio):
                 self._max_ratios.append(ratio)
-            if len(self._max_ratios) >= 10:
-                median = statistics.median(list(self._max_ratios)[-10:])
+            if len(self._max_ratios) >= RATIO_WINDOW:
+                median = statistics.median(self._max_ratios)
                 if median > UPDATE_RATIO_HIGH:
                     self._fire(out, it, Finding(
                         "update_ratio_high", "warning",
                         f"updates are {_fmt(median)} of the weights' size (median of the largest layer ratio "
-                        f"over 10 steps; healthy is about 1e-3, above {UPDATE_RATIO_HIGH:g} is too big).",
+                        f"over {RATIO_WINDOW} steps; healthy is about 1e-3, above {UPDATE_RATIO_HIGH:g} is too big).",
                         ("lr_too_high",),
                         "Lower the learning rate.",
                     ))
             if len(self._max_ratios) == self._max_ratios.maxlen and moved:
                 median = statistics.median(self._max_ratios)
-                if median < UPDATE_RATIO_LOW:
+                barely_moved = (
+                    it >= WARMUP_ITERATIONS and self._first_losses and len(self._losses) == self._losses.maxlen
+                    and statistics.fmean(self._losses) >= SLOW_LOSS_FRACTION * statistics.fmean(self._first_losses)
+                )
+                if median < UPDATE_RATIO_LOW or (median < UPDATE_RATIO_SLOW and barely_moved):
                     self._fire(out, it, Finding(
                         "update_ratio_low", "warning",
                         f"updates are only {_fmt(median)} of the weights' size (largest layer, median over "
-                        f"{len(self._max_ratios)} steps; healthy is about 1e-3, below {UPDATE_RATIO_LOW:g} is too small).",
+                        f"{len(self._max_ratios)} steps; healthy is about 1e-3)"
+                        + (" and the loss has barely moved." if barely_moved else "."),
                         ("lr_too_low",),
                         "Raise the learning rate.",
                     ))

@@ -1,0 +1,189 @@
+"""The engine side of a session: owns the Stepper, obeys commands, streams updates.
+
+Runs in its own process (or a thread, in tests) and talks over a multiprocessing Connection.
+In run mode it probes in full only the iterations the screen will show (at most ~20 a second)
+and sends every loss, so the plot is complete while statistics cost little.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from loopscope.errors import UserError
+from loopscope.protocol import (
+    Checks, EngineState, Failed, Ready, RunChecks, SessionInfo, SessionSpec, SetBug, SetRunning,
+    SetSpeed, SetTwin, Shutdown, Step, Update,
+)
+
+FRAME_SECONDS = 0.05  # the UI redraws at most 20 times a second; send no more often than that
+KEEP_WHEN_UNPROBED = ("validate", "checkpoint", "early_stop", "scheduler")
+
+
+class EngineServer:
+    def __init__(self, conn: Any, spec: SessionSpec) -> None:
+        self.conn = conn
+        self.spec = spec
+        self.running = False
+        self.speed: float | None = None
+        self.stepper: Any = None
+        self._events: list = []
+        self._losses: list = []
+        self._last_frame = 0.0
+        self._rate_window: list[tuple[float, int]] = []
+        self._iteration_seconds = 0.0
+
+    # ----- start ------------------------------------------------------------------------
+    def start(self) -> bool:
+        try:
+            from loopscope.engine.devices import resolve_device
+            from loopscope.engine.stepper import Stepper
+            from loopscope.experiment import load_experiment
+
+            device = resolve_device(self.spec.device)
+            experiment = load_experiment(self.spec.target, self.spec.seed)
+            self.stepper = Stepper(experiment, device, bugs=self.spec.bugs, twin=self.spec.twin,
+                                   on_event=self._collect)
+        except UserError as exc:
+            self.conn.send(Failed(str(exc)))
+            return False
+        except Exception as exc:  # anything else while building: still one clear line
+            self.conn.send(Failed(f"{type(exc).__name__}: {exc}"))
+            return False
+        self.conn.send(Ready(self._info(), self._state()))
+        return True
+
+    def _info(self) -> SessionInfo:
+        s = self.stepper
+        exp = s.experiment
+        try:
+            batches = len(exp.train_loader)
+        except TypeError:
+            batches = None
+        options = {
+            "clip_grad_norm": exp.clip_grad_norm,
+            "scheduler": type(exp.scheduler).__name__ if exp.scheduler is not None else None,
+            "scheduler_interval": exp.scheduler_interval,
+            "validation": exp.val_loader is not None,
+            "checkpoint": bool(exp.checkpoint),
+            "early_stopping_patience": exp.early_stopping_patience,
+            "optimizer": type(exp.optimizer).__name__,
+            "loss_fn": type(exp.loss_fn).__name__,
+            "lr": exp.optimizer.param_groups[0].get("lr"),
+        }
+        return SessionInfo(
+            name=exp.name, device=str(s.device), task=s.task, epochs=exp.epochs, batches_per_epoch=batches,
+            iteration_stages=tuple(s.iteration_stages()), epoch_end_stages=tuple(s._epoch_end_stages()),
+            applicable_bugs=tuple(s.injector.applicable), options=options,
+        )
+
+    def _state(self) -> EngineState:
+        s = self.stepper
+        return EngineState(
+            iteration=s.iteration, epoch=s.epoch, completed_iterations=s.completed_iterations,
+            next_stage=s.next_stage(), running=self.running, finished=s.finished, stop_reason=s.stop_reason,
+            halted=s.halted, active_bugs=s.active_bugs, twin=s.twin_enabled,
+            iteration_stages=tuple(s.iteration_stages()), speed=self.speed,
+            iterations_per_second=self._rate(),
+        )
+
+    def _rate(self) -> float | None:
+        if len(self._rate_window) < 2:
+            return None
+        (t0, i0), (t1, i1) = self._rate_window[0], self._rate_window[-1]
+        return (i1 - i0) / (t1 - t0) if t1 > t0 else None
+
+    # ----- events ----------------------------------------------------------------------
+    def _collect(self, event: Any) -> None:
+        if event.stage == "loss":
+            self._losses.append((event.iteration, event.epoch, event.loss, event.twin_loss))
+        if self.stepper.probe or event.stage in KEEP_WHEN_UNPROBED or event.diagnostics or event.error:
+            self._events.append(event)
+
+    def _flush(self) -> None:
+        self.conn.send(Update(tuple(self._events), tuple(self._losses), self._state()))
+        self._events, self._losses = [], []
+        self._last_frame = time.monotonic()
+
+    # ----- loop ------------------------------------------------------------------------
+    def serve(self) -> None:
+        if not self.start():
+            return
+        while True:
+            busy = self.running and not self.stepper.finished and self.stepper.halted is None
+            if not busy and self.running:
+                self.running = False
+                self._flush()
+            if self.conn.poll(0 if busy else 0.5):
+                try:
+                    command = self.conn.recv()
+                except (EOFError, OSError):
+                    return  # the UI went away
+                if isinstance(command, Shutdown):
+                    return
+                self._handle(command)
+            elif busy:
+                self._run_a_little()
+
+    def _handle(self, command: Any) -> None:
+        s = self.stepper
+        try:
+            if isinstance(command, Step):
+                self.running = False
+                s.probe = True
+                if s.halted is not None:
+                    s.resume()  # stepping on after an error starts a fresh iteration
+                {"stage": s.step_stage, "iteration": s.run_iteration, "epoch": s.run_epoch}[command.kind]()
+            elif isinstance(command, SetRunning):
+                self.running = command.on and not s.finished
+                if self.running and s.halted is not None:
+                    s.resume()
+                self._rate_window = [(time.monotonic(), s.completed_iterations)]
+            elif isinstance(command, SetSpeed):
+                self.speed = command.iterations_per_second
+            elif isinstance(command, SetBug):
+                s.set_bug(command.bug_id, command.on)
+            elif isinstance(command, SetTwin):
+                s.set_twin(command.on)
+            elif isinstance(command, RunChecks):
+                from loopscope.engine.checks import run_checks
+
+                self.conn.send(Checks(tuple(run_checks(s))))
+        except UserError as exc:
+            self.conn.send(Failed(str(exc), fatal=False))
+        self._flush()
+
+    def _run_a_little(self) -> None:
+        """Run whole iterations until a frame is due; probe fully only the one the frame shows."""
+        s = self.stepper
+        frame_due = self._last_frame + FRAME_SECONDS
+        while True:
+            started = time.monotonic()
+            if s.at_boundary:
+                s.probe = self.speed is not None or started + self._iteration_seconds >= frame_due
+            s.run_iteration()
+            elapsed = time.monotonic() - started
+            self._iteration_seconds = 0.8 * self._iteration_seconds + 0.2 * elapsed
+            self._rate_window.append((time.monotonic(), s.completed_iterations))
+            self._rate_window = self._rate_window[-50:]
+            if s.finished or s.halted is not None:
+                break
+            if self.speed is not None:
+                pause = 1.0 / self.speed - elapsed
+                if pause > 0:
+                    self.conn.poll(pause)  # returns early when a command arrives
+                break
+            if time.monotonic() >= frame_due or self.conn.poll():
+                break
+        if time.monotonic() >= frame_due or self.speed is not None or s.finished or s.halted is not None:
+            self._flush()
+
+
+def engine_process_main(conn: Any, spec: SessionSpec) -> None:
+    """Entry point of the engine process."""
+    try:
+        EngineServer(conn, spec).serve()
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+    finally:
+        conn.close()

@@ -1,0 +1,19 @@
+"""Entry point for the engine process: imports the engine (and torch) only once running there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def engine_entry(conn: Any, spec: Any, log_path: str | None) -> None:
+    if log_path is not None:
+        # Whatever the user's code or torch prints must not land on top of the app's screen.
+        import os
+
+        log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+    from loopscope.engine.server import engine_process_main
+
+    engine_process_main(conn, spec)

@@ -1,0 +1,129 @@
+"""What the UI and the engine process say to each other: plain picklable data, no tensors.
+
+Torch-free, so the UI process can unpickle everything the engine sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loopscope.events import CheckResult, StageError, StageEvent
+
+# ----- UI -> engine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """How to build the run: the same arguments as `loopscope run`."""
+
+    target: str
+    device: str = "auto"
+    seed: int = 0
+    bugs: tuple[str, ...] = ()
+    twin: bool = False
+
+
+@dataclass(frozen=True)
+class Step:
+    """Run one stage, the rest of the iteration, or the rest of the epoch."""
+
+    kind: str  # "stage" | "iteration" | "epoch"
+
+
+@dataclass(frozen=True)
+class SetRunning:
+    on: bool
+
+
+@dataclass(frozen=True)
+class SetSpeed:
+    """Iterations per second while running; None means as fast as possible."""
+
+    iterations_per_second: float | None
+
+
+@dataclass(frozen=True)
+class SetBug:
+    bug_id: str
+    on: bool
+
+
+@dataclass(frozen=True)
+class SetTwin:
+    on: bool
+
+
+@dataclass(frozen=True)
+class RunChecks:
+    """Karpathy's sanity checks on copies of the current state."""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# ----- engine -> UI ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """Facts about the run that do not change while it runs."""
+
+    name: str
+    device: str
+    task: str | None
+    epochs: int
+    batches_per_epoch: int | None
+    iteration_stages: tuple[str, ...]
+    epoch_end_stages: tuple[str, ...]
+    applicable_bugs: tuple[str, ...]
+    options: dict[str, object] = field(default_factory=dict)  # clip_grad_norm, scheduler, ...
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """Where the loop is now."""
+
+    iteration: int
+    epoch: int
+    completed_iterations: int
+    next_stage: str | None
+    running: bool
+    finished: bool
+    stop_reason: str | None
+    halted: StageError | None
+    active_bugs: tuple[str, ...]
+    twin: bool
+    iteration_stages: tuple[str, ...]
+    speed: float | None
+    iterations_per_second: float | None = None
+
+
+@dataclass(frozen=True)
+class Ready:
+    info: SessionInfo
+    state: EngineState
+
+
+@dataclass(frozen=True)
+class Update:
+    """New events (in full for the iterations the screen shows), every loss since the last
+    update as (iteration, epoch, loss, twin_loss), and the state after them."""
+
+    events: tuple[StageEvent, ...]
+    losses: tuple[tuple[int, int, float | None, float | None], ...]
+    state: EngineState
+
+
+@dataclass(frozen=True)
+class Checks:
+    results: tuple[CheckResult, ...]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine could not start, or a command could not be carried out."""
+
+    message: str
+    fatal: bool = True

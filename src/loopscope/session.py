@@ -1,0 +1,121 @@
+"""The UI's handle on an engine: a child process (the app) or a thread (tests), same protocol.
+
+Torch-free: the UI process talks to the engine only through picklable messages.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+from loopscope.protocol import SessionSpec, Shutdown
+
+
+class EngineSession:
+    """Starts the engine and delivers everything it sends to `on_message` (from a reader thread)."""
+
+    def __init__(self, spec: SessionSpec, on_message: Callable[[Any], None], in_process: bool = False) -> None:
+        self.spec = spec
+        self.on_message = on_message
+        self.in_process = in_process
+        self._conn: Any = None
+        self._worker: Any = None
+        self._reader: threading.Thread | None = None
+        self.alive = False
+        self.log_path: str | None = None  # the engine process's stdout/stderr go here, not over the screen
+
+    def start(self) -> None:
+        from loopscope.engine_entry import engine_entry
+
+        ctx = multiprocessing.get_context("spawn")
+        ui_end, engine_end = ctx.Pipe(duplex=True)
+        self._conn = ui_end
+        if self.in_process:
+            self._worker = threading.Thread(target=engine_entry, args=(engine_end, self.spec, None), daemon=True)
+            self._worker.start()
+        else:
+            fd, self.log_path = tempfile.mkstemp(prefix="loopscope-engine-", suffix=".log")
+            os.close(fd)
+            self._worker = ctx.Process(target=engine_entry, args=(engine_end, self.spec, self.log_path), daemon=True)
+            with _real_std_streams():
+                self._worker.start()
+        if not self.in_process:
+            engine_end.close()  # only the child holds it now, so its death closes the pipe
+        self.alive = True
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        from loopscope.protocol import Failed
+
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            self.on_message(message)
+        if self.alive:
+            self.alive = False
+            code = getattr(self._worker, "exitcode", None)
+            if code is None and self._worker is not None and hasattr(self._worker, "join"):
+                self._worker.join(1.0)
+                code = getattr(self._worker, "exitcode", None)
+            why = f"exit code {code}" if code is not None else "the connection closed"
+            last_words = self._last_log_line()
+            self.on_message(Failed(f"the engine process stopped ({why})" + (f": {last_words}" if last_words else ""),
+                                   fatal=True))
+
+    def _last_log_line(self) -> str | None:
+        if not self.log_path:
+            return None
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as log:
+                lines = [line.strip() for line in log if line.strip()]
+        except OSError:
+            return None
+        return lines[-1][:300] if lines else None
+
+    def send(self, command: Any) -> bool:
+        if not self.alive:
+            return False
+        try:
+            self._conn.send(command)
+            return True
+        except (OSError, BrokenPipeError):
+            return False
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Ask the engine to quit; kill it if it does not (a hung user dataset, say)."""
+        was_alive, self.alive = self.alive, False
+        if was_alive:
+            try:
+                self._conn.send(Shutdown())
+            except (OSError, BrokenPipeError):
+                pass
+        if self._worker is not None and not self.in_process and self._worker.pid is not None:
+            self._worker.join(timeout)
+            if self._worker.is_alive():
+                self._worker.kill()
+                self._worker.join(1.0)
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+
+@contextmanager
+def _real_std_streams():
+    """Textual replaces sys.stdout/stderr while it runs; multiprocessing needs real file
+    descriptors to start its helper processes."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

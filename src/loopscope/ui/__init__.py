@@ -1,0 +1,1 @@
+"""The Textual app: renders what the engine sends, turns keys into commands. Never imports torch."""

@@ -1,0 +1,250 @@
+"""The loopscope app: a live training loop, stage by stage, in the terminal.
+
+The engine runs in its own process and streams immutable snapshots; this process only renders
+them (at most ~20 frames a second) and sends commands back. It never imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Container, Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Footer, SelectionList
+from textual.widgets.selection_list import Selection
+
+from loopscope.bugs import BUGS
+from loopscope.protocol import RunChecks, SessionSpec, SetBug, SetRunning, SetSpeed, SetTwin, Step
+from loopscope.session import EngineSession
+from loopscope.ui.commands import LoopCommands
+from loopscope.ui.help import HelpScreen
+from loopscope.ui.model import ScreenModel
+from loopscope.ui.panels import (
+    BugInfo, CodePanel, DiagnosticsPanel, EpochsPanel, GradientsPanel, PipelineBar, StatusLine, TensorsPanel,
+)
+from loopscope.ui.plot import LossPlot
+
+FRAME_SECONDS = 0.05  # redraw at most 20 times a second, however fast the loop runs
+PLOT_SECONDS = 0.2  # the plot is the costliest widget: at most 5 redraws a second while running
+SPEEDS: tuple[float | None, ...] = (1.0, 2.0, 5.0, 20.0, 100.0, None)  # iterations per second; None: max
+NARROW_WIDTH = 110
+
+
+class EngineMessage(Message):
+    """Something the engine sent (posted from the session's reader thread)."""
+
+    def __init__(self, payload: Any) -> None:
+        super().__init__()
+        self.payload = payload
+
+
+class LoopscopeApp(App[None]):
+    """Step through a real training loop."""
+
+    TITLE = "loopscope"
+    CSS_PATH = "app.tcss"
+    COMMANDS = App.COMMANDS | {LoopCommands}
+    # Priority: the keys mean the same thing whichever panel has focus.
+    BINDINGS = [
+        Binding("space", "step_stage", "stage", priority=True),
+        Binding("n", "step_iteration", "iteration", priority=True),
+        Binding("e", "step_epoch", "epoch", priority=True),
+        Binding("r", "toggle_run", "run/pause", priority=True),
+        Binding("plus,equals_sign", "faster", "faster", key_display="+", priority=True),
+        Binding("minus", "slower", "slower", key_display="-", priority=True),
+        Binding("t", "toggle_twin", "twin", priority=True),
+        Binding("c", "checks", "checks", priority=True),
+        Binding("l", "toggle_log", "log", priority=True),
+        Binding("question_mark", "help", "help", key_display="?", priority=True),
+        Binding("ctrl+r", "restart_engine", "restart", show=False, priority=True),
+        Binding("q", "quit", "quit", priority=True),
+    ]
+
+    def __init__(self, spec: SessionSpec, in_process: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        self.in_process = in_process
+        self.model = ScreenModel()
+        self.session: EngineSession | None = None
+        self.speed_index = len(SPEEDS) - 1
+        self._drawn_version = -1
+        self._last_plot = 0.0
+        self._bug_list_version: tuple[str, ...] | None = None
+
+    # ----- layout ------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield PipelineBar(id="pipeline")
+        with Container(id="main"):
+            with VerticalScroll(id="code-box", classes="panel") as box:
+                box.border_title = "Loop code"
+                yield CodePanel(id="code")
+            with Vertical(id="tensors-box", classes="panel") as box:
+                box.border_title = "Tensors (this stage)"
+                yield TensorsPanel(id="tensors")
+            with VerticalScroll(id="gradients-box", classes="panel") as box:
+                box.border_title = "Gradients"
+                yield GradientsPanel(id="gradients")
+            with Vertical(id="plot-box", classes="panel") as box:
+                box.border_title = "Loss"
+                yield LossPlot(id="plot")
+            with VerticalScroll(id="diagnostics-box", classes="panel") as box:
+                box.border_title = "Diagnostics"
+                yield DiagnosticsPanel(id="diagnostics")
+            with Vertical(id="epochs-box", classes="panel") as box:
+                box.border_title = "Epochs"
+                yield EpochsPanel(id="epochs")
+            with Vertical(id="bugs-box", classes="panel") as box:
+                box.border_title = "Bugs (enter: on/off)"
+                yield SelectionList[str](id="bug-list")
+                yield BugInfo(id="bug-info")
+        yield StatusLine(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._apply_width(self.size.width)
+        self.redraw(force=True)
+        self.set_interval(FRAME_SECONDS, self.redraw)
+        # The first frame is on screen before the engine has even imported torch.
+        self.call_after_refresh(self.start_engine)
+
+    def on_resize(self, event: Any) -> None:
+        self._apply_width(event.size.width)
+
+    def _apply_width(self, width: int) -> None:
+        self.screen.set_class(width < NARROW_WIDTH, "-narrow")
+
+    # ----- engine ------------------------------------------------------------------------
+    def start_engine(self) -> None:
+        self.session = EngineSession(self.spec, self._from_engine, in_process=self.in_process)
+        self.session.start()
+
+    def _from_engine(self, payload: Any) -> None:
+        # Called on the reader thread: post_message is thread-safe and never blocks.
+        self.post_message(EngineMessage(payload))
+
+    @on(EngineMessage)
+    def _engine_message(self, message: EngineMessage) -> None:
+        self.model.apply(message.payload)
+
+    def send(self, command: Any) -> None:
+        if self.session is None or not self.session.send(command):
+            self.model.notice = "the engine is not running: press ctrl+r to restart it"
+            self.model.version += 1
+
+    def on_unmount(self) -> None:
+        if self.session is not None:
+            self.session.stop()
+
+    # ----- drawing -----------------------------------------------------------------------
+    def redraw(self, force: bool = False) -> None:
+        model = self.model
+        if model.version == self._drawn_version and not force:
+            return
+        self._drawn_version = model.version
+        self.query_one(PipelineBar).show(model)
+        self.query_one(CodePanel).show(model)
+        self.query_one(TensorsPanel).show(model)
+        self.query_one(GradientsPanel).show(model)
+        self.query_one(DiagnosticsPanel).show(model)
+        self.query_one(EpochsPanel).show(model)
+        self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
+        running = model.state is not None and model.state.running
+        now = time.monotonic()
+        if force or not running or now - self._last_plot >= PLOT_SECONDS:
+            self._last_plot = now
+            self.query_one(LossPlot).show(model)
+        self._sync_bug_list()
+
+    def _sync_bug_list(self) -> None:
+        info, state = self.model.info, self.model.state
+        if info is None or state is None:
+            return
+        key = (*info.applicable_bugs, "|", *state.active_bugs)
+        if key == self._bug_list_version:
+            return
+        self._bug_list_version = key
+        bug_list = self.query_one("#bug-list", SelectionList)
+        highlighted = bug_list.highlighted
+        bug_list.clear_options()
+        for bug in BUGS:
+            applies = bug.id in info.applicable_bugs
+            label = bug.id if applies else f"{bug.id} (does not apply)"
+            bug_list.add_option(Selection(label, bug.id, bug.id in state.active_bugs, disabled=not applies))
+        if highlighted is not None:
+            bug_list.highlighted = highlighted
+
+    @property
+    def speed_label(self) -> str:
+        speed = SPEEDS[self.speed_index]
+        return "max" if speed is None else f"{speed:g} it/s"
+
+    # ----- bugs --------------------------------------------------------------------------
+    @on(SelectionList.SelectionToggled, "#bug-list")
+    def _bug_toggled(self, event: SelectionList.SelectionToggled) -> None:
+        bug_id = event.selection.value
+        self.send(SetBug(bug_id, bug_id in event.selection_list.selected))
+
+    @on(SelectionList.SelectionHighlighted, "#bug-list")
+    def _bug_highlighted(self, event: SelectionList.SelectionHighlighted) -> None:
+        self.query_one(BugInfo).show_bug(event.selection.value)
+
+    def toggle_bug(self, bug_id: str) -> None:
+        active = self.model.state.active_bugs if self.model.state else ()
+        self.send(SetBug(bug_id, bug_id not in active))
+
+    # ----- actions: one key, one thing ---------------------------------------------------
+    def action_step_stage(self) -> None:
+        self.model.notice = None
+        self.send(Step("stage"))
+
+    def action_step_iteration(self) -> None:
+        self.model.notice = None
+        self.send(Step("iteration"))
+
+    def action_step_epoch(self) -> None:
+        self.model.notice = None
+        self.send(Step("epoch"))
+
+    def action_toggle_run(self) -> None:
+        running = self.model.state is not None and self.model.state.running
+        self.send(SetRunning(not running))
+
+    def action_faster(self) -> None:
+        self.speed_index = min(self.speed_index + 1, len(SPEEDS) - 1)
+        self.send(SetSpeed(SPEEDS[self.speed_index]))
+        self.model.version += 1
+
+    def action_slower(self) -> None:
+        self.speed_index = max(self.speed_index - 1, 0)
+        self.send(SetSpeed(SPEEDS[self.speed_index]))
+        self.model.version += 1
+
+    def action_toggle_twin(self) -> None:
+        twin = self.model.state is not None and self.model.state.twin
+        self.send(SetTwin(not twin))
+
+    def action_checks(self) -> None:
+        self.model.notice = "running the sanity checks on a copy of the model..."
+        self.model.version += 1
+        self.send(RunChecks())
+
+    def action_toggle_log(self) -> None:
+        plot = self.query_one(LossPlot)
+        plot.log_scale = not plot.log_scale
+        self.redraw(force=True)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_restart_engine(self) -> None:
+        if self.session is not None:
+            self.session.stop(timeout=1.0)
+        self.model = ScreenModel()
+        self._bug_list_version = None
+        self.redraw(force=True)
+        self.start_engine()

@@ -1,0 +1,44 @@
+"""The command palette (ctrl+p): every action, and a toggle for every bug, by name."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.command import Hit, Hits, Provider
+
+from loopscope.bugs import BUGS_BY_ID
+
+ACTIONS = (
+    ("Step one stage", "step_stage"),
+    ("Run to the end of the iteration", "step_iteration"),
+    ("Run to the end of the epoch", "step_epoch"),
+    ("Run / pause", "toggle_run"),
+    ("Faster", "faster"),
+    ("Slower", "slower"),
+    ("Clean twin on/off", "toggle_twin"),
+    ("Sanity checks", "checks"),
+    ("Loss plot: linear/log", "toggle_log"),
+    ("Restart the engine", "restart_engine"),
+    ("Help", "help"),
+    ("Quit", "quit"),
+)
+
+
+class LoopCommands(Provider):
+    """Actions and bug toggles."""
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        app = self.app
+        for title, action in ACTIONS:
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), partial(app.run_action, action), help=f"action: {action}")
+        active = set(app.model.state.active_bugs) if app.model.state else set()
+        applicable = app.model.info.applicable_bugs if app.model.info else ()
+        for bug_id in applicable:
+            title = f"{'Turn off' if bug_id in active else 'Turn on'} bug: {bug_id} ({BUGS_BY_ID[bug_id].title})"
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), partial(app.toggle_bug, bug_id),
+                          help=BUGS_BY_ID[bug_id].symptom)

@@ -1,0 +1,75 @@
+"""The help screen: what each stage does and what each key does."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+from loopscope.catalog import STAGE_DESCRIPTIONS
+
+KEYS = (
+    ("space", "run one stage"),
+    ("n", "run to the end of the iteration"),
+    ("e", "run to the end of the epoch"),
+    ("r", "run continuously / pause"),
+    ("+ / -", "run faster / slower"),
+    ("t", "clean twin on/off (trains a correct copy beside a bug)"),
+    ("c", "sanity checks on a copy of the model"),
+    ("l", "loss plot: linear / log10 axis"),
+    ("enter", "in the bug list: switch the highlighted bug on/off"),
+    ("tab", "move between panels"),
+    ("ctrl+p", "command palette: every action by name"),
+    ("ctrl+r", "restart the engine (after a crash or a hang)"),
+    ("?", "this help"),
+    ("q", "quit"),
+)
+
+
+def help_markdown() -> str:
+    stages = "\n".join(f"| `{name}` | {text} |" for name, text in STAGE_DESCRIPTIONS.items())
+    keys = "\n".join(f"| `{key}` | {text} |" for key, text in KEYS)
+    return f"""# loopscope
+
+A real PyTorch training loop, one stage at a time.
+
+## The stages
+
+| stage | what it does |
+| --- | --- |
+{stages}
+
+## Keys
+
+| key | action |
+| --- | --- |
+{keys}
+
+Bugs change the loop from the next stage; the code panel shows the change as a diff (red: the
+correct line, struck out; green: the buggy one). Diagnostics name what they see, with numbers.
+
+Press `escape`, `?` or `q` to close this help.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    """Stages and keys."""
+
+    BINDINGS = [
+        Binding("escape", "dismiss", "close"),
+        Binding("question_mark", "dismiss", "close", show=False),
+        Binding("q", "dismiss", "close", show=False),
+    ]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 90%; max-width: 100; height: 90%; border: thick $accent; background: $surface; }
+    """
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Markdown(help_markdown())
+
+    def action_dismiss(self, result: None = None) -> None:
+        self.dismiss(None)

@@ -1,0 +1,115 @@
+"""What the screen shows, built from the engine's messages (no Textual, no torch)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from loopscope.events import CheckResult, Finding, StageEvent
+from loopscope.history import Series
+from loopscope.protocol import Checks, EngineState, Failed, Ready, SessionInfo, Update
+
+
+@dataclass
+class EpochRow:
+    epoch: int
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.loss_sum / self.loss_count if self.loss_count else None
+
+
+def observe(previous: EpochRow | None, row: EpochRow) -> str:
+    """One line on how this epoch went compared with the last."""
+    if row.train_loss is None:
+        return ""
+    if previous is None or previous.train_loss is None:
+        return "first epoch"
+    falling = row.train_loss < previous.train_loss
+    parts = ["loss falling" if falling else "loss rising"]
+    if row.val_accuracy is not None and previous.val_accuracy is not None:
+        parts.append("accuracy rising" if row.val_accuracy > previous.val_accuracy else "accuracy falling")
+    if row.val_loss is not None and previous.val_loss is not None and falling and row.val_loss > previous.val_loss:
+        return "val loss rising while train loss falls: overfitting?"
+    return ", ".join(parts)
+
+
+class ScreenModel:
+    """Everything the widgets render; `apply` folds in one engine message."""
+
+    def __init__(self) -> None:
+        self.info: SessionInfo | None = None
+        self.state: EngineState | None = None
+        self.last_event: StageEvent | None = None
+        self.last_by_stage: dict[str, StageEvent] = {}
+        self.findings: deque[tuple[int, Finding]] = deque(maxlen=100)
+        self.loss = Series(4096)
+        self.twin_loss = Series(4096)
+        self.val_loss: list[tuple[int, float]] = []
+        self.epochs: dict[int, EpochRow] = {}
+        self.checks: tuple[CheckResult, ...] | None = None
+        self.failure: str | None = None  # the engine stopped or could not start
+        self.notice: str | None = None  # a command it could not carry out
+        self.version = 0  # bumped on every change: the screen redraws when it moves
+
+    def apply(self, message: object) -> None:
+        self.version += 1
+        if isinstance(message, Ready):
+            self.info, self.state, self.failure = message.info, message.state, None
+        elif isinstance(message, Update):
+            self._update(message)
+        elif isinstance(message, Checks):
+            self.checks = message.results
+        elif isinstance(message, Failed):
+            if message.fatal:
+                self.failure = message.message
+            else:
+                self.notice = message.message
+
+    def _update(self, update: Update) -> None:
+        self.state = update.state
+        for iteration, epoch, loss, twin in update.losses:
+            self.loss.add(iteration, loss)
+            if twin is not None:
+                self.twin_loss.add(iteration, twin)
+            row = self.epochs.setdefault(epoch, EpochRow(epoch))
+            if loss is not None and math.isfinite(loss):
+                row.loss_sum += loss
+                row.loss_count += 1
+        for event in update.events:
+            self.last_event = event
+            self.last_by_stage[event.stage] = event
+            for finding in event.diagnostics:
+                self.findings.appendleft((event.iteration, finding))
+            if event.stage == "validate" and event.error is None:
+                row = self.epochs.setdefault(event.epoch, EpochRow(event.epoch))
+                row.val_loss = event.metrics.get("val_loss")
+                row.val_accuracy = event.metrics.get("val_accuracy")
+                if row.val_loss is not None:
+                    self.val_loss.append((event.iteration, row.val_loss))
+
+    def epoch_rows(self) -> list[tuple[EpochRow, str]]:
+        rows, previous = [], None
+        for epoch in sorted(self.epochs):
+            row = self.epochs[epoch]
+            rows.append((row, observe(previous, row)))
+            previous = row
+        return rows
+
+
+def downsample(xs: list[float], ys: list[float], limit: int) -> tuple[list[float], list[float]]:
+    """At most `limit` points (bucket means): plotext's cost grows with every point it draws."""
+    if len(xs) <= limit or limit < 1:
+        return xs, ys
+    size = math.ceil(len(xs) / limit)
+    out_x, out_y = [], []
+    for i in range(0, len(xs), size):
+        chunk_y = ys[i: i + size]
+        out_x.append(xs[min(i + size, len(xs)) - 1])
+        out_y.append(sum(chunk_y) / len(chunk_y))
+    return out_x, out_y

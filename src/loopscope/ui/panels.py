@@ -1,0 +1,259 @@
+"""The text panels: pipeline bar, loop code, tensors, gradients, diagnostics, epochs, status."""
+
+from __future__ import annotations
+
+import math
+
+from rich.text import Text
+from textual.widgets import DataTable, Static
+
+from loopscope.bugs import BUGS_BY_ID
+from loopscope.events import StageEvent
+from loopscope.loopcode import render_loop
+from loopscope.ui.model import ScreenModel
+
+HEALTHY_RATIO = (1e-4, 1e-2)  # around cs231n's 1e-3
+TOLERABLE_RATIO = (1e-5, 1e-1)  # the diagnostics' thresholds
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    return f"{value:.{digits}g}"
+
+
+def shape(dims: tuple[int, ...]) -> str:
+    return "[" + ",".join(map(str, dims)) + "]"
+
+
+class PipelineBar(Static):
+    """The stages of one iteration, the one just run highlighted; epoch, iteration, device, state."""
+
+    def show(self, model: ScreenModel) -> None:
+        state, info = model.state, model.info
+        text = Text(" ")
+        if state is None or info is None:
+            text.append("starting the engine (loading torch)...", style="italic")
+            self.update(text)
+            return
+        current = model.last_event.stage if model.last_event else None
+        mode = "running" if state.running else ("finished" if state.finished else "paused")
+        if state.halted is not None:
+            mode = "error"
+        # The counters come first so a narrow terminal never cuts them off.
+        text.append(f"epoch {state.epoch}  iter {state.iteration}  {info.device}  {mode}", style="bold")
+        if state.active_bugs:
+            text.append(f"  {len(state.active_bugs)} bug{'s' if len(state.active_bugs) > 1 else ''} on",
+                        style="bold red")
+        text.append("  |  ", style="dim")
+        stages = list(state.iteration_stages)
+        if current is not None and current not in stages:
+            stages.append(current)  # validate, checkpoint, ... at the epoch's end
+        for i, stage in enumerate(stages):
+            if i:
+                text.append(" > ", style="dim")
+            if stage == current:
+                text.append(f"[{stage}]", style="bold reverse")
+            else:
+                text.append(stage, style="bold" if stage == state.next_stage else "")
+        self.update(text)
+
+
+class CodePanel(Static):
+    """The loop as PyTorch code; the stage just run highlighted; active bugs as a diff."""
+
+    def show(self, model: ScreenModel) -> None:
+        if model.info is None or model.state is None:
+            self.update("")
+            return
+        current = model.last_event.stage if model.last_event else None
+        lines = render_loop(model.info.options, model.state.iteration_stages, model.state.active_bugs)
+        text = Text()
+        for line in lines:
+            marker = {"removed": "- ", "added": "+ "}.get(line.change, "  ")
+            style = ""
+            if line.change == "removed":
+                style = "red strike"
+            elif line.change == "added":
+                style = "green bold"
+            if line.stage == current and line.change != "removed":
+                style += " reverse"
+                marker = "> " if not line.change else marker
+            text.append(marker + line.text + "\n", style=style.strip())
+        self.update(text)
+
+
+class TensorsPanel(DataTable):
+    """Every tensor the stage just run touched."""
+
+    def on_mount(self) -> None:
+        self.cursor_type = "none"
+        self.zebra_stripes = True
+        self.add_columns("name", "shape", "dtype", "device", "mean", "std", "note")
+
+    def show(self, model: ScreenModel) -> None:
+        self.clear()
+        event = model.last_event
+        if event is None:
+            return
+        if event.error is not None:
+            self.add_row(Text(f"{event.stage} raised {event.error.type}", style="bold red"), "", "", "", "", "", "")
+            return
+        for t in event.tensors:
+            note = Text()
+            if t.nan_count or t.inf_count:
+                note.append(f"{t.nan_count} NaN {t.inf_count} Inf", style="bold red")
+            elif t.module_type in ("ReLU", "ReLU6") and t.zero_fraction is not None:
+                note.append(f"{t.zero_fraction:.0%} zeros", style="yellow" if t.zero_fraction >= 0.7 else "")
+            name = f"{t.name} {t.module_type}" if t.module_type else t.name
+            self.add_row(name, shape(t.shape), t.dtype, t.device, fmt(t.mean), fmt(t.std), note)
+        for key, value in _stage_facts(event):
+            self.add_row(Text(key, style="dim"), "", "", "", "", "", value)
+
+
+def _stage_facts(event: StageEvent) -> list[tuple[str, str]]:
+    m = event.metrics
+    facts = []
+    if event.loss is not None:
+        facts.append(("loss", fmt(event.loss, 5)))
+    if event.twin_loss is not None:
+        facts.append(("clean twin loss", fmt(event.twin_loss, 5)))
+    if "grads_before" in m and event.stage == "zero_grad":
+        b, a = m["grads_before"], m["grads_after"]
+        facts.append(("grads before", f"{b['nonzero']} with values, {b['none']} None"))
+        facts.append(("grads after", f"{a['nonzero']} with values, {a['none']} None"))
+    for key in ("lr", "val_loss", "val_accuracy", "norm_before", "best_val_loss", "without_improvement"):
+        if key in m and m[key] is not None:
+            facts.append((key.replace("_", " "), fmt(m[key], 4) if isinstance(m[key], float) else str(m[key])))
+    if m.get("skipped"):
+        facts.append(("skipped", "this line is missing from the loop (a bug)"))
+    return facts
+
+
+class GradientsPanel(Static):
+    """Per-parameter gradient norms as bars, with the update/weight ratio coloured by health."""
+
+    def show(self, model: ScreenModel) -> None:
+        event = model.last_by_stage.get("step") or model.last_by_stage.get("backward")
+        text = Text()
+        if event is None or not event.layers:
+            self.update(Text("gradients appear after backward", style="dim"))
+            return
+        layers = event.layers
+        largest = max((layer.grad_norm or 0.0) for layer in layers) or 1.0
+        width = max(len(layer.name) for layer in layers)
+        bar_width = 18
+        grad_event = model.last_by_stage.get("backward")
+        text.append(f"iteration {event.iteration}, global grad norm "
+                    f"{fmt(grad_event.grad_norm if grad_event else None)}\n", style="dim")
+        for layer in layers:
+            norm = layer.grad_norm
+            if norm is None:
+                bar, value = "", "None"
+            else:
+                filled = 0 if not math.isfinite(norm) else max(1 if norm > 0 else 0, round(bar_width * norm / largest))
+                bar, value = "#" * filled, fmt(norm)
+            text.append(f"{layer.name:<{width}} ")
+            text.append(f"{bar:<{bar_width}}", style="cyan")
+            text.append(f" {value:>8}")
+            if layer.update_ratio is not None:
+                text.append("  upd/w ")
+                text.append(f"{layer.update_ratio:.1e}", style=_ratio_style(layer.update_ratio))
+            text.append("\n")
+        self.update(text)
+
+
+def _ratio_style(ratio: float) -> str:
+    if not math.isfinite(ratio):
+        return "bold red"
+    if HEALTHY_RATIO[0] <= ratio <= HEALTHY_RATIO[1]:
+        return "green"
+    if TOLERABLE_RATIO[0] <= ratio <= TOLERABLE_RATIO[1]:
+        return "yellow"
+    return "bold red"
+
+
+class DiagnosticsPanel(Static):
+    """Findings, newest first, with the numbers, the suspects and the fix."""
+
+    def show(self, model: ScreenModel) -> None:
+        text = Text()
+        if model.failure:
+            text.append(f"ENGINE STOPPED: {model.failure}\nPress ctrl+r to restart it.\n\n", style="bold red")
+        if model.checks is not None:
+            text.append("Sanity checks:\n", style="bold")
+            for check in model.checks:
+                text.append(" PASS " if check.passed else " FAIL ", style="green" if check.passed else "bold red")
+                text.append(f"{check.title}: {check.message}\n")
+            text.append("\n")
+        state = model.state
+        if state is not None and state.halted is not None:
+            err = state.halted
+            text.append(f"ERROR {err.type}: {err.message}\n", style="bold red")
+            if err.location:
+                text.append(f"  at {err.location}\n")
+            if err.hint:
+                text.append(f"  {err.hint}\n", style="yellow")
+            text.append("  Step on (space/n) to start the next iteration.\n\n", style="dim")
+        if not model.findings and not text:
+            self.update(Text("no findings yet", style="dim"))
+            return
+        icons = {"error": ("x ", "bold red"), "warning": ("! ", "yellow"), "info": ("i ", "cyan")}
+        for iteration, finding in model.findings:
+            icon, style = icons.get(finding.severity, ("  ", ""))
+            text.append(icon, style=style)
+            text.append(f"it {iteration}: {finding.message}\n")
+            if finding.suspects:
+                text.append(f"   suspects: {', '.join(finding.suspects)}\n", style="dim")
+            if finding.fix:
+                text.append(f"   fix: {finding.fix}\n", style="green")
+        self.update(text)
+
+
+class BugInfo(Static):
+    """The explanation of the bug under the cursor in the bug list."""
+
+    def show_bug(self, bug_id: str | None) -> None:
+        bug = BUGS_BY_ID.get(bug_id or "")
+        if bug is None:
+            self.update(Text("enter toggles the highlighted bug", style="dim"))
+            return
+        text = Text()
+        text.append(f"{bug.title} (stage {bug.stage})\n", style="bold")
+        text.append(f"You will see: {bug.symptom}\n")
+        text.append(f"Why: {bug.why}\n", style="dim")
+        text.append(f"Fix: {bug.fix}", style="green")
+        self.update(text)
+
+
+class EpochsPanel(DataTable):
+    """One row per epoch: train loss, val loss, val accuracy and an observation."""
+
+    def on_mount(self) -> None:
+        self.cursor_type = "none"
+        self.add_columns("epoch", "train loss", "val loss", "val acc", "observation")
+
+    def show(self, model: ScreenModel) -> None:
+        self.clear()
+        for row, note in model.epoch_rows():
+            accuracy = f"{row.val_accuracy:.1%}" if row.val_accuracy is not None else "-"
+            self.add_row(str(row.epoch), fmt(row.train_loss, 4), fmt(row.val_loss, 4), accuracy, note)
+
+
+class StatusLine(Static):
+    """Run speed and notices."""
+
+    def show(self, model: ScreenModel, speed_label: str, log_scale: bool) -> None:
+        text = Text(" ")
+        state = model.state
+        if model.notice:
+            text.append(model.notice + "  ", style="bold yellow")
+        if state is not None:
+            if state.finished:
+                text.append(f"done: {state.stop_reason}  ", style="bold green")
+            text.append(f"speed {speed_label}  ")
+            text.append(f"twin {'on' if state.twin else 'off'}  ")
+            text.append(f"loss axis {'log10' if log_scale else 'linear'}")
+        self.update(text)

@@ -1,0 +1,136 @@
+"""The app, driven for real with Pilot: every key, what the widgets show, errors and crashes."""
+
+from __future__ import annotations
+
+from loopscope.ui.help import HelpScreen
+from tests.conftest import FIXTURES
+from tests.ui.helpers import make_app, press_and_wait, ready, text_of, wait_until
+
+SIZE = (120, 40)
+
+
+def state(app):
+    return app.model.state
+
+
+async def test_first_frame_appears_before_the_engine_is_ready():
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        assert "starting the engine" in text_of(app, "#pipeline") or app.model.info is not None
+        await ready(pilot)
+        assert "epoch 1  iter 0" in text_of(app, "#pipeline")
+
+
+async def test_space_n_and_e_step_a_stage_an_iteration_and_an_epoch():
+    app = make_app("spirals")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "space", lambda: state(app).iteration == 1)
+        assert "[load_batch]" in text_of(app, "#pipeline")
+        assert "inputs" in str(app.query_one("#tensors").get_row_at(0)[0])
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        assert "[step]" in text_of(app, "#pipeline") and "iter 1" in text_of(app, "#pipeline")
+        assert "0.weight" in text_of(app, "#gradients") and "upd/w" in text_of(app, "#gradients")
+        await press_and_wait(pilot, "e", lambda: state(app).epoch == 2)
+        rows = app.query_one("#epochs")
+        assert rows.row_count == 1 and "%" in str(rows.get_row_at(0)[3])
+        assert "> " in text_of(app, "#code")  # the line of the stage just run is marked
+
+
+async def test_r_runs_and_pauses_and_plus_minus_change_speed():
+    app = make_app("blobs")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("minus")
+        assert "speed 100 it/s" in text_of(app, "#status")
+        await press_and_wait(pilot, "r", lambda: state(app).running and state(app).completed_iterations > 20)
+        assert "running" in text_of(app, "#pipeline")
+        await press_and_wait(pilot, "r", lambda: not state(app).running)
+        stopped_at = state(app).completed_iterations
+        assert stopped_at < 400
+        await pilot.pause(0.3)
+        assert state(app).completed_iterations == stopped_at
+        await pilot.press("plus")
+        assert "speed max" in text_of(app, "#status")
+        await press_and_wait(pilot, "r", lambda: state(app).finished)  # max speed: to the end
+        assert "done: finished 5 epochs" in text_of(app, "#status")
+        assert app.query_one("#epochs").row_count == 5
+
+
+async def test_t_twin_c_checks_l_log_and_help():
+    app = make_app("spirals", bugs=("lr_too_high",))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "t", lambda: state(app).twin)
+        assert "twin on" in text_of(app, "#status")
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        assert app.model.last_by_stage["loss"].twin_loss is not None
+        await press_and_wait(pilot, "c", lambda: app.model.checks is not None)
+        assert "Sanity checks" in text_of(app, "#diagnostics")
+        await pilot.press("l")
+        assert "loss axis log10" in text_of(app, "#status")
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_bugs_toggle_from_the_list_and_show_as_a_diff():
+    app = make_app("blobs")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_until(pilot, lambda: app.query_one("#bug-list").option_count > 0)
+        bug_list = app.query_one("#bug-list")
+        bug_list.focus()
+        bug_list.highlighted = 0  # skip_zero_grad
+        await pilot.pause(0.1)
+        assert "zero_grad() is never called" in text_of(app, "#bug-info")
+        await press_and_wait(pilot, "enter", lambda: "skip_zero_grad" in state(app).active_bugs)
+        assert "- " in text_of(app, "#code") and "1 bug on" in text_of(app, "#pipeline")
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await press_and_wait(pilot, "n", lambda: any(f.id == "stale_gradients" for _, f in app.model.findings))
+        assert "skip_zero_grad" in text_of(app, "#diagnostics")
+        await press_and_wait(pilot, "enter", lambda: state(app).active_bugs == ())
+
+
+async def test_an_error_in_the_users_model_is_shown_and_the_app_keeps_running():
+    app = make_app(str(FIXTURES / "shape_mismatch.py"))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "n", lambda: state(app).halted is not None)
+        shown = text_of(app, "#diagnostics")
+        assert "ERROR RuntimeError" in shown and "10 features but expects 7" in shown
+        assert "error" in text_of(app, "#pipeline")
+        await press_and_wait(pilot, "n", lambda: state(app).iteration == 2)  # steps on to the next iteration
+        assert app.is_running
+
+
+async def test_q_quits():
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("q")
+        await pilot.pause(0.2)
+        assert not app.is_running
+
+
+async def test_an_engine_process_that_dies_is_explained_and_can_be_restarted():
+    app = make_app(str(FIXTURES / "crashing_experiment.py"), in_process=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await press_and_wait(pilot, "n", lambda: app.model.failure is not None)
+        assert "ENGINE STOPPED" in text_of(app, "#diagnostics") and "exit code 3" in text_of(app, "#diagnostics")
+        await pilot.press("ctrl+r")
+        await ready(pilot)
+        assert app.model.failure is None and state(app).iteration == 0
+
+
+async def test_narrow_terminal_uses_one_scrolling_column():
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        assert app.screen.has_class("-narrow")
+        code, tensors = app.query_one("#code-box"), app.query_one("#tensors-box")
+        assert code.region.x == tensors.region.x  # stacked, not side by side
+        assert not code.region.overlaps(tensors.region)
