@@ -117,11 +117,7 @@ def resolve_factory(target: str) -> tuple[Callable[[], Any], str]:
         return _factory_from_file(Path(target), target)
     if ":" in target:
         return _factory_from_module(target)
-    known = ", ".join(SCENARIOS)
-    raise UserError(
-        f"unknown target {target!r}: expected a scenario ({known}), a file.py defining "
-        "experiment(), or package.module:factory"
-    )
+    raise UserError(_unknown_target(target))
 
 
 def check_target(target: str) -> None:
@@ -137,11 +133,17 @@ def check_target(target: str) -> None:
         if not module_name or not func_name:
             raise UserError(f"bad target {target!r}: expected package.module:factory")
         return
+    raise UserError(_unknown_target(target))
+
+
+def _unknown_target(target: str) -> str:
+    import difflib
+
     known = ", ".join(SCENARIOS)
-    raise UserError(
-        f"unknown target {target!r}: expected a scenario ({known}), a file.py defining "
-        "experiment(), or package.module:factory"
-    )
+    close = difflib.get_close_matches(target, [*SCENARIOS, "run", "trace", "scenarios", "check", "bugs"], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (f"unknown target {target!r}{hint}: expected a scenario ({known}), a file.py defining "
+            "experiment(), or package.module:factory")
 
 
 def _factory_from_file(path: Path, as_given: str) -> tuple[Callable[[], Any], str]:

@@ -112,7 +112,8 @@ def test_bad_targets_are_one_line_and_exit_2(name, tmp_path, capsys):
         (["trace", "blobs", "--iterations", "many"], "expected a whole number"),
         (["trace", "blobs", "--format", "xml"], "invalid choice"),
         (["trace", "blobs", "--seed", "-3"], "must be between 0"),
-        (["frobnicate"], "invalid choice"),
+        (["frobnicate"], "unknown target 'frobnicate'"),
+        (["trase"], "did you mean trace?"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args, expected, capsys):

@@ -134,3 +134,19 @@ async def test_narrow_terminal_uses_one_scrolling_column():
         code, tensors = app.query_one("#code-box"), app.query_one("#tensors-box")
         assert code.region.x == tensors.region.x  # stacked, not side by side
         assert not code.region.overlaps(tensors.region)
+
+
+async def test_a_hung_dataset_is_reported_and_ctrl_r_restarts_the_engine():
+    app = make_app(str(FIXTURES / "hanging_experiment.py"), in_process=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 2)
+        await pilot.press("n")  # the third example never arrives
+        await wait_until(pilot, lambda: "has not answered" in text_of(app, "#status"), timeout=20)
+        await pilot.press("question_mark")  # the app itself stays responsive
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.press("ctrl+r")
+        await ready(pilot)
+        assert state(app).iteration == 0 and "has not answered" not in text_of(app, "#status")

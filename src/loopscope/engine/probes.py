@@ -177,7 +177,7 @@ def update_layers(
     layers = []
     for (name, p), update, weight in zip(named_params, update_norms, weight_norms):
         # cs231n: the update/weight ratio should be around 1e-3 per parameter tensor.
-        ratio = update / weight if weight > 0 else (math.inf if update > 0 else 0.0)
+        ratio = update / weight if weight > 0 else None  # a zero tensor (a fresh bias) has no scale yet
         layers.append(
             LayerStat(
                 name=name,

@@ -29,7 +29,8 @@ from loopscope.ui.panels import (
 from loopscope.ui.plot import LossPlot
 
 FRAME_SECONDS = 0.05  # redraw at most 20 times a second, however fast the loop runs
-PLOT_SECONDS = 0.2  # the plot is the costliest widget: at most 5 redraws a second while running
+PLOT_SECONDS = 0.2
+BUSY_WARNING_SECONDS = 3.0  # silence from the engine this long means a slow or stuck stage  # the plot is the costliest widget: at most 5 redraws a second while running
 SPEEDS: tuple[float | None, ...] = (1.0, 2.0, 5.0, 20.0, 100.0, None)  # iterations per second; None: max
 NARROW_WIDTH = 110
 
@@ -47,6 +48,7 @@ class LoopscopeApp(App[None]):
 
     TITLE = "loopscope"
     CSS_PATH = "app.tcss"
+    AUTO_FOCUS = "#code-box"  # on a narrow screen the loop code is what a learner needs first
     COMMANDS = App.COMMANDS | {LoopCommands}
     # Priority: the keys mean the same thing whichever panel has focus.
     BINDINGS = [
@@ -74,6 +76,8 @@ class LoopscopeApp(App[None]):
         self._drawn_version = -1
         self._last_plot = 0.0
         self._bug_list_version: tuple[str, ...] | None = None
+        self._awaiting_since: float | None = None  # a command sent, no answer yet
+        self._busy_shown = 0
 
     # ----- layout ------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -129,10 +133,28 @@ class LoopscopeApp(App[None]):
     @on(EngineMessage)
     def _engine_message(self, message: EngineMessage) -> None:
         self.model.apply(message.payload)
+        running = self.model.state is not None and self.model.state.running
+        self._awaiting_since = time.monotonic() if running else None
+        if self._busy_shown:
+            self._busy_shown = 0
+            self.model.notice = None
 
     def send(self, command: Any) -> None:
         if self.session is None or not self.session.send(command):
             self.model.notice = "the engine is not running: press ctrl+r to restart it"
+            self.model.version += 1
+        elif self._awaiting_since is None:
+            self._awaiting_since = time.monotonic()
+
+    def _check_busy(self) -> None:
+        """The engine runs the user's code: if it goes quiet, say so and offer the way out."""
+        if self._awaiting_since is None or self.model.info is None:
+            return
+        quiet = int(time.monotonic() - self._awaiting_since)
+        if quiet >= BUSY_WARNING_SECONDS and quiet != self._busy_shown:
+            self._busy_shown = quiet
+            self.model.notice = (f"the engine has not answered for {quiet} s (a slow or stuck stage in the "
+                                 "experiment's code?): wait, or press ctrl+r to restart it")
             self.model.version += 1
 
     def on_unmount(self) -> None:
@@ -141,6 +163,7 @@ class LoopscopeApp(App[None]):
 
     # ----- drawing -----------------------------------------------------------------------
     def redraw(self, force: bool = False) -> None:
+        self._check_busy()
         model = self.model
         if model.version == self._drawn_version and not force:
             return
@@ -246,5 +269,6 @@ class LoopscopeApp(App[None]):
             self.session.stop(timeout=1.0)
         self.model = ScreenModel()
         self._bug_list_version = None
+        self._awaiting_since, self._busy_shown = None, 0
         self.redraw(force=True)
         self.start_engine()

@@ -1,0 +1,87 @@
+"""The real thing: `loopscope` in a real terminal (tmux), and the UI process free of torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+LOOPSCOPE = str(Path(sys.executable).parent / "loopscope")
+
+
+def tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
+
+
+def wait_for_pane(session: str, text: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        screen = tmux("capture-pane", "-p", "-t", session)
+        if text in screen:
+            return screen
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared; the pane shows:\n{screen}")
+
+
+@pytest.fixture
+def tmux_session():
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    name = f"loopscope-test-{os.getpid()}"
+    subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+    tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "bash --norc --noprofile")
+    yield name
+    subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+
+
+def test_loopscope_in_tmux_steps_and_quits_cleanly(tmux_session):
+    tmux("send-keys", "-t", tmux_session, f"PS1='READY$ ' {LOOPSCOPE} spirals; echo EXIT=$?", "Enter")
+    wait_for_pane(tmux_session, "iter 0")
+    tmux("send-keys", "-t", tmux_session, "n")
+    screen = wait_for_pane(tmux_session, "iter 1")
+    assert "Loop code" in screen and "[step]" in screen
+    assert "0.weight" in screen  # the gradients panel
+    tmux("send-keys", "-t", tmux_session, "r")
+    wait_for_pane(tmux_session, "running")
+    tmux("send-keys", "-t", tmux_session, "q")
+    screen = wait_for_pane(tmux_session, "EXIT=0")
+    # The terminal is restored: the app's panels are gone and the shell prints normally.
+    assert "Loop code" not in screen
+
+
+def test_a_bad_target_is_one_line_before_the_app_opens(tmux_session):
+    tmux("send-keys", "-t", tmux_session, f"{LOOPSCOPE} run nosuch.py; echo EXIT=$?", "Enter")
+    screen = wait_for_pane(tmux_session, "EXIT=2")
+    assert "loopscope: error: no such file: nosuch.py" in screen
+
+
+UI_PROCESS = """
+import asyncio, sys
+from loopscope.protocol import SessionSpec
+from loopscope.ui.app import LoopscopeApp
+
+async def main():
+    app = LoopscopeApp(SessionSpec("blobs"))
+    async with app.run_test(size=(120, 40)) as pilot:
+        while app.model.info is None:
+            await pilot.pause(0.05)
+        await pilot.press("n")
+        while app.model.state.completed_iterations < 1:
+            await pilot.pause(0.05)
+    print("torch" in sys.modules, app.model.state.completed_iterations)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_the_ui_process_never_imports_torch(tmp_path):
+    script = tmp_path / "ui_process.py"
+    script.write_text(UI_PROCESS)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False", "1"], result.stderr[-2000:]
