@@ -7,6 +7,7 @@ them (at most ~20 frames a second) and sends commands back. It never imports tor
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from textual import on
@@ -47,7 +48,7 @@ class LoopscopeApp(App[None]):
     """Step through a real training loop."""
 
     TITLE = "loopscope"
-    CSS_PATH = "app.tcss"
+    CSS_PATH = str(Path(__file__).parent / "app.tcss")  # absolute: subclasses elsewhere find it too
     AUTO_FOCUS = "#code-box"  # on a narrow screen the loop code is what a learner needs first
     COMMANDS = App.COMMANDS | {LoopCommands}
     # Priority: the keys mean the same thing whichever panel has focus.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from rich.syntax import Syntax
 from rich.text import Text
 from textual.widgets import DataTable, Static
 
@@ -12,6 +13,7 @@ from loopscope.events import StageEvent
 from loopscope.loopcode import render_loop
 from loopscope.ui.model import ScreenModel
 
+_SYNTAX = Syntax("", "python", theme="monokai", background_color="default")
 HEALTHY_RATIO = (1e-4, 1e-2)  # around cs231n's 1e-3
 TOLERABLE_RATIO = (1e-5, 1e-1)  # the diagnostics' thresholds
 
@@ -73,15 +75,21 @@ class CodePanel(Static):
         text = Text()
         for line in lines:
             marker = {"removed": "- ", "added": "+ "}.get(line.change, "  ")
-            style = ""
-            if line.change == "removed":
-                style = "red strike"
-            elif line.change == "added":
-                style = "green bold"
             if line.stage == current and line.change != "removed":
-                style += " reverse"
                 marker = "> " if not line.change else marker
-            text.append(marker + line.text + "\n", style=style.strip())
+            if line.change == "removed":
+                body = Text(line.text, style="red strike")
+            else:
+                body = _SYNTAX.highlight(line.text)
+                body.rstrip()
+                if line.change == "added":
+                    body.stylize("bold on #1f3d1f")
+            row = Text(marker, style="bold red" if line.change == "removed" else "bold green" if line.change else "bold")
+            row.append_text(body)
+            if line.stage == current and line.change != "removed":
+                row.stylize("reverse")
+            text.append_text(row)
+            text.append("\n")
         self.update(text)
 
 
