@@ -84,30 +84,26 @@ class LoopscopeApp(App[None]):
     def compose(self) -> ComposeResult:
         yield PipelineBar(id="pipeline")
         with Container(id="main"):
-            with VerticalScroll(id="code-box", classes="panel") as box:
-                box.border_title = "Loop code"
-                yield CodePanel(id="code")
-            with Vertical(id="tensors-box", classes="panel") as box:
-                box.border_title = "Tensors (this stage)"
-                yield TensorsPanel(id="tensors")
-            with VerticalScroll(id="gradients-box", classes="panel") as box:
-                box.border_title = "Gradients"
-                yield GradientsPanel(id="gradients")
-            with Vertical(id="plot-box", classes="panel") as box:
-                box.border_title = "Loss"
-                yield LossPlot(id="plot")
-            with VerticalScroll(id="diagnostics-box", classes="panel") as box:
-                box.border_title = "Diagnostics"
-                yield DiagnosticsPanel(id="diagnostics")
-            with Vertical(id="epochs-box", classes="panel") as box:
-                box.border_title = "Epochs"
-                yield EpochsPanel(id="epochs")
-            with Vertical(id="bugs-box", classes="panel") as box:
-                box.border_title = "Bugs (enter: on/off)"
-                yield SelectionList[str](id="bug-list")
-                yield BugInfo(id="bug-info")
+            for box_id, title, box_type, make_children in self._panels():
+                with box_type(id=box_id, classes="panel") as box:
+                    box.border_title = title
+                    yield from make_children()
         yield StatusLine(id="status")
         yield Footer()
+
+    @staticmethod
+    def _panels() -> tuple:
+        """(container id, title, container type, children) for each panel, in grid order."""
+        return (
+            ("code-box", "Loop code", VerticalScroll, lambda: [CodePanel(id="code")]),
+            ("tensors-box", "Tensors (this stage)", Vertical, lambda: [TensorsPanel(id="tensors")]),
+            ("gradients-box", "Gradients", VerticalScroll, lambda: [GradientsPanel(id="gradients")]),
+            ("plot-box", "Loss", Vertical, lambda: [LossPlot(id="plot")]),
+            ("diagnostics-box", "Diagnostics", VerticalScroll, lambda: [DiagnosticsPanel(id="diagnostics")]),
+            ("epochs-box", "Epochs", Vertical, lambda: [EpochsPanel(id="epochs")]),
+            ("bugs-box", "Bugs (enter: on/off)", Vertical,
+             lambda: [SelectionList[str](id="bug-list"), BugInfo(id="bug-info")]),
+        )
 
     def on_mount(self) -> None:
         self._apply_width(self.size.width)
