@@ -258,7 +258,8 @@ def _check(args: argparse.Namespace) -> int:
     else:
         width = max(len(r.title) for r in results)
         for r in results:
-            print(f"{'PASS' if r.passed else 'FAIL'}  {r.title:<{width}}  {r.message}")
+            verdict = "SKIP" if r.skipped else ("PASS" if r.passed else "FAIL")
+            print(f"{verdict}  {r.title:<{width}}  {r.message}")
     return EXIT_OK if all(r.passed for r in results) else EXIT_STAGE_ERROR
 
 

@@ -68,6 +68,7 @@ class CheckResult:
     passed: bool
     message: str
     numbers: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False  # not meaningful in this state (passed is then True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,12 @@ class EngineSession:
             self._conn.close()
         except OSError:
             pass
+        if self.log_path:
+            try:
+                os.remove(self.log_path)
+            except OSError:
+                pass
+            self.log_path = None
 
 
 @contextmanager

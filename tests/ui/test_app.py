@@ -55,6 +55,8 @@ async def test_r_runs_and_pauses_and_plus_minus_change_speed():
         await press_and_wait(pilot, "r", lambda: state(app).finished)  # max speed: to the end
         assert "done: finished 5 epochs" in text_of(app, "#status")
         assert app.query_one("#epochs").row_count == 5
+        await pilot.press("n")
+        assert "the run is over" in text_of(app, "#status")
 
 
 async def test_t_twin_c_checks_l_log_and_help():
@@ -99,9 +101,10 @@ async def test_an_error_in_the_users_model_is_shown_and_the_app_keeps_running():
         await ready(pilot)
         await press_and_wait(pilot, "n", lambda: state(app).halted is not None)
         shown = text_of(app, "#diagnostics")
-        assert "ERROR RuntimeError" in shown and "10 features but expects 7" in shown
+        assert "ERROR in iteration 1, stage forward: RuntimeError" in shown and "10 features but expects 7" in shown
         assert "error" in text_of(app, "#pipeline")
         await press_and_wait(pilot, "n", lambda: state(app).iteration == 2)  # steps on to the next iteration
+        assert "ERROR in iteration 2" in text_of(app, "#diagnostics")
         assert app.is_running
 
 

@@ -37,6 +37,7 @@ ACTIVATION_RMS = 10.0  # AUTOTRAINER / UMLAUT: mean |layer output| >= 10
 # enough that a slow but healthy start (blobs with some seeds) is not called a stall.
 WARMUP_ITERATIONS = 150
 STALLED_FRACTION = 0.97  # the last 50 losses average at least 97% of the first 20
+DIVERGING_FACTOR = 1.5  # ... or half as much again: the loss is going the wrong way
 RATIO_WINDOW = 20  # steps over which the update/weight ratio's median is judged
 REFIRE_AFTER = 200  # iterations before the same finding is reported again
 RELU_TYPES = {"ReLU", "ReLU6"}
@@ -327,7 +328,15 @@ class Diagnostics:
             ))
         if it >= WARMUP_ITERATIONS and len(self._losses) == self._losses.maxlen and self._first_losses:
             start, recent = statistics.fmean(self._first_losses), statistics.fmean(self._losses)
-            if recent >= STALLED_FRACTION * start:
+            if recent >= DIVERGING_FACTOR * start:
+                self._fire(out, it, Finding(
+                    "loss_diverging", "warning",
+                    f"the loss has grown: {start:.4g} over the first {len(self._first_losses)} iterations, "
+                    f"{recent:.4g} over the last {len(self._losses)} ({recent / start:.1f}x).",
+                    ("lr_too_high", "skip_zero_grad", "exploding_init", "unnormalized_inputs"),
+                    "Check that gradients are cleared every iteration and lower the learning rate.",
+                ))
+            elif recent >= STALLED_FRACTION * start:
                 self._fire(out, it, Finding(
                     "loss_stalled", "warning",
                     f"the loss has not fallen: {start:.4g} over the first {len(self._first_losses)} "

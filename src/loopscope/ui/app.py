@@ -19,7 +19,7 @@ from textual.widgets import Footer, SelectionList
 from textual.widgets.selection_list import Selection
 
 from loopscope.bugs import BUGS
-from loopscope.protocol import RunChecks, SessionSpec, SetBug, SetRunning, SetSpeed, SetTwin, Step
+from loopscope.protocol import Checks, Failed, RunChecks, SessionSpec, SetBug, SetRunning, SetSpeed, SetTwin, Step
 from loopscope.session import EngineSession
 from loopscope.ui.commands import LoopCommands
 from loopscope.ui.help import HelpScreen
@@ -79,6 +79,7 @@ class LoopscopeApp(App[None]):
         self._bug_list_version: tuple[str, ...] | None = None
         self._awaiting_since: float | None = None  # a command sent, no answer yet
         self._busy_shown = 0
+        self._checks_pending = False
 
     # ----- layout ------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -89,7 +90,7 @@ class LoopscopeApp(App[None]):
                     box.border_title = title
                     yield from make_children()
         yield StatusLine(id="status")
-        yield Footer()
+        yield Footer(compact=True)
 
     @staticmethod
     def _panels() -> tuple:
@@ -130,6 +131,8 @@ class LoopscopeApp(App[None]):
     @on(EngineMessage)
     def _engine_message(self, message: EngineMessage) -> None:
         self.model.apply(message.payload)
+        if isinstance(message.payload, Checks) or isinstance(message.payload, Failed):
+            self._checks_pending = False
         running = self.model.state is not None and self.model.state.running
         self._awaiting_since = time.monotonic() if running else None
         if self._busy_shown:
@@ -148,11 +151,23 @@ class LoopscopeApp(App[None]):
         if self._awaiting_since is None or self.model.info is None:
             return
         quiet = int(time.monotonic() - self._awaiting_since)
-        if quiet >= BUSY_WARNING_SECONDS and quiet != self._busy_shown:
+        if quiet != self._busy_shown and (self._checks_pending or quiet >= BUSY_WARNING_SECONDS):
             self._busy_shown = quiet
-            self.model.notice = (f"the engine has not answered for {quiet} s (a slow or stuck stage in the "
-                                 "experiment's code?): wait, or press ctrl+r to restart it")
+            if self._checks_pending:
+                self.model.notice = f"running the sanity checks on a copy of the model... {quiet} s"
+            else:
+                self.model.notice = (f"the engine has not answered for {quiet} s (a slow or stuck stage in the "
+                                     "experiment's code?): wait, or press ctrl+r to restart it")
             self.model.version += 1
+
+    def _finished(self) -> bool:
+        """True (and says so) when the run is over and a step would do nothing."""
+        state = self.model.state
+        if state is None or not state.finished:
+            return False
+        self.model.notice = f"the run is over ({state.stop_reason}); ctrl+r starts it again"
+        self.model.version += 1
+        return True
 
     def on_unmount(self) -> None:
         if self.session is not None:
@@ -166,11 +181,13 @@ class LoopscopeApp(App[None]):
             return
         self._drawn_version = model.version
         self.query_one(PipelineBar).show(model)
-        self.query_one(CodePanel).show(model)
+        self._show_code()
         self.query_one(TensorsPanel).show(model)
         self.query_one(GradientsPanel).show(model)
         self.query_one(DiagnosticsPanel).show(model)
-        self.query_one(EpochsPanel).show(model)
+        epochs = self.query_one(EpochsPanel)
+        epochs.show(model)
+        epochs.scroll_end(animate=False)
         self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
         running = model.state is not None and model.state.running
         now = time.monotonic()
@@ -178,6 +195,21 @@ class LoopscopeApp(App[None]):
             self._last_plot = now
             self.query_one(LossPlot).show(model)
         self._sync_bug_list()
+
+    def _show_code(self) -> None:
+        line = self.query_one(CodePanel).show(self.model)
+        if line is not None:
+            box = self.query_one("#code-box")
+            # Keep the line just run in view, with some context above it.
+            if not box.scrollable_content_region.height or not (
+                box.scroll_y <= line < box.scroll_y + box.scrollable_content_region.height - 1
+            ):
+                box.scroll_to(y=max(0, line - 3), animate=False)
+
+    def on_descendant_focus(self, event: Any) -> None:
+        bug_list = self.query_one("#bug-list", SelectionList)
+        if event.widget is bug_list and bug_list.highlighted is None and bug_list.option_count:
+            bug_list.highlighted = 0
 
     def _sync_bug_list(self) -> None:
         info, state = self.model.info, self.model.state
@@ -193,6 +225,8 @@ class LoopscopeApp(App[None]):
         for bug in BUGS:
             applies = bug.id in info.applicable_bugs
             label = bug.id if applies else f"{bug.id} (does not apply)"
+            if bug.id in state.active_bugs:
+                label += "  ON"
             bug_list.add_option(Selection(label, bug.id, bug.id in state.active_bugs, disabled=not applies))
         if highlighted is not None:
             bug_list.highlighted = highlighted
@@ -217,20 +251,27 @@ class LoopscopeApp(App[None]):
         self.send(SetBug(bug_id, bug_id not in active))
 
     # ----- actions: one key, one thing ---------------------------------------------------
-    def action_step_stage(self) -> None:
+    def _step(self, kind: str) -> None:
+        if self._finished():
+            return
         self.model.notice = None
-        self.send(Step("stage"))
+        self.model.checks = None  # the checks described the state before this step
+        self.send(Step(kind))
+
+    def action_step_stage(self) -> None:
+        self._step("stage")
 
     def action_step_iteration(self) -> None:
-        self.model.notice = None
-        self.send(Step("iteration"))
+        self._step("iteration")
 
     def action_step_epoch(self) -> None:
-        self.model.notice = None
-        self.send(Step("epoch"))
+        self._step("epoch")
 
     def action_toggle_run(self) -> None:
         running = self.model.state is not None and self.model.state.running
+        if not running and self._finished():
+            return
+        self.model.checks = None
         self.send(SetRunning(not running))
 
     def action_faster(self) -> None:
@@ -250,6 +291,8 @@ class LoopscopeApp(App[None]):
     def action_checks(self) -> None:
         self.model.notice = "running the sanity checks on a copy of the model..."
         self.model.version += 1
+        self._checks_pending = True
+        self._busy_shown = 0
         self.send(RunChecks())
 
     def action_toggle_log(self) -> None:
@@ -266,6 +309,6 @@ class LoopscopeApp(App[None]):
             self.session.stop(timeout=1.0)
         self.model = ScreenModel()
         self._bug_list_version = None
-        self._awaiting_since, self._busy_shown = None, 0
+        self._awaiting_since, self._busy_shown, self._checks_pending = None, 0, False
         self.redraw(force=True)
         self.start_engine()

@@ -4,36 +4,41 @@ from __future__ import annotations
 
 from functools import partial
 
-from textual.command import Hit, Hits, Provider
+from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from loopscope.bugs import BUGS_BY_ID
 
 ACTIONS = (
-    ("Step one stage", "step_stage"),
-    ("Run to the end of the iteration", "step_iteration"),
-    ("Run to the end of the epoch", "step_epoch"),
-    ("Run / pause", "toggle_run"),
-    ("Faster", "faster"),
-    ("Slower", "slower"),
-    ("Clean twin on/off", "toggle_twin"),
-    ("Sanity checks", "checks"),
-    ("Loss plot: linear/log", "toggle_log"),
-    ("Restart the engine", "restart_engine"),
-    ("Help", "help"),
-    ("Quit", "quit"),
+    ("Step one stage", "step_stage", "space"),
+    ("Run to the end of the iteration", "step_iteration", "n"),
+    ("Run to the end of the epoch", "step_epoch", "e"),
+    ("Run / pause", "toggle_run", "r"),
+    ("Faster", "faster", "+"),
+    ("Slower", "slower", "-"),
+    ("Clean twin on/off", "toggle_twin", "t"),
+    ("Sanity checks", "checks", "c"),
+    ("Loss plot: linear/log", "toggle_log", "l"),
+    ("Restart the engine", "restart_engine", "ctrl+r"),
+    ("Help", "help", "?"),
+    ("Quit", "quit", "q"),
 )
 
 
 class LoopCommands(Provider):
     """Actions and bug toggles."""
 
+    async def discover(self) -> Hits:
+        """Shown before anything is typed: every action, with its key."""
+        for title, action, key in ACTIONS:
+            yield DiscoveryHit(title, partial(self.app.run_action, action), help=f"key: {key}")
+
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
         app = self.app
-        for title, action in ACTIONS:
+        for title, action, key in ACTIONS:
             score = matcher.match(title)
             if score > 0:
-                yield Hit(score, matcher.highlight(title), partial(app.run_action, action), help=f"action: {action}")
+                yield Hit(score, matcher.highlight(title), partial(app.run_action, action), help=f"key: {key}")
         active = set(app.model.state.active_bugs) if app.model.state else set()
         applicable = app.model.info.applicable_bugs if app.model.info else ()
         for bug_id in applicable:

@@ -33,7 +33,7 @@ def help_markdown() -> str:
     keys = "\n".join(f"| `{key}` | {text} |" for key, text in KEYS)
     return f"""# loopscope
 
-A real PyTorch training loop, one stage at a time.
+A real PyTorch training loop, one stage at a time. (`escape`, `?` or `q` closes this help.)
 
 ## The stages
 
@@ -68,8 +68,11 @@ class HelpScreen(ModalScreen[None]):
     """
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll():
+        with VerticalScroll(id="help-scroll"):
             yield Markdown(help_markdown())
+
+    def on_mount(self) -> None:
+        self.query_one("#help-scroll").focus()  # arrows and page keys scroll at once
 
     def action_dismiss(self, result: None = None) -> None:
         self.dismiss(None)

@@ -45,35 +45,39 @@ class PipelineBar(Static):
         if state.halted is not None:
             mode = "error"
         # The counters come first so a narrow terminal never cuts them off.
-        text.append(f"epoch {state.epoch}  iter {state.iteration}  {info.device}  {mode}", style="bold")
+        # After an epoch's last stage the engine has moved on; show the epoch that stage belonged to.
+        epoch = model.last_event.epoch if model.last_event and current in info.epoch_end_stages else state.epoch
+        text.append(f"epoch {epoch}  iter {state.iteration}  {info.device}  {mode}", style="bold")
         if state.active_bugs:
             text.append(f"  {len(state.active_bugs)} bug{'s' if len(state.active_bugs) > 1 else ''} on",
                         style="bold red")
         text.append("  |  ", style="dim")
-        stages = list(state.iteration_stages)
-        if current is not None and current not in stages:
-            stages.append(current)  # validate, checkpoint, ... at the epoch's end
-        for i, stage in enumerate(stages):
-            if i:
-                text.append(" > ", style="dim")
-            if stage == current:
-                text.append(f"[{stage}]", style="bold reverse")
-            else:
-                text.append(stage, style="bold" if stage == state.next_stage else "")
+        for group, stages in enumerate((list(state.iteration_stages), list(info.epoch_end_stages))):
+            if group and stages:
+                text.append("  |  epoch end: ", style="dim")
+            for i, stage in enumerate(stages):
+                if i:
+                    text.append(" > ", style="dim")
+                if stage == current:
+                    text.append(f"[{stage}]", style="bold reverse")
+                else:
+                    text.append(stage, style="bold" if stage == state.next_stage else ("dim" if group else ""))
         self.update(text)
 
 
 class CodePanel(Static):
     """The loop as PyTorch code; the stage just run highlighted; active bugs as a diff."""
 
-    def show(self, model: ScreenModel) -> None:
+    def show(self, model: ScreenModel) -> int | None:
+        """Render; returns the index of the first line of the stage just run, if shown."""
         if model.info is None or model.state is None:
             self.update("")
-            return
+            return None
         current = model.last_event.stage if model.last_event else None
+        current_line = None
         lines = render_loop(model.info.options, model.state.iteration_stages, model.state.active_bugs)
-        text = Text()
-        for line in lines:
+        text = Text(no_wrap=True)
+        for index, line in enumerate(lines):
             marker = {"removed": "- ", "added": "+ "}.get(line.change, "  ")
             if line.stage == current and line.change != "removed":
                 marker = "> " if not line.change else marker
@@ -88,9 +92,12 @@ class CodePanel(Static):
             row.append_text(body)
             if line.stage == current and line.change != "removed":
                 row.stylize("reverse")
+                if current_line is None:
+                    current_line = index
             text.append_text(row)
             text.append("\n")
         self.update(text)
+        return current_line
 
 
 class TensorsPanel(DataTable):
@@ -99,10 +106,11 @@ class TensorsPanel(DataTable):
     def on_mount(self) -> None:
         self.cursor_type = "none"
         self.zebra_stripes = True
-        self.add_columns("name", "shape", "dtype", "device", "mean", "std", "note")
 
     def show(self, model: ScreenModel) -> None:
-        self.clear()
+        # Columns rebuilt each time: widths fit this stage's rows, not the widest ever seen.
+        self.clear(columns=True)
+        self.add_columns("name", "shape", "dtype", "device", "mean", "std", "note")
         event = model.last_event
         if event is None:
             return
@@ -118,7 +126,7 @@ class TensorsPanel(DataTable):
             name = f"{t.name} {t.module_type}" if t.module_type else t.name
             self.add_row(name, shape(t.shape), t.dtype, t.device, fmt(t.mean), fmt(t.std), note)
         for key, value in _stage_facts(event):
-            self.add_row(Text(key, style="dim"), "", "", "", "", "", value)
+            self.add_row(Text(key, style="dim"), value, "", "", "", "", "")
 
 
 def _stage_facts(event: StageEvent) -> list[tuple[str, str]]:
@@ -193,15 +201,20 @@ class DiagnosticsPanel(Static):
         if model.checks is not None:
             text.append("Sanity checks:\n", style="bold")
             for check in model.checks:
-                text.append(" PASS " if check.passed else " FAIL ", style="green" if check.passed else "bold red")
+                if check.skipped:
+                    text.append(" SKIP ", style="dim")
+                else:
+                    text.append(" PASS " if check.passed else " FAIL ", style="green" if check.passed else "bold red")
                 text.append(f"{check.title}: {check.message}\n")
             text.append("\n")
         state = model.state
         if state is not None and state.halted is not None:
             err = state.halted
-            text.append(f"ERROR {err.type}: {err.message}\n", style="bold red")
+            last = model.last_event
+            where = f" in iteration {last.iteration}, stage {last.stage}" if last else ""
+            text.append(f"ERROR{where}: {err.type}: {err.message}\n", style="bold red")
             if err.location:
-                text.append(f"  at {err.location}\n")
+                text.append(f"  {'' if err.location.startswith('in ') else 'at '}{err.location}\n")
             if err.hint:
                 text.append(f"  {err.hint}\n", style="yellow")
             text.append("  Step on (space/n) to start the next iteration.\n\n", style="dim")
@@ -209,7 +222,10 @@ class DiagnosticsPanel(Static):
             self.update(Text("no findings yet", style="dim"))
             return
         icons = {"error": ("x ", "bold red"), "warning": ("! ", "yellow"), "info": ("i ", "cyan")}
-        for iteration, finding in model.findings:
+        rank = {"error": 0, "warning": 1, "info": 2}
+        # Errors first (they are usually the cause), then warnings; newest first within each.
+        ordered = sorted(model.findings, key=lambda item: rank.get(item[1].severity, 3))
+        for iteration, finding in ordered:
             icon, style = icons.get(finding.severity, ("  ", ""))
             text.append(icon, style=style)
             text.append(f"it {iteration}: {finding.message}\n")
