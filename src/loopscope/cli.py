@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
@@ -14,7 +16,7 @@ from loopscope.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_messa
 from loopscope.catalog import DEFAULT_SCENARIO, SCENARIOS, STAGE_DESCRIPTIONS
 from loopscope.errors import UserError
 
-EXIT_OK, EXIT_STAGE_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_STAGE_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 COMMANDS = ("run", "trace", "scenarios", "check", "bugs")
 
 TARGET_HELP = (
@@ -159,8 +161,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived: stop like ctrl+c does, with everything written so far kept (a BaseException,
+    like KeyboardInterrupt, so no stage mistakes it for an error in the user's code)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    if args.command != "run" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "scenarios":
             return _scenarios(args.json)
@@ -179,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\nloopscope: interrupted\n")
         return EXIT_INTERRUPTED
+    except _Terminated:
+        sys.stderr.write("\nloopscope: terminated\n")
+        return EXIT_TERMINATED
     except BrokenPipeError:
         # `loopscope trace | head` closed the pipe: not an error worth a traceback.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -237,6 +253,8 @@ def _run_app(args: argparse.Namespace) -> int:
     from loopscope.ui.app import LoopscopeApp
 
     app = LoopscopeApp(SessionSpec(args.target, args.device, args.seed, tuple(args.bug), args.twin))
+    # SIGTERM quits like `q`: Textual restores the terminal and the engine process is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
     app.run()
     if app.model.failure and app.model.info is None:
         sys.stderr.write(f"loopscope: error: {app.model.failure}\n")
@@ -312,6 +330,7 @@ def _report(stepper, writer, args: argparse.Namespace) -> int:
     if stepper.stop_reason:
         summary += f" ({stepper.stop_reason})"
     sys.stderr.write(summary + "\n")
+    _report_findings(stepper)
     if stepper.halted is not None:
         err = stepper.halted
         last_event = stepper.history.last()
@@ -324,6 +343,20 @@ def _report(stepper, writer, args: argparse.Namespace) -> int:
             sys.stderr.write(f"loopscope: hint: {err.hint}\n")
         return EXIT_STAGE_ERROR
     return EXIT_OK
+
+
+def _report_findings(stepper) -> None:
+    """Each finding once, with the iteration it first appeared, so a long trace ends with its verdict."""
+    if stepper.diagnostics is None:
+        return
+    first: dict[str, tuple[int, object]] = {}
+    for iteration, finding in stepper.diagnostics.all_findings:
+        # Stage errors are reported on their own below.
+        if finding.severity != "info" and finding.id != "stage_error" and finding.id not in first:
+            first[finding.id] = (iteration, finding)
+    for iteration, finding in sorted(first.values(), key=lambda item: item[0]):
+        suspects = f" [suspects: {', '.join(finding.suspects)}]" if finding.suspects else ""
+        sys.stderr.write(f"loopscope: {finding.severity} at iteration {iteration}: {finding.message}{suspects}\n")
 
 
 class _Progress:

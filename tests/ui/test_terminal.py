@@ -85,3 +85,16 @@ def test_the_ui_process_never_imports_torch(tmp_path):
     script.write_text(UI_PROCESS)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["False", "1"], result.stderr[-2000:]
+
+
+def test_sigterm_quits_the_app_and_restores_the_terminal(tmux_session):
+    tmux("send-keys", "-t", tmux_session, f"{LOOPSCOPE} blobs --seed 7; echo EXIT=$?", "Enter")
+    wait_for_pane(tmux_session, "iter 0")
+    tmux("send-keys", "-t", tmux_session, "r")
+    wait_for_pane(tmux_session, "running")
+    subprocess.run(["pkill", "-TERM", "-f", "loopscope blobs --seed 7"], check=True)
+    screen = wait_for_pane(tmux_session, "EXIT=0")
+    assert "Loop code" not in screen  # the app's screen is gone: the terminal is back to the shell
+    time.sleep(1.0)
+    engines = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout
+    assert engines.strip() == ""  # and the engine process went with it

@@ -59,7 +59,7 @@ class Diagnostics:
         self.stepper = stepper
         self.features = stepper.features
         self.loss_name = type(stepper.experiment.loss_fn).__name__
-        self.all_findings: list[tuple[int, Finding]] = []
+        self.all_findings: deque[tuple[int, Finding]] = deque(maxlen=1000)  # bounded over long runs
         self._last_fired: dict[str, int] = {}
         self._losses: deque[float] = deque(maxlen=50)
         self._first_losses: list[float] = []

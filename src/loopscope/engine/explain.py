@@ -15,7 +15,8 @@ _HINTS: tuple[tuple[str, str], ...] = (
         "dimension and the layer's in_features must match",
     ),
     (
-        r"Expected all tensors to be on the same device|type \(torch\.cuda\.|type \(torch\.mps",
+        r"Expected all tensors to be on the same device|type \(torch\.cuda\.|type \(torch\.mps"
+        r"|not on the expected device",
         "tensors on different devices met: move the batch to the model's device with x.to(device)",
     ),
     (
@@ -62,7 +63,21 @@ _HINTS: tuple[tuple[str, str], ...] = (
 )
 
 
-def explain(exc: BaseException, module: str | None = None) -> StageError:
+class LoopError(Exception):
+    """A problem the loop itself found (an empty loader, say): its message is the explanation."""
+
+
+# When no message pattern matches: what failing at this stage usually means.
+_STAGE_HINTS = {
+    "load_batch": "the data loader raised while producing this batch (your Dataset's __getitem__, "
+                  "its transform, or the collate function)",
+    "forward": "the model raised during its forward pass",
+    "loss": "the loss function raised: check the shapes and dtypes of outputs and targets",
+    "validate": "validation raised: the validation data or the model's eval-mode path failed",
+}
+
+
+def explain(exc: BaseException, module: str | None = None, stage: str | None = None) -> StageError:
     """Type, message, the innermost frame of user code, and a plain hint when one is known."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = None
@@ -71,6 +86,8 @@ def explain(exc: BaseException, module: str | None = None) -> StageError:
         if match:
             hint = text.format(*match.groups())
             break
+    if hint is None and stage is not None and not isinstance(exc, LoopError):
+        hint = _STAGE_HINTS.get(stage)
     location = user_frame(exc)
     if module is not None:
         # Built-in layers have no user frame; the module that raised is the useful pointer.

@@ -22,7 +22,7 @@ from torch import nn
 
 from loopscope.engine import probes
 from loopscope.engine.batches import batch_size, call_model, primary_output, split_batch, to_device
-from loopscope.engine.explain import explain
+from loopscope.engine.explain import LoopError, explain
 from loopscope.engine.features import experiment_features
 from loopscope.engine.inject import BugInjector
 from loopscope.engine.twin import CleanTwin, rng_state
@@ -296,8 +296,14 @@ class Stepper:
                 return self._run("load_batch", batch=batch, start=start)
             if self._batches_this_epoch == 0:
                 self.iteration += 1
+                loader = self.experiment.train_loader
                 self._train_iter = None
-                error = ValueError("the training loader yielded no batches in this epoch")
+                error = LoopError("the training loader yielded no batches in this epoch")
+                if self.epoch > 1 and iter(loader) is loader:
+                    error = LoopError(
+                        "the training loader is an iterator (a generator, say) that the first epoch used "
+                        "up: pass a DataLoader, a list, or an object whose __iter__ starts afresh"
+                    )
                 return self._finish("load_batch", _Record(), start, error)
             # The loader is exhausted: this epoch is over.
             self._train_iter = None
@@ -387,7 +393,7 @@ class Stepper:
         duration_ms = (time.perf_counter() - start) * 1000.0
         error = None
         if exc is not None:
-            error = explain(exc, module=self._failing_module)
+            error = explain(exc, module=self._failing_module, stage=stage)
             self._failing_module = None
             self.halted = error
             self._queue.clear()
@@ -630,7 +636,7 @@ class Stepper:
                 self.model.train()
         record.metrics["builds_graph"] = builds_graph
         if examples == 0:
-            raise ValueError("the validation loader yielded no batches")
+            raise LoopError("the validation loader yielded no batches")
         val_loss = total_loss.item() / examples
         self._last_val_loss = val_loss
         record.metrics["val_loss"] = val_loss
