@@ -153,3 +153,14 @@ async def test_a_hung_dataset_is_reported_and_ctrl_r_restarts_the_engine():
         await pilot.press("ctrl+r")
         await ready(pilot)
         assert state(app).iteration == 0 and "has not answered" not in text_of(app, "#status")
+
+
+async def test_a_click_switches_a_bug():
+    app = make_app("blobs")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_until(pilot, lambda: app.query_one("#bug-list").option_count > 0)
+        bug_list = app.query_one("#bug-list")
+        await pilot.click("#bug-list", offset=(4, 0))  # the first row: skip_zero_grad
+        await wait_until(pilot, lambda: "skip_zero_grad" in state(app).active_bugs)
+        assert bug_list.selected == ["skip_zero_grad"]

@@ -50,7 +50,7 @@ class ScreenModel:
         self.findings: deque[tuple[int, Finding]] = deque(maxlen=100)
         self.loss = Series(4096)
         self.twin_loss = Series(4096)
-        self.val_loss: list[tuple[int, float]] = []
+        self.val_loss = Series(4096)
         self.epochs: dict[int, EpochRow] = {}
         self.checks: tuple[CheckResult, ...] | None = None
         self.failure: str | None = None  # the engine stopped or could not start
@@ -91,14 +91,16 @@ class ScreenModel:
                 row.val_loss = event.metrics.get("val_loss")
                 row.val_accuracy = event.metrics.get("val_accuracy")
                 if row.val_loss is not None:
-                    self.val_loss.append((event.iteration, row.val_loss))
+                    self.val_loss.add(event.iteration, row.val_loss)
 
-    def epoch_rows(self) -> list[tuple[EpochRow, str]]:
-        rows, previous = [], None
-        for epoch in sorted(self.epochs):
-            row = self.epochs[epoch]
+    def epoch_rows(self, start: int = 0) -> list[tuple[EpochRow, str]]:
+        """Rows from the `start`-th epoch on, each with its observation (cheap for the last few)."""
+        ordered = sorted(self.epochs)
+        rows = []
+        for index in range(start, len(ordered)):
+            previous = self.epochs[ordered[index - 1]] if index > 0 else None
+            row = self.epochs[ordered[index]]
             rows.append((row, observe(previous, row)))
-            previous = row
         return rows
 
 

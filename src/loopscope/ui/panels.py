@@ -6,6 +6,7 @@ import math
 
 from rich.syntax import Syntax
 from rich.text import Text
+from textual.coordinate import Coordinate
 from textual.widgets import DataTable, Static
 
 from loopscope.bugs import BUGS_BY_ID
@@ -260,10 +261,21 @@ class EpochsPanel(DataTable):
         self.add_columns("epoch", "train loss", "val loss", "val acc", "observation")
 
     def show(self, model: ScreenModel) -> None:
-        self.clear()
-        for row, note in model.epoch_rows():
+        # Only the last two rows can change (the running epoch and its predecessor's observation):
+        # rebuilding every row each frame made long runs redraw slower and slower.
+        existing = self.row_count
+        if existing > len(model.epochs):  # a restarted engine
+            self.clear()
+            existing = 0
+        start = max(0, existing - 2)
+        for index, (row, note) in enumerate(model.epoch_rows(start), start):
             accuracy = f"{row.val_accuracy:.1%}" if row.val_accuracy is not None else "-"
-            self.add_row(str(row.epoch), fmt(row.train_loss, 4), fmt(row.val_loss, 4), accuracy, note)
+            values = (str(row.epoch), fmt(row.train_loss, 4), fmt(row.val_loss, 4), accuracy, note)
+            if index < existing:
+                for column, value in enumerate(values):
+                    self.update_cell_at(Coordinate(index, column), value)
+            else:
+                self.add_row(*values)
 
 
 class StatusLine(Static):

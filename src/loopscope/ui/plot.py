@@ -42,7 +42,7 @@ class LossPlot(PlotextPlot):
         for name, points, marker in (
             ("train", _series_points(model.loss), "braille"),
             ("clean twin", _series_points(model.twin_loss), "braille"),
-            ("val", model.val_loss, "hd"),
+            ("val", _series_points(model.val_loss), "hd"),
         ):
             xs, ys = _finite(points, self.log_scale)
             xs, ys = downsample(xs, ys, limit)
