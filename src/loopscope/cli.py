@@ -17,7 +17,7 @@ from loopscope.catalog import DEFAULT_SCENARIO, SCENARIOS, STAGE_DESCRIPTIONS
 from loopscope.errors import UserError
 
 EXIT_OK, EXIT_STAGE_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-COMMANDS = ("run", "trace", "scenarios", "check", "bugs")
+COMMANDS = ("run", "trace", "scenarios", "check", "bugs", "demo", "serve")
 
 TARGET_HELP = (
     "a built-in scenario (" + ", ".join(SCENARIOS) + f"; default {DEFAULT_SCENARIO}), "
@@ -40,6 +40,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {value}")
     return value
 
 
@@ -138,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed (default: 0)")
     check.add_argument("--json", action="store_true", help="print JSON for machines")
 
+    demo = commands.add_parser(
+        "demo", help="play a scripted lecture demo (demos/*.toml) in the app",
+        description="Play a scripted demo: right arrow or space runs the next step, left arrow goes back, "
+        "escape leaves the script to explore freely.",
+    )
+    demo.add_argument("file", help="a demo TOML file, e.g. demos/02_forgetting_zero_grad.toml")
+    demo.add_argument("--check", action="store_true", help="only validate the file (exit 0 if it is playable)")
+    demo.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
+
+    serve = commands.add_parser(
+        "serve", help="serve the app in a web browser (for a projector), on 127.0.0.1",
+        description="Serve `loopscope run` (or a demo) in the browser with textual-serve, on 127.0.0.1 only.",
+    )
+    _add_run_arguments(serve)
+    serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    serve.add_argument("--demo", metavar="FILE", help="serve this demo instead of a free run")
+
     bugs = commands.add_parser(
         "bugs", help="list the bugs loopscope can inject, or explain one",
         description="The catalog of classic training-loop bugs: what changes, what you will see, why, "
@@ -181,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bugs(args.bug, args.json)
         if args.command == "check":
             return _check(args)
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "trace":
             return _trace(args)
         if args.command == "run":
@@ -259,6 +290,52 @@ def _run_app(args: argparse.Namespace) -> int:
     if app.model.failure and app.model.info is None:
         sys.stderr.write(f"loopscope: error: {app.model.failure}\n")
         return EXIT_USAGE
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from loopscope.demo import DemoError, load_demo
+
+    try:
+        demo = load_demo(args.file)
+    except DemoError as exc:
+        raise UserError(str(exc)) from exc
+    if args.check:
+        questions = sum(1 for step in demo.steps if step.ask)
+        print(f"{args.file}: ok: {demo.title!r}, {len(demo.steps)} steps, {questions} question(s), "
+              f"scenario {demo.target}")
+        return EXIT_OK
+    from loopscope.protocol import SessionSpec
+    from loopscope.ui.app import LoopscopeApp
+
+    app = LoopscopeApp(SessionSpec(demo.target, args.device, demo.seed, demo.bugs, demo.twin), demo=demo)
+    signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
+    app.run()
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import shlex
+
+    from loopscope.experiment import check_target
+
+    if args.demo:
+        from loopscope.demo import DemoError, load_demo
+
+        try:
+            load_demo(args.demo)
+        except DemoError as exc:
+            raise UserError(str(exc)) from exc
+        command = [sys.executable, "-m", "loopscope", "demo", args.demo, "--device", args.device]
+    else:
+        check_target(args.target)
+        command = [sys.executable, "-m", "loopscope", "run", args.target, "--device", args.device,
+                   "--seed", str(args.seed), *[f"--bug={b}" for b in args.bug], *(["--twin"] if args.twin else [])]
+    from textual_serve.server import Server
+
+    print(f"loopscope: serving on http://127.0.0.1:{args.port} (ctrl+c stops)", flush=True)
+    # Loopback only: a lecture laptop should not expose a Python process to the room's network.
+    Server(shlex.join(command), host="127.0.0.1", port=args.port, title="loopscope").serve()
     return EXIT_OK
 
 

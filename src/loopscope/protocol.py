@@ -36,6 +36,13 @@ class SetRunning:
 
 
 @dataclass(frozen=True)
+class RunIterations:
+    """Run this many more iterations, then pause (a demo's `run N`)."""
+
+    count: int
+
+
+@dataclass(frozen=True)
 class SetSpeed:
     """Iterations per second while running; None means as fast as possible."""
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from loopscope.errors import UserError
 from loopscope.protocol import (
-    Checks, EngineState, Failed, Ready, RunChecks, SessionInfo, SessionSpec, SetBug, SetRunning,
-    SetSpeed, SetTwin, Shutdown, Step, Update,
+    Checks, EngineState, Failed, Ready, RunChecks, RunIterations, SessionInfo, SessionSpec, SetBug,
+    SetRunning, SetSpeed, SetTwin, Shutdown, Step, Update,
 )
 
 FRAME_SECONDS = 0.05  # the UI redraws at most 20 times a second; send no more often than that
@@ -32,6 +32,7 @@ class EngineServer:
         self._last_frame = 0.0
         self._rate_window: list[tuple[float, int]] = []
         self._iteration_seconds = 0.0
+        self.run_until: int | None = None  # completed-iteration count at which running pauses
 
     # ----- start ------------------------------------------------------------------------
     def start(self) -> bool:
@@ -134,7 +135,14 @@ class EngineServer:
                 if s.halted is not None:
                     s.resume()  # stepping on after an error starts a fresh iteration
                 {"stage": s.step_stage, "iteration": s.run_iteration, "epoch": s.run_epoch}[command.kind]()
+            elif isinstance(command, RunIterations):
+                self.run_until = s.completed_iterations + command.count
+                self.running = not s.finished
+                if s.halted is not None:
+                    s.resume()
+                self._rate_window = [(time.monotonic(), s.completed_iterations)]
             elif isinstance(command, SetRunning):
+                self.run_until = None
                 self.running = command.on and not s.finished
                 if self.running and s.halted is not None:
                     s.resume()
@@ -168,6 +176,9 @@ class EngineServer:
             self._rate_window = self._rate_window[-50:]
             if s.finished or s.halted is not None:
                 break
+            if self.run_until is not None and s.completed_iterations >= self.run_until and s.at_boundary:
+                self.running, self.run_until = False, None
+                break
             if self.speed is not None:
                 pause = 1.0 / self.speed - elapsed
                 if pause > 0:
@@ -175,7 +186,8 @@ class EngineServer:
                 break
             if time.monotonic() >= frame_due or self.conn.poll():
                 break
-        if time.monotonic() >= frame_due or self.speed is not None or s.finished or s.halted is not None:
+        if (time.monotonic() >= frame_due or self.speed is not None or s.finished or s.halted is not None
+                or not self.running):
             self._flush()
 
 

@@ -19,11 +19,15 @@ from textual.widgets import Footer, SelectionList
 from textual.widgets.selection_list import Selection
 
 from loopscope.bugs import BUGS
-from loopscope.protocol import Checks, Failed, RunChecks, SessionSpec, SetBug, SetRunning, SetSpeed, SetTwin, Step
+from loopscope.demo import Demo
+from loopscope.protocol import (
+    Checks, Failed, RunChecks, RunIterations, SessionSpec, SetBug, SetRunning, SetSpeed, SetTwin, Step,
+)
 from loopscope.session import EngineSession
 from loopscope.ui.commands import LoopCommands
 from loopscope.ui.help import HelpScreen
 from loopscope.ui.model import ScreenModel
+from loopscope.ui.narration import NarrationBar, metric
 from loopscope.ui.panels import (
     BugInfo, CodePanel, DiagnosticsPanel, EpochsPanel, GradientsPanel, PipelineBar, StatusLine, TensorsPanel,
 )
@@ -63,14 +67,26 @@ class LoopscopeApp(App[None]):
         Binding("c", "checks", "checks", priority=True),
         Binding("l", "toggle_log", "log", priority=True),
         Binding("question_mark", "help", "help", key_display="?", priority=True),
+        Binding("s", "save_svg", "save svg", priority=True),
         Binding("ctrl+r", "restart_engine", "restart", show=False, priority=True),
         Binding("q", "quit", "quit", priority=True),
+        # Demo mode only (check_action lets the keys through to the panels otherwise).
+        Binding("right", "demo_next", "next", key_display="→", priority=True),
+        Binding("left", "demo_back", "back", key_display="←", priority=True),
+        Binding("escape", "demo_toggle", "script/explore"),
+        *(Binding(str(n), f"demo_choose({n - 1})", show=False, priority=True) for n in range(1, 5)),
     ]
 
-    def __init__(self, spec: SessionSpec, in_process: bool = False) -> None:
+    def __init__(self, spec: SessionSpec, in_process: bool = False, demo: Demo | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.in_process = in_process
+        self.demo = demo
+        self.demo_index = -1  # -1: the title card
+        self.demo_ran: set[int] = set()
+        self.demo_choices: dict[int, int] = {}
+        self.demo_before: dict[int, float | None] = {}
+        self.scripted = demo is not None
         self.model = ScreenModel()
         self.session: EngineSession | None = None
         self.speed_index = len(SPEEDS) - 1
@@ -84,6 +100,8 @@ class LoopscopeApp(App[None]):
     # ----- layout ------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield PipelineBar(id="pipeline")
+        if self.demo is not None:
+            yield NarrationBar(id="narration")
         with Container(id="main"):
             for box_id, title, box_type, make_children in self._panels():
                 with box_type(id=box_id, classes="panel") as box:
@@ -189,6 +207,10 @@ class LoopscopeApp(App[None]):
         epochs.show(model)
         epochs.scroll_end(animate=False)
         self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
+        if self.demo is not None:
+            self.query_one(NarrationBar).show(self.demo, self.demo_index, self.demo_ran,
+                                              self.demo_choices.get(self.demo_index), self.demo_before,
+                                              model, self.scripted)
         running = model.state is not None and model.state.running
         now = time.monotonic()
         if force or not running or now - self._last_plot >= PLOT_SECONDS:
@@ -259,6 +281,9 @@ class LoopscopeApp(App[None]):
         self.send(Step(kind))
 
     def action_step_stage(self) -> None:
+        if self.scripted:
+            self.action_demo_next()  # space advances the script, as the right arrow does
+            return
         self._step("stage")
 
     def action_step_iteration(self) -> None:
@@ -303,6 +328,63 @@ class LoopscopeApp(App[None]):
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
+
+    # ----- demo mode -----------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action.startswith("demo_"):
+            if self.demo is None:
+                return False
+            if action != "demo_toggle" and not self.scripted:
+                return False
+        return True
+
+    def action_demo_next(self) -> None:
+        demo = self.demo
+        if demo is None or self.model.info is None:
+            return
+        if self.demo_index >= 0 and self.demo_index not in self.demo_ran:
+            self._run_demo_step(self.demo_index)  # a question was on screen: now it runs
+        elif self.demo_index < len(demo.steps) - 1:
+            self.demo_index += 1
+            if not demo.steps[self.demo_index].ask and self.demo_index not in self.demo_ran:
+                self._run_demo_step(self.demo_index)
+        self.model.version += 1
+
+    def action_demo_back(self) -> None:
+        # Back in the script: the narration, not the loop (what ran stays run).
+        self.demo_index = max(-1, self.demo_index - 1)
+        self.model.version += 1
+
+    def action_demo_toggle(self) -> None:
+        self.scripted = not self.scripted
+        self.model.version += 1
+
+    def action_demo_choose(self, option: int) -> None:
+        step = self.demo.steps[self.demo_index] if self.demo and self.demo_index >= 0 else None
+        if step is not None and step.ask and option < len(step.options) and self.demo_index not in self.demo_ran:
+            self.demo_choices[self.demo_index] = option
+            self.model.version += 1
+
+    def _run_demo_step(self, index: int) -> None:
+        step = self.demo.steps[index]
+        self.demo_ran.add(index)
+        if step.reveal:
+            self.demo_before[index] = metric(self.model, step.reveal)
+        self.model.notice = None
+        if step.action in ("stage", "iteration", "epoch"):
+            self.send(Step(step.action))
+        elif step.action == "run":
+            self.send(RunIterations(int(step.argument)))
+        elif step.action in ("bug on", "bug off"):
+            self.send(SetBug(str(step.argument), step.action == "bug on"))
+        elif step.action in ("twin on", "twin off"):
+            self.send(SetTwin(step.action == "twin on"))
+
+    def action_save_svg(self) -> None:
+        """The screen as an SVG, for slides."""
+        path = self.save_screenshot(path=".", filename=f"loopscope-{time.strftime('%Y%m%d-%H%M%S')}.svg")
+        self.model.notice = f"saved {path}"
+        self.model.version += 1
 
     def action_restart_engine(self) -> None:
         if self.session is not None:

@@ -18,6 +18,7 @@ ACTIONS = (
     ("Clean twin on/off", "toggle_twin", "t"),
     ("Sanity checks", "checks", "c"),
     ("Loss plot: linear/log", "toggle_log", "l"),
+    ("Save the screen as SVG", "save_svg", "s"),
     ("Restart the engine", "restart_engine", "ctrl+r"),
     ("Help", "help", "?"),
     ("Quit", "quit", "q"),

@@ -80,7 +80,8 @@ class CodePanel(Static):
         text = Text(no_wrap=True)
         for index, line in enumerate(lines):
             marker = {"removed": "- ", "added": "+ "}.get(line.change, "  ")
-            if line.stage == current and line.change != "removed":
+            is_current = current is not None and line.stage == current and line.change != "removed"
+            if is_current:
                 marker = "> " if not line.change else marker
             if line.change == "removed":
                 body = Text(line.text, style="red strike")
@@ -91,7 +92,7 @@ class CodePanel(Static):
                     body.stylize("bold on #1f3d1f")
             row = Text(marker, style="bold red" if line.change == "removed" else "bold green" if line.change else "bold")
             row.append_text(body)
-            if line.stage == current and line.change != "removed":
+            if is_current:
                 row.stylize("reverse")
                 if current_line is None:
                     current_line = index
