@@ -134,3 +134,28 @@ class Failed:
 
     message: str
     fatal: bool = True
+
+
+@dataclass(frozen=True)
+class SetPicture:
+    """Send pictures of what the model has learned (decision boundary or fitted curve)."""
+
+    on: bool
+
+
+@dataclass(frozen=True)
+class Picture:
+    """What the model computes over its input space, for 2-D classifiers and 1-D regressions.
+
+    kind "boundary": `grid[row][col]` is the predicted class over x_range x y_range (row 0 at the
+    bottom); kind "curve": `curve` is (x, prediction). `points` are recent training examples as
+    (x, y, label) for a boundary, (x, target) for a curve.
+    """
+
+    kind: str
+    iteration: int
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+    grid: tuple[tuple[int, ...], ...] = ()
+    curve: tuple[tuple[float, float], ...] = ()
+    points: tuple[tuple[float, ...], ...] = ()

@@ -164,3 +164,28 @@ async def test_a_click_switches_a_bug():
         await pilot.click("#bug-list", offset=(4, 0))  # the first row: skip_zero_grad
         await wait_until(pilot, lambda: "skip_zero_grad" in state(app).active_bugs)
         assert bug_list.selected == ["skip_zero_grad"]
+
+
+async def test_p_switches_the_plot_to_a_picture_of_the_model():
+    app = make_app("spirals")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("p")
+        assert app.query_one("#picture").display and not app.query_one("#plot").display
+        await press_and_wait(pilot, "n", lambda: app.model.picture is not None)
+        assert app.model.picture.kind == "boundary"
+        assert "Picture" in app.query_one("#plot-box").border_title
+        await pilot.press("p")
+        assert app.query_one("#plot").display
+
+
+async def test_s_saves_the_screen_as_svg(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = make_app("blobs")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("s")
+        await pilot.pause(0.2)
+        saved = list(tmp_path.glob("loopscope-*.svg"))
+        assert len(saved) == 1 and "<svg" in saved[0].read_text()[:500]
+        assert "saved" in text_of(app, "#status")

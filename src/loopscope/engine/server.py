@@ -13,8 +13,10 @@ from typing import Any
 from loopscope.errors import UserError
 from loopscope.protocol import (
     Checks, EngineState, Failed, Ready, RunChecks, RunIterations, SessionInfo, SessionSpec, SetBug,
-    SetRunning, SetSpeed, SetTwin, Shutdown, Step, Update,
+    SetPicture, SetRunning, SetSpeed, SetTwin, Shutdown, Step, Update,
 )
+
+PICTURE_SECONDS = 0.5  # a picture costs a forward pass over a grid: at most two a second
 
 FRAME_SECONDS = 0.05  # the UI redraws at most 20 times a second; send no more often than that
 KEEP_WHEN_UNPROBED = ("validate", "checkpoint", "early_stop", "scheduler")
@@ -33,6 +35,8 @@ class EngineServer:
         self._rate_window: list[tuple[float, int]] = []
         self._iteration_seconds = 0.0
         self.run_until: int | None = None  # completed-iteration count at which running pauses
+        self.pictures = None  # a PictureMaker while the UI shows pictures
+        self._last_picture = 0.0
 
     # ----- start ------------------------------------------------------------------------
     def start(self) -> bool:
@@ -96,6 +100,8 @@ class EngineServer:
 
     # ----- events ----------------------------------------------------------------------
     def _collect(self, event: Any) -> None:
+        if self.pictures is not None and event.stage == "load_batch" and event.error is None:
+            self.pictures.remember_batch()
         if event.stage == "loss":
             self._losses.append((event.iteration, event.epoch, event.loss, event.twin_loss))
         if self.stepper.probe or event.stage in KEEP_WHEN_UNPROBED or event.diagnostics or event.error:
@@ -105,6 +111,11 @@ class EngineServer:
         self.conn.send(Update(tuple(self._events), tuple(self._losses), self._state()))
         self._events, self._losses = [], []
         self._last_frame = time.monotonic()
+        if self.pictures is not None and (not self.running or self._last_frame - self._last_picture >= PICTURE_SECONDS):
+            self._last_picture = self._last_frame
+            picture = self.pictures.make()
+            if picture is not None:
+                self.conn.send(picture)
 
     # ----- loop ------------------------------------------------------------------------
     def serve(self) -> None:
@@ -153,6 +164,10 @@ class EngineServer:
                 s.set_bug(command.bug_id, command.on)
             elif isinstance(command, SetTwin):
                 s.set_twin(command.on)
+            elif isinstance(command, SetPicture):
+                from loopscope.engine.pictures import PictureMaker
+
+                self.pictures = PictureMaker(s) if command.on else None
             elif isinstance(command, RunChecks):
                 from loopscope.engine.checks import run_checks
 

@@ -21,7 +21,8 @@ from textual.widgets.selection_list import Selection
 from loopscope.bugs import BUGS
 from loopscope.demo import Demo
 from loopscope.protocol import (
-    Checks, Failed, RunChecks, RunIterations, SessionSpec, SetBug, SetRunning, SetSpeed, SetTwin, Step,
+    Checks, Failed, RunChecks, RunIterations, SessionSpec, SetBug, SetPicture, SetRunning, SetSpeed, SetTwin,
+    Step,
 )
 from loopscope.session import EngineSession
 from loopscope.ui.commands import LoopCommands
@@ -31,7 +32,7 @@ from loopscope.ui.narration import NarrationBar, metric
 from loopscope.ui.panels import (
     BugInfo, CodePanel, DiagnosticsPanel, EpochsPanel, GradientsPanel, PipelineBar, StatusLine, TensorsPanel,
 )
-from loopscope.ui.plot import LossPlot
+from loopscope.ui.plot import LossPlot, PicturePlot
 
 FRAME_SECONDS = 0.05  # redraw at most 20 times a second, however fast the loop runs
 PLOT_SECONDS = 0.2
@@ -67,6 +68,7 @@ class LoopscopeApp(App[None]):
         Binding("c", "checks", "checks", priority=True),
         Binding("l", "toggle_log", "log", priority=True),
         Binding("question_mark", "help", "help", key_display="?", priority=True),
+        Binding("p", "toggle_picture", "picture", priority=True),
         Binding("s", "save_svg", "save svg", priority=True),
         Binding("ctrl+r", "restart_engine", "restart", show=False, priority=True),
         Binding("q", "quit", "quit", priority=True),
@@ -87,6 +89,7 @@ class LoopscopeApp(App[None]):
         self.demo_choices: dict[int, int] = {}
         self.demo_before: dict[int, float | None] = {}
         self.scripted = demo is not None
+        self.showing_picture = False
         self.model = ScreenModel()
         self.session: EngineSession | None = None
         self.speed_index = len(SPEEDS) - 1
@@ -117,7 +120,7 @@ class LoopscopeApp(App[None]):
             ("code-box", "Loop code", VerticalScroll, lambda: [CodePanel(id="code")]),
             ("tensors-box", "Tensors (this stage)", Vertical, lambda: [TensorsPanel(id="tensors")]),
             ("gradients-box", "Gradients", VerticalScroll, lambda: [GradientsPanel(id="gradients")]),
-            ("plot-box", "Loss", Vertical, lambda: [LossPlot(id="plot")]),
+            ("plot-box", "Loss (p: picture)", Vertical, lambda: [LossPlot(id="plot"), PicturePlot(id="picture")]),
             ("diagnostics-box", "Diagnostics", VerticalScroll, lambda: [DiagnosticsPanel(id="diagnostics")]),
             ("epochs-box", "Epochs", Vertical, lambda: [EpochsPanel(id="epochs")]),
             ("bugs-box", "Bugs (enter: on/off)", Vertical,
@@ -125,6 +128,7 @@ class LoopscopeApp(App[None]):
         )
 
     def on_mount(self) -> None:
+        self.query_one(PicturePlot).display = False
         self._apply_width(self.size.width)
         self.redraw(force=True)
         self.set_interval(FRAME_SECONDS, self.redraw)
@@ -215,7 +219,10 @@ class LoopscopeApp(App[None]):
         now = time.monotonic()
         if force or not running or now - self._last_plot >= PLOT_SECONDS:
             self._last_plot = now
-            self.query_one(LossPlot).show(model)
+            if self.showing_picture:
+                self.query_one(PicturePlot).show(model)
+            else:
+                self.query_one(LossPlot).show(model)
         self._sync_bug_list()
 
     def _show_code(self) -> None:
@@ -323,6 +330,15 @@ class LoopscopeApp(App[None]):
     def action_toggle_log(self) -> None:
         plot = self.query_one(LossPlot)
         plot.log_scale = not plot.log_scale
+        self.redraw(force=True)
+
+    def action_toggle_picture(self) -> None:
+        """Switch the plot panel between the loss and a picture of what the model has learned."""
+        self.showing_picture = not self.showing_picture
+        self.query_one(LossPlot).display = not self.showing_picture
+        self.query_one(PicturePlot).display = self.showing_picture
+        self.query_one("#plot-box").border_title = "Picture (p: loss)" if self.showing_picture else "Loss (p: picture)"
+        self.send(SetPicture(self.showing_picture))
         self.redraw(force=True)
 
     def action_help(self) -> None:

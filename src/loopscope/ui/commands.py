@@ -19,6 +19,7 @@ ACTIONS = (
     ("Sanity checks", "checks", "c"),
     ("Loss plot: linear/log", "toggle_log", "l"),
     ("Save the screen as SVG", "save_svg", "s"),
+    ("Plot: loss / picture of the model", "toggle_picture", "p"),
     ("Restart the engine", "restart_engine", "ctrl+r"),
     ("Help", "help", "?"),
     ("Quit", "quit", "q"),

@@ -19,6 +19,7 @@ KEYS = (
     ("t", "clean twin on/off (trains a correct copy beside a bug)"),
     ("c", "sanity checks on a copy of the model"),
     ("l", "loss plot: linear / log10 axis"),
+    ("p", "plot panel: loss / picture (decision boundary, or predictions vs targets)"),
     ("s", "save the screen as an SVG (for slides)"),
     ("right / left", "in a demo: next step / back"),
     ("1-4", "in a demo: record the room's answer to a question"),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from loopscope.events import CheckResult, Finding, StageEvent
 from loopscope.history import Series
-from loopscope.protocol import Checks, EngineState, Failed, Ready, SessionInfo, Update
+from loopscope.protocol import Checks, EngineState, Failed, Picture, Ready, SessionInfo, Update
 
 
 @dataclass
@@ -53,6 +53,7 @@ class ScreenModel:
         self.val_loss = Series(4096)
         self.epochs: dict[int, EpochRow] = {}
         self.checks: tuple[CheckResult, ...] | None = None
+        self.picture: Picture | None = None
         self.failure: str | None = None  # the engine stopped or could not start
         self.notice: str | None = None  # a command it could not carry out
         self.version = 0  # bumped on every change: the screen redraws when it moves
@@ -65,6 +66,8 @@ class ScreenModel:
             self._update(message)
         elif isinstance(message, Checks):
             self.checks = message.results
+        elif isinstance(message, Picture):
+            self.picture = message
         elif isinstance(message, Failed):
             if message.fatal:
                 self.failure = message.message

@@ -1,0 +1,92 @@
+"""Pictures of what the model has learned: a decision boundary over 2-D inputs, or the fitted
+curve over 1-D inputs. Computed on a copy in eval mode with the RNG forked: the run is untouched."""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from typing import Any
+
+import torch
+
+from loopscope.engine.batches import call_model, primary_output
+from loopscope.protocol import Picture
+
+GRID_COLUMNS, GRID_ROWS, CURVE_POINTS = 60, 24, 120
+
+
+def picture_kind(stepper: Any) -> str | None:
+    inputs = stepper._current.clean_inputs
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or not inputs.is_floating_point():
+        return None
+    if inputs.shape[1] == 2 and stepper.task in ("classification", "binary"):
+        return "boundary"
+    if inputs.shape[1] == 1 and stepper.task == "regression":
+        return "curve"
+    return None
+
+
+class PictureMaker:
+    """Keeps a sample of recent training rows and draws the model over their range."""
+
+    def __init__(self, stepper: Any) -> None:
+        self.stepper = stepper
+        self.rows: deque[tuple[float, ...]] = deque(maxlen=300)
+        self._seen_iteration = -1
+
+    def remember_batch(self) -> None:
+        s = self.stepper
+        if s.iteration == self._seen_iteration or picture_kind(s) is None:
+            return
+        self._seen_iteration = s.iteration
+        x = s._current.clean_inputs.detach().cpu()
+        y = s._current.clean_targets
+        if not isinstance(y, torch.Tensor):
+            return
+        y = y.detach().cpu().reshape(x.shape[0], -1)[:, 0].float()
+        for features, target in zip(x.tolist(), y.tolist()):
+            self.rows.append((*features, target))
+
+    def make(self) -> Picture | None:
+        s = self.stepper
+        kind = picture_kind(s)
+        if kind is None or not self.rows:
+            return None
+        columns = list(zip(*self.rows))
+        model = copy.deepcopy(s.model).eval()
+        devices = [s.device] if s.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            if kind == "boundary":
+                return self._boundary(model, columns)
+            return self._curve(model, columns)
+
+    def _run(self, model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        prepared, _ = self.stepper.injector.prepare_batch(inputs.to(self.stepper.device), None)
+        return primary_output(call_model(model, prepared)).detach().float().cpu()
+
+    @staticmethod
+    def _padded(values: tuple[float, ...]) -> tuple[float, float]:
+        low, high = min(values), max(values)
+        pad = (high - low) * 0.08 or 1.0
+        return low - pad, high + pad
+
+    def _boundary(self, model: torch.nn.Module, columns: list[tuple[float, ...]]) -> Picture:
+        x_range, y_range = self._padded(columns[0]), self._padded(columns[1])
+        xs = torch.linspace(*x_range, GRID_COLUMNS)
+        ys = torch.linspace(*y_range, GRID_ROWS)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        inputs = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+        out = self._run(model, inputs)
+        classes = out.argmax(dim=1) if out.dim() == 2 and out.shape[1] > 1 else (out.reshape(-1) > 0).long()
+        grid = tuple(tuple(row) for row in classes.reshape(GRID_ROWS, GRID_COLUMNS).tolist())
+        points = tuple((a, b, int(round(c))) for a, b, c in zip(*columns))
+        return Picture("boundary", self.stepper.iteration, x_range, y_range, grid=grid, points=points)
+
+    def _curve(self, model: torch.nn.Module, columns: list[tuple[float, ...]]) -> Picture:
+        x_range = self._padded(columns[0])
+        xs = torch.linspace(*x_range, CURVE_POINTS).unsqueeze(1)
+        predictions = self._run(model, xs).reshape(-1).tolist()
+        y_range = self._padded(tuple(columns[1]) + tuple(predictions))
+        curve = tuple(zip(xs.reshape(-1).tolist(), predictions))
+        return Picture("curve", self.stepper.iteration, x_range, y_range, curve=curve,
+                       points=tuple(zip(columns[0], columns[1])))
