@@ -11,6 +11,9 @@ from loopscope.history import Series
 from loopscope.protocol import Checks, EngineState, Failed, Picture, Ready, SessionInfo, Update
 
 
+MAX_EPOCHS_KEPT = 1000
+
+
 @dataclass
 class EpochRow:
     epoch: int
@@ -84,6 +87,8 @@ class ScreenModel:
             if loss is not None and math.isfinite(loss):
                 row.loss_sum += loss
                 row.loss_count += 1
+        while len(self.epochs) > MAX_EPOCHS_KEPT:  # bounded over arbitrarily long runs
+            del self.epochs[min(self.epochs)]
         for event in update.events:
             self.last_event = event
             self.last_by_stage[event.stage] = event

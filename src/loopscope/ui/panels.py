@@ -259,24 +259,26 @@ class EpochsPanel(DataTable):
 
     def on_mount(self) -> None:
         self.cursor_type = "none"
+        self._keys: list[int] = []
         self.add_columns("epoch", "train loss", "val loss", "val acc", "observation")
 
+    MAX_ROWS = 100  # the latest epochs; a table that grows forever slows every redraw
+
     def show(self, model: ScreenModel) -> None:
-        # Only the last two rows can change (the running epoch and its predecessor's observation):
-        # rebuilding every row each frame made long runs redraw slower and slower.
-        existing = self.row_count
-        if existing > len(model.epochs):  # a restarted engine
+        rows = model.epoch_rows(max(0, len(model.epochs) - self.MAX_ROWS))
+        keys = [row.epoch for row, _ in rows]
+        rebuild = keys != self._keys
+        if rebuild:  # a new epoch (at most once an epoch): rebuild; otherwise update the last rows only
             self.clear()
-            existing = 0
-        start = max(0, existing - 2)
-        for index, (row, note) in enumerate(model.epoch_rows(start), start):
+            self._keys = keys
+        for index, (row, note) in enumerate(rows):
             accuracy = f"{row.val_accuracy:.1%}" if row.val_accuracy is not None else "-"
             values = (str(row.epoch), fmt(row.train_loss, 4), fmt(row.val_loss, 4), accuracy, note)
-            if index < existing:
+            if rebuild:
+                self.add_row(*values)
+            elif index >= len(rows) - 2:
                 for column, value in enumerate(values):
                     self.update_cell_at(Coordinate(index, column), value)
-            else:
-                self.add_row(*values)
 
 
 class StatusLine(Static):
