@@ -17,7 +17,7 @@ from loopscope.catalog import DEFAULT_SCENARIO, SCENARIOS, STAGE_DESCRIPTIONS
 from loopscope.errors import UserError
 
 EXIT_OK, EXIT_STAGE_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-COMMANDS = ("run", "trace", "scenarios", "check", "bugs", "demo", "serve")
+COMMANDS = ("run", "trace", "scenarios", "check", "bugs", "demo", "serve", "bench")
 
 TARGET_HELP = (
     "a built-in scenario (" + ", ".join(SCENARIOS) + f"; default {DEFAULT_SCENARIO}), "
@@ -165,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     serve.add_argument("--demo", metavar="FILE", help="serve this demo instead of a free run")
 
+    bench = commands.add_parser(
+        "bench", help="measure loopscope's overhead against a plain loop, in one run",
+        description="Measure, side by side in one run: the stepper vs a plain PyTorch loop on three models, "
+        "loss-plot render time at 1e3/1e5/1e6 points, the memory of a 1e6-iteration history, "
+        "throughput inside the app, and the app's first frame.",
+    )
+    bench.add_argument("--json", action="store_true", help="print JSON for machines")
+    bench.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda, cuda:N or mps")
+    bench.add_argument("--quick", action="store_true", help="fewer iterations (a rough look)")
+
     bugs = commands.add_parser(
         "bugs", help="list the bugs loopscope can inject, or explain one",
         description="The catalog of classic training-loop bugs: what changes, what you will see, why, "
@@ -212,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "trace":
             return _trace(args)
         if args.command == "run":
@@ -336,6 +348,19 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"loopscope: serving on http://127.0.0.1:{args.port} (ctrl+c stops)", flush=True)
     # Loopback only: a lecture laptop should not expose a Python process to the room's network.
     Server(shlex.join(command), host="127.0.0.1", port=args.port, title="loopscope").serve()
+    return EXIT_OK
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from loopscope import bench
+    from loopscope.engine.devices import resolve_device
+
+    device = str(resolve_device(args.device))
+    result = bench.run(device=device, quick=args.quick)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        bench.print_table(result)
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from loopscope.engine.probe_schedule import ProbeSchedule
 from loopscope.errors import UserError
 from loopscope.protocol import (
     Checks, EngineState, Failed, Ready, RunChecks, RunIterations, SessionInfo, SessionSpec, SetBug,
@@ -34,6 +35,7 @@ class EngineServer:
         self._last_frame = 0.0
         self._rate_window: list[tuple[float, int]] = []
         self._iteration_seconds = 0.0
+        self.schedule = ProbeSchedule()
         self.run_until: int | None = None  # completed-iteration count at which running pauses
         self.pictures = None  # a PictureMaker while the UI shows pictures
         self._last_picture = 0.0
@@ -182,10 +184,13 @@ class EngineServer:
         frame_due = self._last_frame + FRAME_SECONDS
         while True:
             started = time.monotonic()
+            probed = False
             if s.at_boundary:
-                s.probe = self.speed is not None or started + self._iteration_seconds >= frame_due
+                probed = s.probe = self.speed is not None or self.schedule.should_probe(started)
             s.run_iteration()
             elapsed = time.monotonic() - started
+            if self.speed is None:
+                self.schedule.record(probed, started, elapsed)
             self._iteration_seconds = 0.8 * self._iteration_seconds + 0.2 * elapsed
             self._rate_window.append((time.monotonic(), s.completed_iterations))
             self._rate_window = self._rate_window[-50:]

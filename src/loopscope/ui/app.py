@@ -94,6 +94,7 @@ class LoopscopeApp(App[None]):
         self.session: EngineSession | None = None
         self.speed_index = len(SPEEDS) - 1
         self._drawn_version = -1
+        self._panel_keys: dict[str, object] = {}
         self._last_plot = 0.0
         self._bug_list_version: tuple[str, ...] | None = None
         self._awaiting_since: float | None = None  # a command sent, no answer yet
@@ -201,12 +202,25 @@ class LoopscopeApp(App[None]):
         model = self.model
         if model.version == self._drawn_version and not force:
             return
+        if force:
+            self._panel_keys.clear()
         self._drawn_version = model.version
         self.query_one(PipelineBar).show(model)
-        self._show_code()
-        self.query_one(TensorsPanel).show(model)
-        self.query_one(GradientsPanel).show(model)
-        self.query_one(DiagnosticsPanel).show(model)
+        # Each panel redraws only when what it shows has changed: a redraw costs the UI process
+        # CPU time that, on a small machine, the engine process would rather have.
+        event = model.last_event
+        state = model.state
+        if self._changed("code", (event.stage if event else None, state and state.active_bugs,
+                                  state and state.iteration_stages, model.info is None)):
+            self._show_code()
+        if self._changed("tensors", id(event)):
+            self.query_one(TensorsPanel).show(model)
+        if self._changed("gradients", (id(model.last_by_stage.get("step")), id(model.last_by_stage.get("backward")))):
+            self.query_one(GradientsPanel).show(model)
+        diagnostics_key = (len(model.findings), model.findings[0][0] if model.findings else None, model.failure,
+                           id(model.checks), state and state.halted, id(event) if state and state.halted else None)
+        if self._changed("diagnostics", diagnostics_key):
+            self.query_one(DiagnosticsPanel).show(model)
         epochs = self.query_one(EpochsPanel)
         epochs.show(model)
         epochs.scroll_end(animate=False)
@@ -224,6 +238,12 @@ class LoopscopeApp(App[None]):
             else:
                 self.query_one(LossPlot).show(model)
         self._sync_bug_list()
+
+    def _changed(self, panel: str, key: object) -> bool:
+        if self._panel_keys.get(panel, object()) == key:
+            return False
+        self._panel_keys[panel] = key
+        return True
 
     def _show_code(self) -> None:
         line = self.query_one(CodePanel).show(self.model)

@@ -1,0 +1,37 @@
+"""When to compute full statistics while running: for the iterations the screen will show, but
+never so often that they cost more than a few percent of training time."""
+
+from __future__ import annotations
+
+FRAME_SECONDS = 0.05  # the screen shows at most ~20 iterations a second
+PROBE_BUDGET = 0.05  # full statistics may cost at most ~5% of the run's time
+
+
+class ProbeSchedule:
+    """Learns what a probed iteration costs over an unprobed one and spaces probes to fit the budget."""
+
+    def __init__(self, frame_seconds: float = FRAME_SECONDS, budget: float = PROBE_BUDGET) -> None:
+        self.frame_seconds = frame_seconds
+        self.budget = budget
+        self.last_probe = float("-inf")
+        self.probed_seconds: float | None = None
+        self.plain_seconds: float | None = None
+
+    @property
+    def interval(self) -> float:
+        if self.probed_seconds is None or self.plain_seconds is None:
+            return self.frame_seconds
+        extra = max(0.0, self.probed_seconds - self.plain_seconds)
+        return max(self.frame_seconds, extra / self.budget)
+
+    def should_probe(self, now: float) -> bool:
+        if self.probed_seconds is not None and self.plain_seconds is None:
+            return False  # learn what an unprobed iteration costs before probing again
+        return now - self.last_probe >= self.interval
+
+    def record(self, probed: bool, started: float, seconds: float) -> None:
+        if probed:
+            self.last_probe = started
+            self.probed_seconds = seconds if self.probed_seconds is None else 0.7 * self.probed_seconds + 0.3 * seconds
+        else:
+            self.plain_seconds = seconds if self.plain_seconds is None else 0.9 * self.plain_seconds + 0.1 * seconds

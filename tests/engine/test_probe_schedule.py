@@ -1,0 +1,30 @@
+"""The run-mode probe schedule: screen-rate probing for cheap probes, budgeted for costly ones."""
+
+from loopscope.engine.probe_schedule import ProbeSchedule
+
+
+def simulate(plain: float, probed: float, seconds: float = 60.0) -> float:
+    """Fraction of the run's time spent on probing, with iterations of the given costs."""
+    schedule, now, extra = ProbeSchedule(), 0.0, 0.0
+    while now < seconds:
+        probe = schedule.should_probe(now)
+        cost = probed if probe else plain
+        schedule.record(probe, now, cost)
+        extra += cost - plain
+        now += cost
+    return extra / now
+
+
+def test_cheap_probes_run_at_screen_rate():
+    schedule, now, probes = ProbeSchedule(), 0.0, 0
+    while now < 10.0:
+        probe = schedule.should_probe(now)
+        schedule.record(probe, now, 0.0011 if probe else 0.001)
+        probes += probe
+        now += 0.001
+    assert 150 <= probes <= 210  # about 20 a second
+
+
+def test_costly_probes_stay_within_the_budget():
+    assert simulate(plain=0.030, probed=0.090) < 0.07  # a CNN whose full statistics triple an iteration
+    assert simulate(plain=0.001, probed=0.050) < 0.07
