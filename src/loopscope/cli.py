@@ -43,6 +43,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -102,13 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loopscope {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    run = commands.add_parser(
+    run_parser = commands.add_parser(
         "run", help="step through a training loop in the terminal app (the default command)",
         description="Open the app on a training loop: step it stage by stage, run it, break it.",
         epilog="Keys: space stage, n iteration, e epoch, r run/pause, +/- speed, t twin, c checks, "
         "? help, q quit.",
     )
-    _add_run_arguments(run)
+    _add_run_arguments(run_parser)
+    run_parser.add_argument("--history", type=_non_negative_int, default=200, metavar="N",
+                            help="iterations that b can step back through (default: 200)")
 
     trace = commands.add_parser(
         "trace", help="run headless and write one record per stage (table or JSON lines)",
@@ -295,7 +307,7 @@ def _run_app(args: argparse.Namespace) -> int:
         raise UserError(f"--device {args.device!r}: expected one of auto|cpu|cuda|cuda:N|mps")
     from loopscope.ui.app import LoopscopeApp
 
-    app = LoopscopeApp(SessionSpec(args.target, args.device, args.seed, tuple(args.bug), args.twin))
+    app = LoopscopeApp(SessionSpec(args.target, args.device, args.seed, tuple(args.bug), args.twin, args.history))
     # SIGTERM quits like `q`: Textual restores the terminal and the engine process is stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
     app.run()

@@ -93,6 +93,13 @@ class Series:
             result.append(SeriesPoint(self._x[i], mean, low, high, self._count[i], self._count[i] - finite))
         return result
 
+    def truncate(self, x: float) -> None:
+        """Forget every bucket that ends after `x` (after a rewind, the future is rewritten)."""
+        while self._x and self._x[-1] > x:
+            self.total_points -= self._count[-1]
+            for values in (self._x, self._sum, self._low, self._high, self._count, self._finite):
+                values.pop()
+
     def last(self) -> float | None:
         if not self._count or not self._finite[-1]:
             return None
@@ -132,6 +139,13 @@ class History:
             self.series["val_loss"].add(event.iteration, event.metrics.get("val_loss"))
             if event.metrics.get("val_accuracy") is not None:
                 self.series["val_accuracy"].add(event.iteration, event.metrics["val_accuracy"])
+
+    def truncate(self, completed_iterations: int) -> None:
+        """Drop what happened after this many iterations (the loop stepped back)."""
+        while self._events and self._events[-1].iteration > completed_iterations:
+            self._events.pop()
+        for series in self.series.values():
+            series.truncate(completed_iterations)
 
     def extend(self, events: Iterable[StageEvent]) -> None:
         for event in events:

@@ -21,6 +21,7 @@ class SessionSpec:
     seed: int = 0
     bugs: tuple[str, ...] = ()
     twin: bool = False
+    history: int = 200  # iterations that can be stepped back
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,19 @@ class SetTwin:
 @dataclass(frozen=True)
 class RunChecks:
     """Karpathy's sanity checks on copies of the current state."""
+
+
+@dataclass(frozen=True)
+class Rewind:
+    """Step back one iteration."""
+
+
+@dataclass(frozen=True)
+class Rewound:
+    """The loop stepped back: everything after this many iterations is forgotten."""
+
+    completed_iterations: int
+    epoch: int
 
 
 @dataclass(frozen=True)

@@ -189,3 +189,34 @@ async def test_s_saves_the_screen_as_svg(tmp_path, monkeypatch):
         saved = list(tmp_path.glob("loopscope-*.svg"))
         assert len(saved) == 1 and "<svg" in saved[0].read_text()[:500]
         assert "saved" in text_of(app, "#status")
+
+
+async def test_b_steps_back_and_the_replay_shows_the_same_values():
+    app = make_app("spirals")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        losses = {}
+        for n in range(1, 6):
+            await press_and_wait(pilot, "n", lambda n=n: state(app).completed_iterations == n)
+            losses[n] = app.model.last_by_stage["loss"].loss
+        await press_and_wait(pilot, "b", lambda: state(app).completed_iterations == 4)
+        await press_and_wait(pilot, "b", lambda: state(app).completed_iterations == 3)
+        assert "stepped back to the end of iteration 3" in text_of(app, "#status")
+        for n in (4, 5):
+            await press_and_wait(pilot, "n", lambda n=n: state(app).completed_iterations == n)
+            assert app.model.last_by_stage["loss"].loss == losses[n]  # bitwise the same
+        assert app.model.loss.total_points == 5  # the plot forgot the undone iterations
+
+
+async def test_b_beyond_the_kept_history_says_so():
+    from loopscope.protocol import SessionSpec
+    from loopscope.ui.app import LoopscopeApp
+
+    app = LoopscopeApp(SessionSpec("blobs", "cpu", history=1), in_process=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 2)
+        await press_and_wait(pilot, "b", lambda: state(app).completed_iterations == 1)
+        await press_and_wait(pilot, "b", lambda: "cannot step back further" in text_of(app, "#status"))
+        assert state(app).completed_iterations == 1

@@ -14,7 +14,7 @@ from loopscope.engine.probe_schedule import ProbeSchedule
 from loopscope.errors import UserError
 from loopscope.protocol import (
     Checks, EngineState, Failed, Ready, RunChecks, RunIterations, SessionInfo, SessionSpec, SetBug,
-    SetPicture, SetRunning, SetSpeed, SetTwin, Shutdown, Step, Update,
+    Rewind, Rewound, SetPicture, SetRunning, SetSpeed, SetTwin, Shutdown, Step, Update,
 )
 
 PICTURE_SECONDS = 0.5  # a picture costs a forward pass over a grid: at most two a second
@@ -50,7 +50,7 @@ class EngineServer:
             device = resolve_device(self.spec.device)
             experiment = load_experiment(self.spec.target, self.spec.seed)
             self.stepper = Stepper(experiment, device, bugs=self.spec.bugs, twin=self.spec.twin,
-                                   on_event=self._collect)
+                                   on_event=self._collect, keep_snapshots=self.spec.history)
         except UserError as exc:
             self.conn.send(Failed(str(exc)))
             return False
@@ -166,6 +166,15 @@ class EngineServer:
                 s.set_bug(command.bug_id, command.on)
             elif isinstance(command, SetTwin):
                 s.set_twin(command.on)
+            elif isinstance(command, Rewind):
+                self.running, self.run_until = False, None
+                if s.rewind():
+                    self._events, self._losses = [], []
+                    self.conn.send(Rewound(s.completed_iterations, s.epoch))
+                else:
+                    kept = s.rewinder.keep
+                    self.conn.send(Failed(f"cannot step back further: only the last {kept} iterations are kept "
+                                          "(loopscope run --history N keeps more)", fatal=False))
             elif isinstance(command, SetPicture):
                 from loopscope.engine.pictures import PictureMaker
 

@@ -25,6 +25,7 @@ from loopscope.engine.batches import batch_size, call_model, primary_output, spl
 from loopscope.engine.explain import LoopError, explain
 from loopscope.engine.features import experiment_features
 from loopscope.engine.inject import BugInjector
+from loopscope.engine.rewind import Rewinder, capture_rng
 from loopscope.engine.twin import CleanTwin, rng_state
 from loopscope.bugs import applicable
 from loopscope.events import LayerStat, StageError, StageEvent, TensorStat
@@ -92,6 +93,7 @@ class Stepper:
         bugs: Iterable[str] = (),
         diagnose: bool = True,
         twin: bool = False,
+        keep_snapshots: int = 0,
     ) -> None:
         self.experiment = experiment
         self.device = torch.device(device)
@@ -122,6 +124,8 @@ class Stepper:
         self._epoch_ending = False  # running the epoch-end block
         self._running_loss: Any = 0.0  # what the loop accumulates for its epoch report
         self._iteration_last_stage = "step"
+        self._epoch_rng: Any = None  # the generators' state when this epoch's loader iterator was made
+        self.rewinder = Rewinder(keep_snapshots)
         self._failing_module: str | None = None
         self.features = experiment_features(experiment, self.task)
         self.injector = BugInjector(experiment, applicable(self.features))
@@ -267,6 +271,16 @@ class Stepper:
             produced += 1
         return produced
 
+    def rewind(self) -> bool:
+        """Step back one iteration (to the boundary before it); False beyond the kept window."""
+        snapshot = self.rewinder.target(self)
+        if snapshot is None:
+            return False
+        self.rewinder.restore(self, snapshot)
+        self._current = _Iteration()
+        self.history.truncate(snapshot.completed_iterations)
+        return True
+
     def resume(self) -> None:
         """After an error: drop the broken iteration; the next stage starts a fresh one."""
         self.halted = None
@@ -278,6 +292,8 @@ class Stepper:
 
     # ----- blocks ---------------------------------------------------------------------------
     def _start_block(self) -> StageEvent | None:
+        if self._prefetched is None:
+            self.rewinder.take(self)
         while True:
             start, batch, failure = self._take_batch()
             if failure is not None:
@@ -338,6 +354,7 @@ class Stepper:
         nothing in the order of random draws.
         """
         if self._prefetched is None:
+            self.rewinder.take(self)
             start, batch, failure = self._take_batch()
             self._prefetched = (time.perf_counter() - start, batch, failure)
         return self._prefetched[1] is _END
@@ -346,6 +363,8 @@ class Stepper:
         if self._train_iter is None:
             # Created exactly where `for batch in loader:` would create it: the DataLoader draws
             # its base seed from the global RNG here, so the order of draws matches a plain loop.
+            if self.rewinder.keep:
+                self._epoch_rng = capture_rng(self.device)
             self._train_iter = iter(self.experiment.train_loader)
             self._batches_this_epoch = 0
         return next(self._train_iter, _END)

@@ -21,8 +21,8 @@ from textual.widgets.selection_list import Selection
 from loopscope.bugs import BUGS
 from loopscope.demo import Demo
 from loopscope.protocol import (
-    Checks, Failed, RunChecks, RunIterations, SessionSpec, SetBug, SetPicture, SetRunning, SetSpeed, SetTwin,
-    Step,
+    Checks, Failed, Rewind, RunChecks, RunIterations, SessionSpec, SetBug, SetPicture, SetRunning, SetSpeed,
+    SetTwin, Step,
 )
 from loopscope.session import EngineSession
 from loopscope.ui.commands import LoopCommands
@@ -68,6 +68,7 @@ class LoopscopeApp(App[None]):
         Binding("c", "checks", "checks", priority=True),
         Binding("l", "toggle_log", "log", priority=True),
         Binding("question_mark", "help", "help", key_display="?", priority=True),
+        Binding("b", "rewind", "back", priority=True),
         Binding("p", "toggle_picture", "picture", priority=True),
         Binding("s", "save_svg", "save svg", priority=True),
         Binding("ctrl+r", "restart_engine", "restart", show=False, priority=True),
@@ -351,6 +352,11 @@ class LoopscopeApp(App[None]):
         plot = self.query_one(LossPlot)
         plot.log_scale = not plot.log_scale
         self.redraw(force=True)
+
+    def action_rewind(self) -> None:
+        """Step back one iteration: parameters, optimizer, random state and data position restored."""
+        self.model.checks = None
+        self.send(Rewind())
 
     def action_toggle_picture(self) -> None:
         """Switch the plot panel between the loss and a picture of what the model has learned."""

@@ -13,6 +13,7 @@ ACTIONS = (
     ("Run to the end of the iteration", "step_iteration", "n"),
     ("Run to the end of the epoch", "step_epoch", "e"),
     ("Run / pause", "toggle_run", "r"),
+    ("Step back one iteration", "rewind", "b"),
     ("Faster", "faster", "+"),
     ("Slower", "slower", "-"),
     ("Clean twin on/off", "toggle_twin", "t"),

@@ -16,6 +16,7 @@ KEYS = (
     ("e", "run to the end of the epoch"),
     ("r", "run continuously / pause"),
     ("+ / -", "run faster / slower"),
+    ("b", "step back one iteration (then step forward to replay the very same values)"),
     ("t", "clean twin on/off (trains a correct copy beside a bug)"),
     ("c", "sanity checks on a copy of the model"),
     ("l", "loss plot: linear / log10 axis"),

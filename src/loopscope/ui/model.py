@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from loopscope.events import CheckResult, Finding, StageEvent
 from loopscope.history import Series
-from loopscope.protocol import Checks, EngineState, Failed, Picture, Ready, SessionInfo, Update
+from loopscope.protocol import Checks, EngineState, Failed, Picture, Ready, Rewound, SessionInfo, Update
 
 
 MAX_EPOCHS_KEPT = 1000
@@ -71,11 +71,23 @@ class ScreenModel:
             self.checks = message.results
         elif isinstance(message, Picture):
             self.picture = message
+        elif isinstance(message, Rewound):
+            self._rewound(message)
         elif isinstance(message, Failed):
             if message.fatal:
                 self.failure = message.message
             else:
                 self.notice = message.message
+
+    def _rewound(self, message: Rewound) -> None:
+        """Forget what happened after the point the loop stepped back to; the replay rewrites it."""
+        for series in (self.loss, self.twin_loss, self.val_loss):
+            series.truncate(message.completed_iterations)
+        for epoch in [e for e in self.epochs if e >= message.epoch]:
+            del self.epochs[epoch]
+        self.last_event = None
+        self.last_by_stage.clear()
+        self.notice = f"stepped back to the end of iteration {message.completed_iterations}"
 
     def _update(self, update: Update) -> None:
         self.state = update.state

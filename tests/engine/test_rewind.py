@@ -1,0 +1,59 @@
+"""Rewind: step back, replay, and get exactly the same values (dropout, Adam, scheduler and all)."""
+
+from __future__ import annotations
+
+import torch
+
+from loopscope.engine.stepper import Stepper
+from loopscope.experiment import load_experiment
+
+
+def losses_of(stepper: Stepper, first: int) -> list[float]:
+    return [e.loss for e in stepper.history.recent() if e.stage == "loss" and e.iteration >= first]
+
+
+def test_rewind_and_replay_is_bitwise_with_dropout_across_an_epoch_boundary():
+    stepper = Stepper(load_experiment("spirals", 0), keep_snapshots=200)  # 23 iterations an epoch
+    stepper.run(30)
+    first_time = losses_of(stepper, 19)
+    params = {n: p.detach().clone() for n, p in stepper.model.named_parameters()}
+    for _ in range(12):
+        assert stepper.rewind()
+    assert stepper.completed_iterations == 18 and stepper.epoch == 1
+    stepper.run(12)
+    assert losses_of(stepper, 19) == first_time
+    for name, p in stepper.model.named_parameters():
+        assert torch.equal(p, params[name]), name
+
+
+def test_rewind_mid_iteration_returns_to_its_start():
+    stepper = Stepper(load_experiment("blobs", 0), keep_snapshots=10)
+    stepper.run(3)
+    stepper.step_stage()
+    stepper.step_stage()
+    assert stepper.rewind()
+    assert stepper.completed_iterations == 3 and stepper.at_boundary and stepper.next_stage() == "load_batch"
+
+
+def test_beyond_the_window_rewind_says_no():
+    stepper = Stepper(load_experiment("blobs", 0), keep_snapshots=3)
+    stepper.run(10)
+    assert stepper.rewind() and stepper.rewind() and stepper.rewind()
+    assert not stepper.rewind()
+    assert stepper.completed_iterations == 7
+
+
+def test_rewind_undoes_a_bug_switched_on_later():
+    stepper = Stepper(load_experiment("blobs", 0), keep_snapshots=10)
+    stepper.run(5)
+    clean = Stepper(load_experiment("blobs", 0))
+    clean.run(8)
+    stepper.set_bug("lr_too_high", True)  # switched on before iteration 6 begins
+    stepper.run(3)
+    for _ in range(3):
+        stepper.rewind()
+    assert stepper.active_bugs == ("lr_too_high",)  # back at the start of iteration 6: it was on
+    stepper.rewind()
+    assert stepper.active_bugs == () and stepper.completed_iterations == 4
+    stepper.run(4)
+    assert losses_of(stepper, 5) == losses_of(clean, 5)
