@@ -145,6 +145,7 @@ class EngineServer:
             if isinstance(command, Step):
                 self.running = False
                 s.probe = True
+                s.sync_cuda = s.device.type == "cuda"  # stepping: true per-stage durations
                 if s.halted is not None:
                     s.resume()  # stepping on after an error starts a fresh iteration
                 {"stage": s.step_stage, "iteration": s.run_iteration, "epoch": s.run_epoch}[command.kind]()
@@ -190,6 +191,7 @@ class EngineServer:
     def _run_a_little(self) -> None:
         """Run whole iterations until a frame is due; probe fully only the one the frame shows."""
         s = self.stepper
+        s.sync_cuda = False  # running: never force a GPU sync per stage
         frame_due = self._last_frame + FRAME_SECONDS
         while True:
             started = time.monotonic()

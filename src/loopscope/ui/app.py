@@ -26,7 +26,6 @@ from loopscope.protocol import (
 )
 from loopscope.session import EngineSession
 from loopscope.ui.commands import LoopCommands
-from loopscope.ui.help import HelpScreen
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.narration import NarrationBar, metric
 from loopscope.ui.panels import (
@@ -96,6 +95,7 @@ class LoopscopeApp(App[None]):
         self.speed_index = len(SPEEDS) - 1
         self._drawn_version = -1
         self._panel_keys: dict[str, object] = {}
+        self._last_panels = 0.0
         self._last_plot = 0.0
         self._bug_list_version: tuple[str, ...] | None = None
         self._awaiting_since: float | None = None  # a command sent, no answer yet
@@ -211,6 +211,13 @@ class LoopscopeApp(App[None]):
         # CPU time that, on a small machine, the engine process would rather have.
         event = model.last_event
         state = model.state
+        running = state is not None and state.running
+        now = time.monotonic()
+        if running and not force and now - self._last_panels < PLOT_SECONDS:
+            # While running, the detail panels follow at 5 frames a second; the counters at 20.
+            self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
+            return
+        self._last_panels = now
         if self._changed("code", (event.stage if event else None, state and state.active_bugs,
                                   state and state.iteration_stages, model.info is None)):
             self._show_code()
@@ -230,8 +237,6 @@ class LoopscopeApp(App[None]):
             self.query_one(NarrationBar).show(self.demo, self.demo_index, self.demo_ran,
                                               self.demo_choices.get(self.demo_index), self.demo_before,
                                               model, self.scripted)
-        running = model.state is not None and model.state.running
-        now = time.monotonic()
         if force or not running or now - self._last_plot >= PLOT_SECONDS:
             self._last_plot = now
             if self.showing_picture:
@@ -368,6 +373,8 @@ class LoopscopeApp(App[None]):
         self.redraw(force=True)
 
     def action_help(self) -> None:
+        from loopscope.ui.help import HelpScreen  # imported on first use: a faster first frame
+
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 

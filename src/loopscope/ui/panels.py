@@ -52,6 +52,9 @@ class PipelineBar(Static):
         if state.active_bugs:
             text.append(f"  {len(state.active_bugs)} bug{'s' if len(state.active_bugs) > 1 else ''} on",
                         style="bold red")
+        memory = model.last_event.metrics if model.last_event else {}
+        if "cuda_allocated_mb" in memory:
+            text.append(f"  mem {memory['cuda_allocated_mb']:.0f}/{memory['cuda_peak_mb']:.0f} MB peak", style="bold")
         text.append("  |  ", style="dim")
         for group, stages in enumerate((list(state.iteration_stages), list(info.epoch_end_stages))):
             if group and stages:
