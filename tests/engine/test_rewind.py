@@ -57,3 +57,18 @@ def test_rewind_undoes_a_bug_switched_on_later():
     assert stepper.active_bugs == () and stepper.completed_iterations == 4
     stepper.run(4)
     assert losses_of(stepper, 5) == losses_of(clean, 5)
+
+
+def test_sparse_snapshots_replay_to_the_exact_boundary():
+    stepper = Stepper(load_experiment("spirals", 1), keep_snapshots=50)
+    stepper.rewinder.BUDGET = 1e-9  # as if snapshots were very costly: few are taken
+    stepper.run(40)
+    assert len(stepper.rewinder.snapshots) < 40
+    first_time = losses_of(stepper, 31)
+    params = {n: p.detach().clone() for n, p in stepper.model.named_parameters()}
+    for _ in range(10):
+        assert stepper.rewind()
+    assert stepper.completed_iterations == 30
+    stepper.run(10)
+    assert losses_of(stepper, 31) == first_time
+    assert all(torch.equal(p, params[n]) for n, p in stepper.model.named_parameters())

@@ -9,7 +9,9 @@ state and skips the consumed batches, so the same batches come out in the same o
 from __future__ import annotations
 
 import copy
+import math
 import random
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -48,20 +50,61 @@ class Snapshot:
 
 
 class Rewinder:
-    """The last `keep` iteration boundaries of a Stepper."""
+    """Boundaries of the last `keep` iterations: full snapshots every few iterations, replay between.
+
+    Copying the model and optimizer at every boundary would slow a fast run down badly (Adam's
+    state alone is twice the model), so snapshots are spaced to cost at most ~3% of the run's time;
+    stepping back to a boundary between two snapshots restores the earlier one and replays the
+    iterations in between, which the loop's determinism makes exact. By hand (seconds between
+    iterations) every boundary gets its snapshot.
+    """
+
+    BUDGET = 0.03
 
     def __init__(self, keep: int = 200) -> None:
         self.keep = keep
-        self.snapshots: deque[Snapshot] = deque(maxlen=keep)
+        self.snapshots: deque[Snapshot] = deque()
+        self.bug_log: dict[int, frozenset[str]] = {}  # completed iterations -> bugs active then
+        self._cost = 0.0
+        self._between = None  # seconds between boundaries, smoothed
+        self._last_boundary_time: float | None = None
+        self.furthest = 0  # the most iterations ever completed: the window is the last `keep` of them
+
+    @property
+    def interval(self) -> int:
+        if not self._between:
+            return 1
+        return max(1, math.ceil(self._cost / (self.BUDGET * self._between)))
 
     def take(self, stepper: Any) -> None:
         if self.keep <= 0:
             return
-        if self.snapshots and self.snapshots[-1].completed_iterations == stepper.completed_iterations \
-                and self.snapshots[-1].epoch == stepper.epoch:
+        now = time.perf_counter()
+        if self._last_boundary_time is not None:
+            between = now - self._last_boundary_time
+            self._between = between if self._between is None else 0.8 * self._between + 0.2 * between
+        self._last_boundary_time = now
+        done = stepper.completed_iterations
+        self.furthest = max(self.furthest, done)
+        self.bug_log[done] = frozenset(stepper.active_bugs)
+        for old in [k for k in self.bug_log if k < self.furthest - self.keep - 1]:
+            del self.bug_log[old]
+        last = self.snapshots[-1] if self.snapshots else None
+        if last is not None and last.completed_iterations == done and last.epoch == stepper.epoch:
             return  # already taken at this boundary
+        if last is not None and done - last.completed_iterations < self.interval:
+            return
+        started = time.perf_counter()
+        self.snapshots.append(self._snapshot(stepper))
+        cost = time.perf_counter() - started
+        self._cost = cost if not self._cost else 0.8 * self._cost + 0.2 * cost
+        # Keep one snapshot at or before the oldest boundary still in the window.
+        while len(self.snapshots) > 1 and self.snapshots[1].completed_iterations <= self.furthest - self.keep:
+            self.snapshots.popleft()
+
+    def _snapshot(self, stepper: Any) -> Snapshot:
         exp = stepper.experiment
-        self.snapshots.append(Snapshot(
+        return Snapshot(
             completed_iterations=stepper.completed_iterations,
             iteration=stepper.iteration,
             epoch=stepper.epoch,
@@ -78,15 +121,18 @@ class Rewinder:
                 "running_loss": float(stepper._running_loss),
             },
             bugs=frozenset(stepper.active_bugs),
-        ))
+        )
 
-    def target(self, stepper: Any) -> Snapshot | None:
-        """The snapshot one iteration back from where the stepper is."""
+    def target(self, stepper: Any) -> tuple[Snapshot, int] | None:
+        """(the snapshot to restore, the boundary to replay up to), one iteration back from here."""
         mid_iteration = not stepper.at_boundary or stepper.halted is not None
         wanted = stepper.completed_iterations if mid_iteration else stepper.completed_iterations - 1
+        self.furthest = max(self.furthest, stepper.completed_iterations)
+        if wanted < 0 or wanted < self.furthest - self.keep:
+            return None
         for snapshot in reversed(self.snapshots):
             if snapshot.completed_iterations <= wanted:
-                return snapshot if snapshot.completed_iterations == wanted else None
+                return snapshot, wanted
         return None
 
     def restore(self, stepper: Any, snapshot: Snapshot) -> None:
@@ -124,3 +170,14 @@ class Rewinder:
         # Snapshots after this point describe a future that is no longer coming.
         while self.snapshots and self.snapshots[-1].completed_iterations > snapshot.completed_iterations:
             self.snapshots.pop()
+        self._last_boundary_time = None
+
+    def set_bugs_for(self, stepper: Any, completed: int) -> None:
+        """During a replay: the bugs that were on when this iteration began the first time."""
+        bugs = self.bug_log.get(completed)
+        if bugs is None:
+            return
+        for bug_id in set(stepper.active_bugs) - bugs:
+            stepper.injector.set(bug_id, False)
+        for bug_id in bugs - set(stepper.active_bugs):
+            stepper.injector.set(bug_id, True)

@@ -273,13 +273,28 @@ class Stepper:
 
     def rewind(self) -> bool:
         """Step back one iteration (to the boundary before it); False beyond the kept window."""
-        snapshot = self.rewinder.target(self)
-        if snapshot is None:
+        found = self.rewinder.target(self)
+        if found is None:
             return False
+        snapshot, wanted = found
         self.rewinder.restore(self, snapshot)
         self._current = _Iteration()
         self.history.truncate(snapshot.completed_iterations)
+        if wanted > snapshot.completed_iterations:
+            self._replay_to(wanted)
         return True
+
+    def _replay_to(self, completed: int) -> None:
+        """Run again, quietly, from a snapshot to the boundary wanted: same code, same numbers."""
+        saved = self.on_event, self.diagnostics, self.probe
+        self.on_event, self.diagnostics, self.probe = None, None, False
+        try:
+            while self.completed_iterations < completed and not self.finished and self.halted is None:
+                if self.at_boundary:
+                    self.rewinder.set_bugs_for(self, self.completed_iterations)
+                self.run_iteration()
+        finally:
+            self.on_event, self.diagnostics, self.probe = saved
 
     def resume(self) -> None:
         """After an error: drop the broken iteration; the next stage starts a fresh one."""
