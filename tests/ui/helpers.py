@@ -35,3 +35,8 @@ def text_of(app, selector: str) -> str:
     widget = app.query_one(selector)
     rendered = widget.render()
     return getattr(rendered, "plain", str(rendered))
+
+
+async def expect_text(pilot, selector: str, text: str, timeout: float = 15.0) -> None:
+    """Wait until the widget shows `text`: the screen redraws on its own clock, not on the key."""
+    await wait_until(pilot, lambda: text in text_of(pilot.app, selector), timeout)

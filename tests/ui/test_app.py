@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loopscope.ui.help import HelpScreen
 from tests.conftest import FIXTURES
-from tests.ui.helpers import make_app, press_and_wait, ready, text_of, wait_until
+from tests.ui.helpers import expect_text, make_app, press_and_wait, ready, text_of, wait_until
 
 SIZE = (120, 40)
 
@@ -18,23 +18,23 @@ async def test_first_frame_appears_before_the_engine_is_ready():
     async with app.run_test(size=SIZE) as pilot:
         assert "starting the engine" in text_of(app, "#pipeline") or app.model.info is not None
         await ready(pilot)
-        assert "epoch 1  iter 0" in text_of(app, "#pipeline")
-
-
+        await expect_text(pilot, "#pipeline", "epoch 1  iter 0")
 async def test_space_n_and_e_step_a_stage_an_iteration_and_an_epoch():
     app = make_app("spirals")
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await press_and_wait(pilot, "space", lambda: state(app).iteration == 1)
-        assert "[load_batch]" in text_of(app, "#pipeline")
+        await expect_text(pilot, "#pipeline", "[load_batch]")
         assert "inputs" in str(app.query_one("#tensors").get_row_at(0)[0])
         await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
-        assert "[step]" in text_of(app, "#pipeline") and "iter 1" in text_of(app, "#pipeline")
-        assert "0.weight" in text_of(app, "#gradients") and "upd/w" in text_of(app, "#gradients")
+        await expect_text(pilot, "#pipeline", "[step]")
+        await expect_text(pilot, "#pipeline", "iter 1")
+        await expect_text(pilot, "#gradients", "0.weight")
+        await expect_text(pilot, "#gradients", "upd/w")
         await press_and_wait(pilot, "e", lambda: state(app).epoch == 2)
         rows = app.query_one("#epochs")
         assert rows.row_count == 1 and "%" in str(rows.get_row_at(0)[3])
-        assert "> " in text_of(app, "#code")  # the line of the stage just run is marked
+        await expect_text(pilot, "#code", "> ")  # the line of the stage just run is marked
 
 
 async def test_r_runs_and_pauses_and_plus_minus_change_speed():
@@ -42,35 +42,33 @@ async def test_r_runs_and_pauses_and_plus_minus_change_speed():
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await pilot.press("minus")
-        assert "speed 100 it/s" in text_of(app, "#status")
+        await expect_text(pilot, "#status", "speed 100 it/s")
         await press_and_wait(pilot, "r", lambda: state(app).running and state(app).completed_iterations > 20)
-        assert "running" in text_of(app, "#pipeline")
+        await expect_text(pilot, "#pipeline", "running")
         await press_and_wait(pilot, "r", lambda: not state(app).running)
         stopped_at = state(app).completed_iterations
         assert stopped_at < 400
         await pilot.pause(0.3)
         assert state(app).completed_iterations == stopped_at
         await pilot.press("plus")
-        assert "speed max" in text_of(app, "#status")
+        await expect_text(pilot, "#status", "speed max")
         await press_and_wait(pilot, "r", lambda: state(app).finished)  # max speed: to the end
-        assert "done: finished 5 epochs" in text_of(app, "#status")
+        await expect_text(pilot, "#status", "done: finished 5 epochs")
         assert app.query_one("#epochs").row_count == 5
         await pilot.press("n")
-        assert "the run is over" in text_of(app, "#status")
-
-
+        await expect_text(pilot, "#status", "the run is over")
 async def test_t_twin_c_checks_l_log_and_help():
     app = make_app("spirals", bugs=("lr_too_high",))
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await press_and_wait(pilot, "t", lambda: state(app).twin)
-        assert "twin on" in text_of(app, "#status")
+        await expect_text(pilot, "#status", "twin on")
         await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
         assert app.model.last_by_stage["loss"].twin_loss is not None
         await press_and_wait(pilot, "c", lambda: app.model.checks is not None)
-        assert "Sanity checks" in text_of(app, "#diagnostics")
+        await expect_text(pilot, "#diagnostics", "Sanity checks")
         await pilot.press("l")
-        assert "loss axis log10" in text_of(app, "#status")
+        await expect_text(pilot, "#status", "loss axis log10")
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
@@ -86,12 +84,13 @@ async def test_bugs_toggle_from_the_list_and_show_as_a_diff():
         bug_list.focus()
         bug_list.highlighted = 0  # skip_zero_grad
         await pilot.pause(0.1)
-        assert "zero_grad() is never called" in text_of(app, "#bug-info")
+        await expect_text(pilot, "#bug-info", "zero_grad() is never called")
         await press_and_wait(pilot, "enter", lambda: "skip_zero_grad" in state(app).active_bugs)
-        assert "- " in text_of(app, "#code") and "1 bug on" in text_of(app, "#pipeline")
+        await expect_text(pilot, "#code", "- ")
+        await expect_text(pilot, "#pipeline", "1 bug on")
         await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
         await press_and_wait(pilot, "n", lambda: any(f.id == "stale_gradients" for _, f in app.model.findings))
-        assert "skip_zero_grad" in text_of(app, "#diagnostics")
+        await expect_text(pilot, "#diagnostics", "skip_zero_grad")
         await press_and_wait(pilot, "enter", lambda: state(app).active_bugs == ())
 
 
@@ -102,9 +101,9 @@ async def test_an_error_in_the_users_model_is_shown_and_the_app_keeps_running():
         await press_and_wait(pilot, "n", lambda: state(app).halted is not None)
         shown = text_of(app, "#diagnostics")
         assert "ERROR in iteration 1, stage forward: RuntimeError" in shown and "10 features but expects 7" in shown
-        assert "error" in text_of(app, "#pipeline")
+        await expect_text(pilot, "#pipeline", "error")
         await press_and_wait(pilot, "n", lambda: state(app).iteration == 2)  # steps on to the next iteration
-        assert "ERROR in iteration 2" in text_of(app, "#diagnostics")
+        await expect_text(pilot, "#diagnostics", "ERROR in iteration 2")
         assert app.is_running
 
 
@@ -123,7 +122,8 @@ async def test_an_engine_process_that_dies_is_explained_and_can_be_restarted():
         await ready(pilot)
         await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
         await press_and_wait(pilot, "n", lambda: app.model.failure is not None)
-        assert "ENGINE STOPPED" in text_of(app, "#diagnostics") and "exit code 3" in text_of(app, "#diagnostics")
+        await expect_text(pilot, "#diagnostics", "ENGINE STOPPED")
+        await expect_text(pilot, "#diagnostics", "exit code 3")
         await pilot.press("ctrl+r")
         await ready(pilot)
         assert app.model.failure is None and state(app).iteration == 0
@@ -152,7 +152,8 @@ async def test_a_hung_dataset_is_reported_and_ctrl_r_restarts_the_engine():
         await pilot.press("escape")
         await pilot.press("ctrl+r")
         await ready(pilot)
-        assert state(app).iteration == 0 and "has not answered" not in text_of(app, "#status")
+        assert state(app).iteration == 0
+        await wait_until(pilot, lambda: "has not answered" not in text_of(app, "#status"))
 
 
 async def test_a_click_switches_a_bug():
@@ -188,9 +189,7 @@ async def test_s_saves_the_screen_as_svg(tmp_path, monkeypatch):
         await pilot.pause(0.2)
         saved = list(tmp_path.glob("loopscope-*.svg"))
         assert len(saved) == 1 and "<svg" in saved[0].read_text()[:500]
-        assert "saved" in text_of(app, "#status")
-
-
+        await expect_text(pilot, "#status", "saved")
 async def test_b_steps_back_and_the_replay_shows_the_same_values():
     app = make_app("spirals")
     async with app.run_test(size=SIZE) as pilot:
@@ -201,7 +200,7 @@ async def test_b_steps_back_and_the_replay_shows_the_same_values():
             losses[n] = app.model.last_by_stage["loss"].loss
         await press_and_wait(pilot, "b", lambda: state(app).completed_iterations == 4)
         await press_and_wait(pilot, "b", lambda: state(app).completed_iterations == 3)
-        assert "stepped back to the end of iteration 3" in text_of(app, "#status")
+        await expect_text(pilot, "#status", "stepped back to the end of iteration 3")
         for n in (4, 5):
             await press_and_wait(pilot, "n", lambda n=n: state(app).completed_iterations == n)
             assert app.model.last_by_stage["loss"].loss == losses[n]  # bitwise the same

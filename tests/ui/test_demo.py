@@ -13,7 +13,7 @@ from loopscope.cli import main
 from loopscope.demo import load_demo
 from loopscope.protocol import SessionSpec
 from loopscope.ui.app import LoopscopeApp
-from tests.ui.helpers import ready, text_of, wait_until
+from tests.ui.helpers import expect_text, ready, text_of, wait_until
 
 DEMOS = sorted((Path(__file__).resolve().parents[2] / "demos").glob("*.toml"))
 
@@ -72,25 +72,26 @@ async def test_a_demo_plays_predicts_reveals_goes_back_and_lets_you_explore():
     app = LoopscopeApp(SessionSpec(demo.target, "cpu", demo.seed, demo.bugs, demo.twin), in_process=True, demo=demo)
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot)
-        assert demo.title in text_of(app, "#narration")
+        await expect_text(pilot, "#narration", demo.title)
         await pilot.press("right")
         await wait_until(pilot, lambda: app.model.state.completed_iterations == 30)
-        assert "Step 1/7" in text_of(app, "#narration")
+        await expect_text(pilot, "#narration", "Step 1/7")
         await pilot.press("right", "right")
         await wait_until(pilot, lambda: "skip_zero_grad" in app.model.state.active_bugs and app.model.state.twin)
         await pilot.press("right")  # the question comes first; nothing runs yet
         await pilot.pause(0.2)
-        assert "Predict:" in text_of(app, "#narration") and app.model.state.completed_iterations == 30
+        await expect_text(pilot, "#narration", "Predict:")
+        assert app.model.state.completed_iterations == 30
         await pilot.press("1")  # the room says "larger"
         await pilot.press("space")  # now it runs
         await wait_until(pilot, lambda: app.model.state.completed_iterations == 31)
         shown = text_of(app, "#narration")
         assert "Answer: larger (the room got it)" in shown and "What the loop did: gradient norm" in shown
         await pilot.press("left")
-        assert "Step 3/7" in text_of(app, "#narration")
+        await expect_text(pilot, "#narration", "Step 3/7")
         await pilot.press("escape")  # leave the script: space steps a stage again
-        assert "exploring freely" in text_of(app, "#narration")
+        await expect_text(pilot, "#narration", "exploring freely")
         await pilot.press("space")
         await wait_until(pilot, lambda: app.model.state.iteration == 32)
         await pilot.press("escape")
-        assert "Step 3/7" in text_of(app, "#narration")
+        await expect_text(pilot, "#narration", "Step 3/7")
