@@ -117,7 +117,9 @@ async def test_resizing_while_running_keeps_the_layout_sane():
     app = make_app("spirals")
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot)
-        await press_and_wait(pilot, "r", lambda: app.model.state.running)
+        await pilot.press("minus", "minus")  # 20 it/s: still running through every resize below
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.model.state.running or app.model.state.finished, timeout=30)
         def sane(width: int) -> bool:
             boxes = [app.query_one(f"#{name}-box").region for name in ("code", "tensors", "gradients", "plot")]
             overlapping = any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
@@ -126,7 +128,7 @@ async def test_resizing_while_running_keeps_the_layout_sane():
         for size in ((80, 24), (150, 50), (60, 20), (120, 40)):
             await pilot.resize_terminal(*size)
             # Layout settles on the app's own clock; under load that can take a moment.
-            await wait_until(pilot, lambda width=size[0]: sane(width), timeout=15)
+            await wait_until(pilot, lambda width=size[0]: sane(width), timeout=30)
         if app.model.state.running:
             await press_and_wait(pilot, "r", lambda: not app.model.state.running)
 
