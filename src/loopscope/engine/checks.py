@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loopscope.engine.batches import split_batch, to_device
+from loopscope.engine.copies import copy_optimizer, forked_rng
 from loopscope.engine.diagnostics import batch_mixing_rows
 from loopscope.events import CheckResult
 
@@ -27,8 +28,7 @@ BASELINE_BATCHES = 8
 def _batches(stepper: Stepper, count: int) -> list[Any]:
     """The first `count` training batches of a fresh iterator (RNG forked: the run is untouched)."""
     batches = []
-    devices = [stepper.device] if stepper.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(stepper.device):
         for batch in stepper.experiment.train_loader:
             inputs, targets = split_batch(batch)
             batches.append((to_device(inputs, stepper.device), to_device(targets, stepper.device)))
@@ -46,8 +46,7 @@ def _copy_stepper(stepper: Stepper, batches: list[Any], steps: int) -> Stepper:
 
     exp = stepper.experiment
     model = copy.deepcopy(stepper.model)
-    optimizer = type(exp.optimizer)(model.parameters(), **exp.optimizer.defaults)
-    optimizer.load_state_dict(copy.deepcopy(exp.optimizer.state_dict()))
+    optimizer = copy_optimizer(exp.optimizer, model)
     loader = [batches[i % len(batches)] for i in range(steps)]
     trial = Experiment(model=model, loss_fn=exp.loss_fn, optimizer=optimizer, train_loader=loader,
                        epochs=1, task=stepper.task, clip_grad_norm=exp.clip_grad_norm)
@@ -59,9 +58,8 @@ def _copy_stepper(stepper: Stepper, batches: list[Any], steps: int) -> Stepper:
 
 
 def _losses(copy_stepper: Stepper) -> list[float]:
-    devices = [copy_stepper.device] if copy_stepper.device.type == "cuda" else []
     losses: list[float] = []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(copy_stepper.device):
         while not copy_stepper.finished and copy_stepper.halted is None:
             event = copy_stepper.step_stage()
             if event is None:
@@ -85,7 +83,7 @@ def check_initial_loss(stepper: Stepper, batches: list[Any]) -> CheckResult:
     inputs, targets = batches[0]
     if name == "CrossEntropyLoss":
         model_copy = copy.deepcopy(stepper.model).eval()
-        with torch.no_grad(), torch.random.fork_rng():
+        with torch.no_grad(), forked_rng(stepper.device):
             from loopscope.engine.batches import call_model, primary_output
 
             classes = primary_output(call_model(model_copy, inputs)).shape[1]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loopscope.engine.copies import forked_rng
 from loopscope.events import Finding, StageEvent
 
 if TYPE_CHECKING:
@@ -609,8 +610,7 @@ def batch_mixing_rows(stepper: Stepper) -> tuple[int, int] | None:
         return None
     model = copy.deepcopy(stepper.model)
     model.eval()  # batch norm in training mode mixes rows legitimately
-    devices = [stepper.device] if stepper.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+    with forked_rng(stepper.device), torch.enable_grad():
         try:
             x = inputs.detach().clone().requires_grad_(True)
             prepared, _ = stepper.injector.prepare_batch(x, targets)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from loopscope.engine.batches import call_model, primary_output
+from loopscope.engine.copies import forked_rng
 from loopscope.protocol import Picture
 
 GRID_COLUMNS, GRID_ROWS, CURVE_POINTS = 60, 24, 120
@@ -54,8 +55,7 @@ class PictureMaker:
             return None
         columns = list(zip(*self.rows))
         model = copy.deepcopy(s.model).eval()
-        devices = [s.device] if s.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), forked_rng(s.device):
             if kind == "boundary":
                 return self._boundary(model, columns)
             return self._curve(model, columns)

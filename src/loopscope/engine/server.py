@@ -34,7 +34,6 @@ class EngineServer:
         self._losses: list = []
         self._last_frame = 0.0
         self._rate_window: list[tuple[float, int]] = []
-        self._iteration_seconds = 0.0
         self.schedule = ProbeSchedule()
         self.run_until: int | None = None  # completed-iteration count at which running pauses
         self.pictures = None  # a PictureMaker while the UI shows pictures
@@ -202,7 +201,6 @@ class EngineServer:
             elapsed = time.monotonic() - started
             if self.speed is None:
                 self.schedule.record(probed, started, elapsed)
-            self._iteration_seconds = 0.8 * self._iteration_seconds + 0.2 * elapsed
             self._rate_window.append((time.monotonic(), s.completed_iterations))
             self._rate_window = self._rate_window[-50:]
             if s.finished or s.halted is not None:

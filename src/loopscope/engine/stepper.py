@@ -7,7 +7,6 @@ so its losses and parameters are bitwise those of the plain loop (the trajectory
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -733,12 +732,6 @@ class Stepper:
             return True
         return False
 
-    def state_copy(self) -> dict[str, Any]:
-        """Deep copies of model and optimizer state (for checks that must not touch the run)."""
-        return {
-            "model": copy.deepcopy(self.model.state_dict()),
-            "optimizer": copy.deepcopy(self.experiment.optimizer.state_dict()),
-        }
 
 
 _END = object()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from loopscope.engine.batches import call_model, primary_output
+from loopscope.engine.copies import copy_optimizer, forked_rng
 
 
 def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -26,16 +27,14 @@ class CleanTwin:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any,
                  clip_grad_norm: float | None, device: torch.device) -> None:
         self.model = copy.deepcopy(model)
-        self.optimizer = type(optimizer)(self.model.parameters(), **optimizer.defaults)
-        self.optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        self.optimizer = copy_optimizer(optimizer, self.model)
         self.loss_fn = loss_fn
         self.clip_grad_norm = clip_grad_norm
         self.device = device
 
     def iterate(self, inputs: Any, targets: Any, state: tuple[torch.Tensor, torch.Tensor | None]) -> float:
         """One clean iteration on this batch; returns the twin's loss (before its step)."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with forked_rng(self.device), torch.enable_grad():
             torch.set_rng_state(state[0])
             if state[1] is not None:
                 torch.cuda.set_rng_state(state[1], self.device)
