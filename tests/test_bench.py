@@ -8,20 +8,31 @@ from loopscope.cli import main
 
 def test_bench_pieces_report_sane_figures():
     row = bench.compare("mlp", iterations=5, rounds=1)
-    assert set(row) == {"name", "plain_ms", "stepper_ms", "ratio"} and row["plain_ms"] > 0 and row["ratio"] > 0
+    assert set(row) == {"name", "batch", "plain_ms", "stepper_ms", "ratio"} and row["plain_ms"] > 0 and row["ratio"] > 0
     assert bench.plot_render_ms(1000) > 0
     assert bench.history_memory_mb(20_000) < 5  # bounded: buckets merge, recent events are capped
 
 
+def test_app_throughput_runs_the_real_app_beside_the_plain_loop():
+    result = bench.app_throughput("mlp", seconds=2.0, rounds=2)
+    assert len(result["rounds"]) == 2 and all(r > 0 for r in result["rounds"])
+    assert result["app_its"] > 0 and result["plain_its"] > 0 and result["first_frame_ms"] > 0
+
+
 def test_bench_json_has_the_design_fields(monkeypatch, capsys):
-    # The full run takes a minute; the fields and wiring are what this checks.
-    monkeypatch.setattr(bench, "app_throughput", lambda seconds: {
-        "plain_its": 1.0, "app_its": 1.0, "ratio": 1.0, "first_frame_ms": 1.0})
-    monkeypatch.setattr(bench, "compare", lambda name, iterations, rounds, device: {
-        "name": name, "plain_ms": 1.0, "stepper_ms": 1.0, "ratio": 1.0})
+    # The full run takes a minute; the fields and wiring are what this checks (the pieces run above).
+    monkeypatch.setattr(bench, "plot_render_ms", lambda points: 1.0)
+    monkeypatch.setattr(bench, "history_memory_mb", lambda: 1.0)
+    monkeypatch.setattr(bench, "app_throughput", lambda seconds, rounds, device: {
+        "plain_its": 1.0, "app_its": 1.0, "ratio": 1.0, "rounds": [1.0], "first_frame_ms": 1.0})
+    monkeypatch.setattr(bench, "compare", lambda name, iterations, rounds, device, batch: {
+        "name": name, "batch": batch, "plain_ms": 1.0, "stepper_ms": 1.0, "ratio": 1.0})
     assert main(["bench", "--json", "--quick"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert [m["name"] for m in result["models"]] == ["mlp", "wide_mlp", "cnn"]
     assert set(result["plot_render_ms"]) == {"1000", "100000", "1000000"}
     assert {"history_memory_mb", "app", "first_frame_ms"} <= set(result)
-    assert set(result["app"]) == {"plain_its", "app_its", "ratio"}
+    assert set(result["app"]) == {"plain_its", "app_its", "ratio", "rounds"}
+    assert {m["batch"] for m in result["models"]} == {64}  # the CPU reference batch
+    assert "measuring stepper vs plain loop: cnn at batch 64 on cpu..." in captured.err  # progress, off stdout

@@ -15,6 +15,7 @@ from loopscope import __version__
 from loopscope.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.catalog import DEFAULT_SCENARIO, SCENARIOS, STAGE_DESCRIPTIONS
 from loopscope.errors import UserError
+from loopscope.protocol import DEFAULT_HISTORY
 
 EXIT_OK, EXIT_STAGE_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 COMMANDS = ("run", "trace", "scenarios", "check", "bugs", "demo", "serve", "bench")
@@ -102,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "? help, q quit.",
     )
     _add_run_arguments(run_parser)
-    run_parser.add_argument("--history", type=_non_negative_int, default=200, metavar="N",
-                            help="iterations that b can step back through (default: 200)")
+    run_parser.add_argument("--history", type=_non_negative_int, default=DEFAULT_HISTORY, metavar="N",
+                            help=f"iterations that b can step back through (default: {DEFAULT_HISTORY})")
 
     trace = commands.add_parser(
         "trace", help="run headless and write one record per stage (table or JSON lines)",
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON for machines")
     bench.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda, cuda:N or mps")
     bench.add_argument("--quick", action="store_true", help="fewer iterations (a rough look)")
+    bench.add_argument("--batch", type=_positive_int, metavar="N",
+                       help="batch size of the reference models (default: 64 on CPU, 256 on a GPU)")
 
     bugs = commands.add_parser(
         "bugs", help="list the bugs loopscope can inject, or explain one",
@@ -351,7 +354,8 @@ def _bench(args: argparse.Namespace) -> int:
     from loopscope.engine.devices import resolve_device
 
     device = str(resolve_device(args.device))
-    result = bench.run(device=device, quick=args.quick)
+    result = bench.run(device=device, quick=args.quick, batch=args.batch,
+                       progress=lambda line: print(f"measuring {line}...", file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -14,6 +14,9 @@ def engine_entry(conn: Any, spec: Any, log_path: str | None) -> None:
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
+    from loopscope.engine.allocator import tune_allocator
     from loopscope.engine.server import engine_process_main
+
+    tune_allocator()
 
     engine_process_main(conn, spec)

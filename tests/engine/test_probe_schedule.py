@@ -15,16 +15,16 @@ def simulate(plain: float, probed: float, seconds: float = 60.0) -> float:
     return extra / now
 
 
-def test_cheap_probes_run_at_screen_rate():
+def test_cheap_probes_run_at_the_panels_rate():
     schedule, now, probes = ProbeSchedule(), 0.0, 0
     while now < 10.0:
         probe = schedule.should_probe(now)
         schedule.record(probe, now, 0.0011 if probe else 0.001)
         probes += probe
         now += 0.001
-    assert 150 <= probes <= 210  # about 20 a second
+    assert 40 <= probes <= 55  # about 5 a second, the rate the detail panels redraw at
 
 
 def test_costly_probes_stay_within_the_budget():
-    assert simulate(plain=0.030, probed=0.090) < 0.07  # a CNN whose full statistics triple an iteration
-    assert simulate(plain=0.001, probed=0.050) < 0.07
+    assert simulate(plain=0.030, probed=0.090) < 0.03  # a CNN whose full statistics triple an iteration
+    assert simulate(plain=0.001, probed=0.050) < 0.03

@@ -72,3 +72,15 @@ def test_sparse_snapshots_replay_to_the_exact_boundary():
     stepper.run(10)
     assert losses_of(stepper, 31) == first_time
     assert all(torch.equal(p, params[n]) for n, p in stepper.model.named_parameters())
+
+
+def test_rewind_between_snapshots_restores_the_bugs_of_that_boundary():
+    stepper = Stepper(load_experiment("blobs", 0), keep_snapshots=10)
+    stepper.rewinder.BUDGET = 1e-9  # snapshots far apart: stepping back replays from an older one
+    stepper.run(5)
+    stepper.set_bug("lr_too_high", True)  # on when iteration 6 began
+    stepper.run(3)
+    assert all(s.completed_iterations != 5 for s in stepper.rewinder.snapshots)
+    for _ in range(3):
+        assert stepper.rewind()
+    assert stepper.completed_iterations == 5 and stepper.active_bugs == ("lr_too_high",)

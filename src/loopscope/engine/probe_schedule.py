@@ -3,14 +3,15 @@ never so often that they cost more than a few percent of training time."""
 
 from __future__ import annotations
 
-FRAME_SECONDS = 0.05  # the screen shows at most ~20 iterations a second
-PROBE_BUDGET = 0.05  # full statistics may cost at most ~5% of the run's time
+from loopscope.protocol import DETAIL_SECONDS
+
+PROBE_BUDGET = 0.02  # full statistics may cost at most ~2% of the run's time
 
 
 class ProbeSchedule:
     """Learns what a probed iteration costs over an unprobed one and spaces probes to fit the budget."""
 
-    def __init__(self, frame_seconds: float = FRAME_SECONDS, budget: float = PROBE_BUDGET) -> None:
+    def __init__(self, frame_seconds: float = DETAIL_SECONDS, budget: float = PROBE_BUDGET) -> None:
         self.frame_seconds = frame_seconds
         self.budget = budget
         self.last_probe = float("-inf")

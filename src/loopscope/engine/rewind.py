@@ -53,37 +53,42 @@ class Rewinder:
     """Boundaries of the last `keep` iterations: full snapshots every few iterations, replay between.
 
     Copying the model and optimizer at every boundary would slow a fast run down badly (Adam's
-    state alone is twice the model), so snapshots are spaced to cost at most ~3% of the run's time;
-    stepping back to a boundary between two snapshots restores the earlier one and replays the
-    iterations in between, which the loop's determinism makes exact. By hand (seconds between
-    iterations) every boundary gets its snapshot.
+    state alone is twice the model), so snapshots are spaced to cost at most ~1% of the training
+    time; stepping back to a boundary between two snapshots restores the earlier one and replays the
+    iterations in between, which the loop's determinism makes exact. After a wait (a person stepping
+    by hand, a paused run) the boundary gets its snapshot whatever the spacing: its cost is hidden
+    in the wait, and the wait is not counted as training time.
     """
 
-    BUDGET = 0.03
+    BUDGET = 0.01
+    WAIT_SECONDS = 0.05  # a gap this much longer than the training in it was spent waiting
 
     def __init__(self, keep: int = 200) -> None:
         self.keep = keep
         self.snapshots: deque[Snapshot] = deque()
         self.bug_log: dict[int, frozenset[str]] = {}  # completed iterations -> bugs active then
-        self._cost = 0.0
-        self._between = None  # seconds between boundaries, smoothed
+        self._cost = 0.0  # seconds a snapshot takes, smoothed
+        self._training = None  # seconds of training between boundaries, smoothed
         self._last_boundary_time: float | None = None
         self.furthest = 0  # the most iterations ever completed: the window is the last `keep` of them
 
     @property
     def interval(self) -> int:
-        if not self._between:
+        if not self._training:
             return 1
-        return max(1, math.ceil(self._cost / (self.BUDGET * self._between)))
+        return max(1, math.ceil(self._cost / (self.BUDGET * self._training)))
 
-    def take(self, stepper: Any) -> None:
+    def take(self, stepper: Any, training_seconds: float) -> None:
+        """At a boundary, after `training_seconds` of stages since the last one."""
         if self.keep <= 0:
             return
         now = time.perf_counter()
-        if self._last_boundary_time is not None:
-            between = now - self._last_boundary_time
-            self._between = between if self._between is None else 0.8 * self._between + 0.2 * between
+        waited = (self._last_boundary_time is None
+                  or now - self._last_boundary_time > 2 * training_seconds + self.WAIT_SECONDS)
         self._last_boundary_time = now
+        if not waited:
+            self._training = (training_seconds if self._training is None
+                              else 0.8 * self._training + 0.2 * training_seconds)
         done = stepper.completed_iterations
         self.furthest = max(self.furthest, done)
         self.bug_log[done] = frozenset(stepper.active_bugs)
@@ -92,7 +97,7 @@ class Rewinder:
         last = self.snapshots[-1] if self.snapshots else None
         if last is not None and last.completed_iterations == done and last.epoch == stepper.epoch:
             return  # already taken at this boundary
-        if last is not None and done - last.completed_iterations < self.interval:
+        if last is not None and not waited and done - last.completed_iterations < self.interval:
             return
         started = time.perf_counter()
         self.snapshots.append(self._snapshot(stepper))

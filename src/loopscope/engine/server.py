@@ -1,7 +1,7 @@
 """The engine side of a session: owns the Stepper, obeys commands, streams updates.
 
 Runs in its own process (or a thread, in tests) and talks over a multiprocessing Connection.
-In run mode it probes in full only the iterations the screen will show (at most ~20 a second)
+In run mode it probes in full only the iterations the detail panels will show (at most 5 a second)
 and sends every loss, so the plot is complete while statistics cost little.
 """
 
@@ -13,13 +13,12 @@ from typing import Any
 from loopscope.engine.probe_schedule import ProbeSchedule
 from loopscope.errors import UserError
 from loopscope.protocol import (
-    Checks, EngineState, Failed, Ready, RunChecks, RunIterations, SessionInfo, SessionSpec, SetBug,
+    FRAME_SECONDS, Checks, EngineState, Failed, Ready, RunChecks, RunIterations, SessionInfo, SessionSpec, SetBug,
     Rewind, Rewound, SetPicture, SetRunning, SetSpeed, SetTwin, Shutdown, Step, Update,
 )
 
 PICTURE_SECONDS = 0.5  # a picture costs a forward pass over a grid: at most two a second
 
-FRAME_SECONDS = 0.05  # the UI redraws at most 20 times a second; send no more often than that
 KEEP_WHEN_UNPROBED = ("validate", "checkpoint", "early_stop", "scheduler")
 
 

@@ -125,6 +125,7 @@ class Stepper:
         self._iteration_last_stage = "step"
         self._epoch_rng: Any = None  # the generators' state when this epoch's loader iterator was made
         self.rewinder = Rewinder(keep_snapshots)
+        self._block_seconds = 0.0  # training time since the last iteration boundary
         self._failing_module: str | None = None
         self.features = experiment_features(experiment, self.task)
         self.injector = BugInjector(experiment, applicable(self.features))
@@ -292,6 +293,9 @@ class Stepper:
                 if self.at_boundary:
                     self.rewinder.set_bugs_for(self, self.completed_iterations)
                 self.run_iteration()
+            # The bugs that were on when the next iteration began the first time, as a snapshot
+            # taken at this boundary would have restored them.
+            self.rewinder.set_bugs_for(self, self.completed_iterations)
         finally:
             self.on_event, self.diagnostics, self.probe = saved
 
@@ -307,7 +311,7 @@ class Stepper:
     # ----- blocks ---------------------------------------------------------------------------
     def _start_block(self) -> StageEvent | None:
         if self._prefetched is None:
-            self.rewinder.take(self)
+            self.rewinder.take(self, self._take_block_seconds())
         while True:
             start, batch, failure = self._take_batch()
             if failure is not None:
@@ -345,6 +349,11 @@ class Stepper:
             if not self._advance_epoch():
                 return None
 
+    def _take_block_seconds(self) -> float:
+        """Seconds the stages since the last boundary took (training, not waiting for a person)."""
+        seconds, self._block_seconds = self._block_seconds, 0.0
+        return seconds
+
     def _epoch_scheduler_first(self) -> bool:
         exp = self.experiment
         return exp.scheduler is not None and exp.scheduler_interval == "epoch" and "scheduler_before_step" in self.injector
@@ -368,7 +377,7 @@ class Stepper:
         nothing in the order of random draws.
         """
         if self._prefetched is None:
-            self.rewinder.take(self)
+            self.rewinder.take(self, self._take_block_seconds())
             start, batch, failure = self._take_batch()
             self._prefetched = (time.perf_counter() - start, batch, failure)
         return self._prefetched[1] is _END
@@ -424,6 +433,7 @@ class Stepper:
         if self.sync_cuda:
             torch.cuda.synchronize(self.device)
         duration_ms = (time.perf_counter() - start) * 1000.0
+        self._block_seconds += duration_ms / 1000.0
         error = None
         if exc is not None:
             error = explain(exc, module=self._failing_module, stage=stage)

@@ -21,7 +21,7 @@ from textual.widgets.selection_list import Selection
 from loopscope.bugs import BUGS
 from loopscope.demo import Demo
 from loopscope.protocol import (
-    Checks, Failed, Rewind, RunChecks, RunIterations, SessionSpec, SetBug, SetPicture, SetRunning, SetSpeed,
+    DETAIL_SECONDS, FRAME_SECONDS, Checks, Failed, Rewind, RunChecks, RunIterations, SessionSpec, SetBug, SetPicture, SetRunning, SetSpeed,
     SetTwin, Step,
 )
 from loopscope.session import EngineSession
@@ -33,8 +33,6 @@ from loopscope.ui.panels import (
 )
 from loopscope.ui.plot import LossPlot, PicturePlot
 
-FRAME_SECONDS = 0.05  # redraw at most 20 times a second, however fast the loop runs
-PLOT_SECONDS = 0.2
 BUSY_WARNING_SECONDS = 3.0  # silence from the engine this long means a slow or stuck stage  # the plot is the costliest widget: at most 5 redraws a second while running
 SPEEDS: tuple[float | None, ...] = (1.0, 2.0, 5.0, 20.0, 100.0, None)  # iterations per second; None: max
 NARROW_WIDTH = 110
@@ -158,6 +156,8 @@ class LoopscopeApp(App[None]):
         if isinstance(message.payload, Checks) or isinstance(message.payload, Failed):
             self._checks_pending = False
         running = self.model.state is not None and self.model.state.running
+        if not running:
+            self.redraw()  # a step's result shows at once; while running, the frame clock paces redraws
         self._awaiting_since = time.monotonic() if running else None
         if self._busy_shown:
             self._busy_shown = 0
@@ -213,7 +213,7 @@ class LoopscopeApp(App[None]):
         state = model.state
         running = state is not None and state.running
         now = time.monotonic()
-        if running and not force and now - self._last_panels < PLOT_SECONDS:
+        if running and not force and now - self._last_panels < DETAIL_SECONDS:
             # While running, the detail panels follow at 5 frames a second; the counters at 20.
             self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
             return
@@ -237,7 +237,7 @@ class LoopscopeApp(App[None]):
             self.query_one(NarrationBar).show(self.demo, self.demo_index, self.demo_ran,
                                               self.demo_choices.get(self.demo_index), self.demo_before,
                                               model, self.scripted)
-        if force or not running or now - self._last_plot >= PLOT_SECONDS:
+        if force or not running or now - self._last_plot >= DETAIL_SECONDS:
             self._last_plot = now
             if self.showing_picture:
                 self.query_one(PicturePlot).show(model)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 from rich.text import Text
-from textual.widgets import Static
 
 from loopscope.demo import Demo, DemoStep
 from loopscope.ui.model import ScreenModel
+from loopscope.ui.panels import TextPanel
 
 REVEAL_LABELS = {
     "loss": "loss", "grad_norm": "gradient norm", "val_loss": "val loss", "val_accuracy": "val accuracy",
@@ -41,7 +41,7 @@ def _fmt(name: str, value: float | None) -> str:
     return f"{value:.1%}" if name == "val_accuracy" else f"{value:.4g}"
 
 
-class NarrationBar(Static):
+class NarrationBar(TextPanel):
     """Where the presenter's script speaks."""
 
     def show(self, demo: Demo, index: int, ran: set[int], choice: int | None, before: dict[int, float | None],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from rich.cells import cell_len
 from rich.syntax import Syntax
 from rich.text import Text
 from textual.coordinate import Coordinate
@@ -31,7 +32,37 @@ def shape(dims: tuple[int, ...]) -> str:
     return "[" + ",".join(map(str, dims)) + "]"
 
 
-class PipelineBar(Static):
+class TextPanel(Static):
+    """A Static that repaints only when its text changed, and asks for a new screen layout only when
+    its size may have: a layout pass costs the UI process ~40 ms, and while training runs the
+    engine process wants that CPU time."""
+
+    _shown: object = None
+    _size_key: object = None
+
+    def update(self, content: object = "", *, layout: bool | None = None) -> None:
+        if content == self._shown:
+            return
+        self._shown = content
+        if layout is None:
+            size_key = self._text_size_key(content)
+            layout = size_key is None or size_key != self._size_key
+            self._size_key = size_key
+        super().update(content, layout=layout)
+
+    def _text_size_key(self, content: object) -> object:
+        """What this text's size depends on, or None when it cannot be told without a layout."""
+        width = self.content_region.width
+        if not isinstance(content, Text) or width <= 0:
+            return None
+        lengths = [cell_len(line) for line in content.plain.split("\n")]
+        if max(lengths) > width:
+            return None  # it wraps: its height depends on where the words fall
+        auto_width = self.styles.width is not None and self.styles.width.is_auto
+        return width, len(lengths), max(lengths) if auto_width else None
+
+
+class PipelineBar(TextPanel):
     """The stages of one iteration, the one just run highlighted; epoch, iteration, device, state."""
 
     def show(self, model: ScreenModel) -> None:
@@ -69,7 +100,7 @@ class PipelineBar(Static):
         self.update(text)
 
 
-class CodePanel(Static):
+class CodePanel(TextPanel):
     """The loop as PyTorch code; the stage just run highlighted; active bugs as a diff."""
 
     def show(self, model: ScreenModel) -> int | None:
@@ -112,26 +143,44 @@ class TensorsPanel(DataTable):
         self.cursor_type = "none"
         self.zebra_stripes = True
 
+    COLUMNS = ("name", "shape", "dtype", "device", "mean", "std", "note")
+
+    _rows: list[tuple] | None = None  # what the table shows; None before the first show
+
     def show(self, model: ScreenModel) -> None:
-        # Columns rebuilt each time: widths fit this stage's rows, not the widest ever seen.
-        self.clear(columns=True)
-        self.add_columns("name", "shape", "dtype", "device", "mean", "std", "note")
-        event = model.last_event
-        if event is None:
-            return
-        if event.error is not None:
-            self.add_row(Text(f"{event.stage} raised {event.error.type}", style="bold red"), "", "", "", "", "", "")
-            return
-        for t in event.tensors:
-            note = Text()
-            if t.nan_count or t.inf_count:
-                note.append(f"{t.nan_count} NaN {t.inf_count} Inf", style="bold red")
-            elif t.module_type in ("ReLU", "ReLU6") and t.zero_fraction is not None:
-                note.append(f"{t.zero_fraction:.0%} zeros", style="yellow" if t.zero_fraction >= 0.7 else "")
-            name = f"{t.name} {t.module_type}" if t.module_type else t.name
-            self.add_row(name, shape(t.shape), t.dtype, t.device, fmt(t.mean), fmt(t.std), note)
-        for key, value in _stage_facts(event):
-            self.add_row(Text(key, style="dim"), value, "", "", "", "", "")
+        rows = _tensor_rows(model.last_event)
+        if self._rows is not None and [str(row[0]) for row in rows] == [str(row[0]) for row in self._rows]:
+            # The same rows as last time (running, the same stage): repaint the changed cells only.
+            for index, (row, old) in enumerate(zip(rows, self._rows)):
+                for column in range(len(row)):
+                    if row[column] != old[column]:
+                        self.update_cell_at(Coordinate(index, column), row[column], update_width=True)
+        else:
+            # Columns rebuilt: widths fit this stage's rows, not the widest ever seen.
+            self.clear(columns=True)
+            self.add_columns(*self.COLUMNS)
+            for row in rows:
+                self.add_row(*row)
+        self._rows = rows
+
+
+def _tensor_rows(event: StageEvent | None) -> list[tuple]:
+    if event is None:
+        return []
+    if event.error is not None:
+        return [(Text(f"{event.stage} raised {event.error.type}", style="bold red"), "", "", "", "", "", "")]
+    rows: list[tuple] = []
+    for t in event.tensors:
+        note = Text()
+        if t.nan_count or t.inf_count:
+            note.append(f"{t.nan_count} NaN {t.inf_count} Inf", style="bold red")
+        elif t.module_type in ("ReLU", "ReLU6") and t.zero_fraction is not None:
+            note.append(f"{t.zero_fraction:.0%} zeros", style="yellow" if t.zero_fraction >= 0.7 else "")
+        name = f"{t.name} {t.module_type}" if t.module_type else t.name
+        rows.append((name, shape(t.shape), t.dtype, t.device, fmt(t.mean), fmt(t.std), note))
+    for key, value in _stage_facts(event):
+        rows.append((Text(key, style="dim"), value, "", "", "", "", ""))
+    return rows
 
 
 def _stage_facts(event: StageEvent) -> list[tuple[str, str]]:
@@ -153,7 +202,7 @@ def _stage_facts(event: StageEvent) -> list[tuple[str, str]]:
     return facts
 
 
-class GradientsPanel(Static):
+class GradientsPanel(TextPanel):
     """Per-parameter gradient norms as bars, with the update/weight ratio coloured by health."""
 
     def show(self, model: ScreenModel) -> None:
@@ -196,7 +245,7 @@ def _ratio_style(ratio: float) -> str:
     return "bold red"
 
 
-class DiagnosticsPanel(Static):
+class DiagnosticsPanel(TextPanel):
     """Findings, newest first, with the numbers, the suspects and the fix."""
 
     def show(self, model: ScreenModel) -> None:
@@ -241,7 +290,7 @@ class DiagnosticsPanel(Static):
         self.update(text)
 
 
-class BugInfo(Static):
+class BugInfo(TextPanel):
     """The explanation of the bug under the cursor in the bug list."""
 
     def show_bug(self, bug_id: str | None) -> None:
@@ -281,10 +330,11 @@ class EpochsPanel(DataTable):
                 self.add_row(*values)
             elif index >= len(rows) - 2:
                 for column, value in enumerate(values):
-                    self.update_cell_at(Coordinate(index, column), value)
+                    if self.get_cell_at(Coordinate(index, column)) != value:  # unchanged cells cost no repaint
+                        self.update_cell_at(Coordinate(index, column), value)
 
 
-class StatusLine(Static):
+class StatusLine(TextPanel):
     """Run speed and notices."""
 
     def show(self, model: ScreenModel, speed_label: str, log_scale: bool) -> None:
