@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -13,9 +12,7 @@ import time
 import pytest
 
 from loopscope.cli import main
-from loopscope.engine.stepper import Stepper
-from loopscope.experiment import load_experiment
-from loopscope.protocol import EngineState, Update
+from loopscope.protocol import Update
 from loopscope.events import StageEvent
 from tests.conftest import FIXTURES
 from tests.ui.helpers import make_app, press_and_wait, ready, text_of, wait_until

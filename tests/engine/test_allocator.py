@@ -10,6 +10,7 @@ import pytest
 FAULTS_PER_ITERATION = """
 import resource, sys, torch
 from loopscope import bench
+from loopscope.engine.allocator import tune_allocator
 if sys.argv[1] == "tuned":
     assert tune_allocator()
 torch.manual_seed(0)
