@@ -17,6 +17,7 @@ class ProbeSchedule:
         self.last_probe = float("-inf")
         self.probed_seconds: float | None = None
         self.plain_seconds: float | None = None
+        self._warm = False  # the first probed iteration pays one-off costs: it says nothing of the rest
 
     @property
     def interval(self) -> float:
@@ -33,6 +34,9 @@ class ProbeSchedule:
     def record(self, probed: bool, started: float, seconds: float) -> None:
         if probed:
             self.last_probe = started
-            self.probed_seconds = seconds if self.probed_seconds is None else 0.7 * self.probed_seconds + 0.3 * seconds
+            if not self._warm:
+                self._warm = True
+                return
+            self.probed_seconds = seconds if self.probed_seconds is None else 0.5 * self.probed_seconds + 0.5 * seconds
         else:
             self.plain_seconds = seconds if self.plain_seconds is None else 0.9 * self.plain_seconds + 0.1 * seconds
