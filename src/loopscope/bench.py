@@ -1,7 +1,8 @@
 """`loopscope bench`: what loopscope costs, measured side by side in one run (ratios, not seconds).
 
-- Stepper vs a plain PyTorch loop, in continuous-run mode (full statistics only for the ~20
-  iterations a second the screen shows), on three reference models at batch 64.
+- Stepper vs a plain PyTorch loop, in continuous-run mode as the app runs it (full statistics for
+  the ~5 iterations a second the panels show, snapshots for stepping back), on three reference
+  models at batch 64 on CPU, 256 on a GPU.
 - Loss-plot render time with 1e3, 1e5 and 1e6 points of history (downsampled before plotext).
 - Memory of a 1e6-iteration history.
 - Training throughput inside the running app (engine in its own process, plot redrawing) against

@@ -34,8 +34,8 @@ def shape(dims: tuple[int, ...]) -> str:
 
 class TextPanel(Static):
     """A Static that repaints only when its text changed, and asks for a new screen layout only when
-    its size may have: a layout pass costs the UI process ~40 ms, and while training runs the
-    engine process wants that CPU time."""
+    its size may have. A layout pass costs the UI process tens of ms (it ran 12 times a second while
+    training before this), and while training runs the engine process wants that CPU time."""
 
     _shown: object = None
     _size_key: object = None
