@@ -27,7 +27,9 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(["trace", "scenarios", "bugs"]), rest=st.lists(st.sampled_from(TOKENS), max_size=6))
-def test_any_argument_soup_gets_a_clear_answer(command, rest, capsys):
+def test_any_argument_soup_gets_a_clear_answer(command, rest, capsys, tmp_path, monkeypatch):
+    # `-o` followed by any token writes a file of that name: keep those out of the checkout.
+    monkeypatch.chdir(tmp_path)
     # The trailing -n 1 keeps any valid trace short (argparse keeps the last value).
     argv = [command, *rest] + (["-n", "1"] if command == "trace" else [])
     code, err = run(argv, capsys)
