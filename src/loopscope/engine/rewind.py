@@ -142,10 +142,7 @@ class Rewinder:
 
     def restore(self, stepper: Any, snapshot: Snapshot) -> None:
         exp = stepper.experiment
-        for bug_id in set(stepper.active_bugs) - snapshot.bugs:
-            stepper.injector.set(bug_id, False)
-        for bug_id in snapshot.bugs - set(stepper.active_bugs):
-            stepper.injector.set(bug_id, True)
+        _switch_bugs(stepper, snapshot.bugs)
         stepper.model.load_state_dict(snapshot.model)
         exp.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
         if snapshot.scheduler is not None:
@@ -180,9 +177,13 @@ class Rewinder:
     def set_bugs_for(self, stepper: Any, completed: int) -> None:
         """During a replay: the bugs that were on when this iteration began the first time."""
         bugs = self.bug_log.get(completed)
-        if bugs is None:
-            return
-        for bug_id in set(stepper.active_bugs) - bugs:
-            stepper.injector.set(bug_id, False)
-        for bug_id in bugs - set(stepper.active_bugs):
-            stepper.injector.set(bug_id, True)
+        if bugs is not None:
+            _switch_bugs(stepper, bugs)
+
+
+def _switch_bugs(stepper: Any, bugs: frozenset[str]) -> None:
+    """Exactly `bugs` on, as they were at that boundary."""
+    for bug_id in set(stepper.active_bugs) - bugs:
+        stepper.injector.set(bug_id, False)
+    for bug_id in bugs - set(stepper.active_bugs):
+        stepper.injector.set(bug_id, True)

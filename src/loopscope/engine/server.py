@@ -148,17 +148,9 @@ class EngineServer:
                     s.resume()  # stepping on after an error starts a fresh iteration
                 {"stage": s.step_stage, "iteration": s.run_iteration, "epoch": s.run_epoch}[command.kind]()
             elif isinstance(command, RunIterations):
-                self.run_until = s.completed_iterations + command.count
-                self.running = not s.finished
-                if s.halted is not None:
-                    s.resume()
-                self._rate_window = [(time.monotonic(), s.completed_iterations)]
+                self._set_running(True, until=s.completed_iterations + command.count)
             elif isinstance(command, SetRunning):
-                self.run_until = None
-                self.running = command.on and not s.finished
-                if self.running and s.halted is not None:
-                    s.resume()
-                self._rate_window = [(time.monotonic(), s.completed_iterations)]
+                self._set_running(command.on)
             elif isinstance(command, SetSpeed):
                 self.speed = command.iterations_per_second
             elif isinstance(command, SetBug):
@@ -185,6 +177,16 @@ class EngineServer:
         except UserError as exc:
             self.conn.send(Failed(str(exc), fatal=False))
         self._flush()
+
+    def _set_running(self, on: bool, until: int | None = None) -> None:
+        """Run (until that many completed iterations, or on) or pause; running on after an error
+        starts a fresh iteration."""
+        s = self.stepper
+        self.run_until = until
+        self.running = on and not s.finished
+        if self.running and s.halted is not None:
+            s.resume()
+        self._rate_window = [(time.monotonic(), s.completed_iterations)]
 
     def _run_a_little(self) -> None:
         """Run whole iterations until a frame is due; probe fully only the one the frame shows."""

@@ -743,5 +743,4 @@ class Stepper:
         return False
 
 
-
 _END = object()

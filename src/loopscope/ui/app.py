@@ -21,8 +21,8 @@ from textual.widgets.selection_list import Selection
 from loopscope.bugs import BUGS
 from loopscope.demo import Demo
 from loopscope.protocol import (
-    DETAIL_SECONDS, FRAME_SECONDS, Checks, Failed, Rewind, RunChecks, RunIterations, SessionSpec, SetBug, SetPicture, SetRunning, SetSpeed,
-    SetTwin, Step,
+    DETAIL_SECONDS, FRAME_SECONDS, Checks, Failed, Rewind, RunChecks, RunIterations, SessionSpec, SetBug,
+    SetPicture, SetRunning, SetSpeed, SetTwin, Step,
 )
 from loopscope.session import EngineSession
 from loopscope.ui.commands import LoopCommands
@@ -33,7 +33,7 @@ from loopscope.ui.panels import (
 )
 from loopscope.ui.plot import LossPlot, PicturePlot
 
-BUSY_WARNING_SECONDS = 3.0  # silence from the engine this long means a slow or stuck stage  # the plot is the costliest widget: at most 5 redraws a second while running
+BUSY_WARNING_SECONDS = 3.0  # silence from the engine this long means a slow or stuck stage
 SPEEDS: tuple[float | None, ...] = (1.0, 2.0, 5.0, 20.0, 100.0, None)  # iterations per second; None: max
 NARROW_WIDTH = 110
 
@@ -94,7 +94,6 @@ class LoopscopeApp(App[None]):
         self._drawn_version = -1
         self._panel_keys: dict[str, object] = {}
         self._last_panels = 0.0
-        self._last_plot = 0.0
         self._bug_list_version: tuple[str, ...] | None = None
         self._awaiting_since: float | None = None  # a command sent, no answer yet
         self._busy_shown = 0
@@ -214,7 +213,7 @@ class LoopscopeApp(App[None]):
         running = state is not None and state.running
         now = time.monotonic()
         if running and not force and now - self._last_panels < DETAIL_SECONDS:
-            # While running, the detail panels follow at 5 frames a second; the counters at 20.
+            # While running, the detail panels and the plot follow at 5 frames a second; the counters at 10.
             self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
             return
         self._last_panels = now
@@ -237,12 +236,10 @@ class LoopscopeApp(App[None]):
             self.query_one(NarrationBar).show(self.demo, self.demo_index, self.demo_ran,
                                               self.demo_choices.get(self.demo_index), self.demo_before,
                                               model, self.scripted)
-        if force or not running or now - self._last_plot >= DETAIL_SECONDS:
-            self._last_plot = now
-            if self.showing_picture:
-                self.query_one(PicturePlot).show(model)
-            else:
-                self.query_one(LossPlot).show(model)
+        if self.showing_picture:
+            self.query_one(PicturePlot).show(model)
+        else:
+            self.query_one(LossPlot).show(model)
         self._sync_bug_list()
 
     def _changed(self, panel: str, key: object) -> bool:
