@@ -14,7 +14,6 @@ import pytest
 from loopscope.cli import main
 from loopscope.protocol import Update
 from loopscope.events import StageEvent
-from tests.conftest import FIXTURES
 from tests.ui.helpers import make_app, press_and_wait, ready, text_of, wait_until
 
 # factory -> (stage that fails, words the explanation must contain)
@@ -29,15 +28,8 @@ FAULTS = {
 }
 
 
-@pytest.fixture
-def faulty(monkeypatch):
-    monkeypatch.syspath_prepend(str(FIXTURES))
-    yield
-    sys.modules.pop("faulty_experiments", None)
-
-
 @pytest.mark.parametrize("factory", list(FAULTS))
-def test_each_fault_is_explained_at_its_stage_in_the_trace(factory, faulty, capsys):
+def test_each_fault_is_explained_at_its_stage_in_the_trace(factory, fixture_modules, capsys):
     stage, words = FAULTS[factory]
     assert main(["trace", f"faulty_experiments:{factory}", "--format", "jsonl"]) == 1
     captured = capsys.readouterr()
@@ -50,7 +42,7 @@ def test_each_fault_is_explained_at_its_stage_in_the_trace(factory, faulty, caps
 
 
 @pytest.mark.parametrize("factory", list(FAULTS))
-async def test_each_fault_is_shown_in_the_app_which_keeps_running(factory, faulty):
+async def test_each_fault_is_shown_in_the_app_which_keeps_running(factory, fixture_modules):
     stage, words = FAULTS[factory]
     app = make_app(f"faulty_experiments:{factory}")
     async with app.run_test(size=(120, 40)) as pilot:
@@ -67,7 +59,7 @@ async def test_each_fault_is_shown_in_the_app_which_keeps_running(factory, fault
         assert app.is_running
 
 
-def test_nan_and_inf_stay_valid_json_and_are_flagged(faulty, capsys):
+def test_nan_and_inf_stay_valid_json_and_are_flagged(fixture_modules, capsys):
     assert main(["trace", "faulty_experiments:nan_loss", "-n", "3", "--format", "jsonl"]) == 0
     out = capsys.readouterr()
     records = [json.loads(line) for line in out.out.splitlines()]  # strict parser: no bare NaN

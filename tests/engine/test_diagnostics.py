@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from loopscope.bugs import BUGS_BY_ID
@@ -11,7 +9,6 @@ from loopscope.catalog import SCENARIOS
 from loopscope.engine.stepper import Stepper
 from loopscope.experiment import load_experiment
 from loopscope.quality import clean_run, recall_run
-from tests.conftest import FIXTURES
 
 PAIRS = [(bug, scenario) for scenario, info in SCENARIOS.items() for bug in info.bugs]
 
@@ -46,15 +43,8 @@ USER_MISTAKES = {
 }
 
 
-@pytest.fixture
-def user_mistakes(monkeypatch):
-    monkeypatch.syspath_prepend(str(FIXTURES))
-    yield
-    sys.modules.pop("user_mistakes", None)
-
-
 @pytest.mark.parametrize("factory", list(USER_MISTAKES))
-def test_mistakes_in_the_users_own_code_are_named(factory, user_mistakes):
+def test_mistakes_in_the_users_own_code_are_named(factory, fixture_modules):
     expected_id, suspect = USER_MISTAKES[factory]
     stepper = Stepper(load_experiment(f"user_mistakes:{factory}", 0))
     named = []
@@ -69,7 +59,7 @@ def test_mistakes_in_the_users_own_code_are_named(factory, user_mistakes):
     assert stepper.active_bugs == ()  # nothing was injected: the mistake is in the user's code
 
 
-def test_a_clean_user_experiment_raises_no_warning(user_mistakes):
+def test_a_clean_user_experiment_raises_no_warning(fixture_modules):
     stepper = Stepper(load_experiment("user_mistakes:clean", 0))
     stepper.run(1000)
     assert stepper.completed_iterations == 600  # 20 epochs of 30 batches
