@@ -154,20 +154,20 @@ def plot_render_ms(points: int, width: int = 60, height: int = 15) -> float:
     import math
 
     import plotext as plt
+    from rich.text import Text
 
     from loopscope.history import Series
-    from loopscope.ui.model import downsample
+    from loopscope.ui.plot import plot_points
 
     series = Series(4096)
     for i in range(points):
         series.add(i, 1.0 / math.sqrt(i + 1))
     start = time.perf_counter()
-    xs, ys = zip(*((p.x, p.mean) for p in series.points()))
-    xs, ys = downsample(list(xs), list(ys), 2 * width)
-    plt.clear_figure()
+    xs, ys = plot_points(series, width)
+    plt.clear_data()
     plt.plotsize(width, height)
     plt.plot(xs, ys, marker="braille")
-    plt.build()
+    Text.from_ansi(plt.build())  # as textual-plotext turns the plot into the widget's text
     return (time.perf_counter() - start) * 1000
 
 

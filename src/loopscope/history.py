@@ -93,6 +93,18 @@ class Series:
             result.append(SeriesPoint(self._x[i], mean, low, high, self._count[i], self._count[i] - finite))
         return result
 
+    def means(self) -> tuple[list[float], list[float]]:
+        """x and mean of every bucket that holds a finite value, oldest first: what a plot draws.
+
+        Much cheaper than `points()` (no object per bucket), and the UI calls it at every frame.
+        """
+        xs, ys = [], []
+        for x, total, finite in zip(self._x, self._sum, self._finite):
+            if finite:
+                xs.append(x)
+                ys.append(total / finite)
+        return xs, ys
+
     def truncate(self, x: float) -> None:
         """Forget every bucket that ends after `x` (after a rewind, the future is rewritten)."""
         while self._x and self._x[-1] > x:

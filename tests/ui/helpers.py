@@ -33,6 +33,8 @@ async def press_and_wait(pilot, key: str, condition: Callable[[], bool]) -> None
 
 def text_of(app, selector: str) -> str:
     widget = app.query_one(selector)
+    if hasattr(widget, "plain"):  # a panel that draws line by line keeps its text
+        return widget.plain
     rendered = widget.render()
     return getattr(rendered, "plain", str(rendered))
 

@@ -15,7 +15,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Footer, SelectionList
+from textual.widgets import Footer, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
 from loopscope.bugs import BUGS
@@ -29,7 +29,7 @@ from loopscope.ui.commands import LoopCommands
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.narration import NarrationBar, metric
 from loopscope.ui.panels import (
-    BugInfo, CodePanel, DiagnosticsPanel, EpochsPanel, GradientsPanel, PipelineBar, StatusLine, TensorsPanel,
+    EPOCHS_HEADER, BugInfo, CodePanel, DiagnosticsPanel, EpochsPanel, GradientsPanel, PipelineBar, StatusLine, TensorsPanel,
 )
 from loopscope.ui.plot import LossPlot, PicturePlot
 
@@ -121,7 +121,8 @@ class LoopscopeApp(App[None]):
             ("gradients-box", "Gradients", VerticalScroll, lambda: [GradientsPanel(id="gradients")]),
             ("plot-box", "Loss (p: picture)", Vertical, lambda: [LossPlot(id="plot"), PicturePlot(id="picture")]),
             ("diagnostics-box", "Diagnostics", VerticalScroll, lambda: [DiagnosticsPanel(id="diagnostics")]),
-            ("epochs-box", "Epochs", Vertical, lambda: [EpochsPanel(id="epochs")]),
+            ("epochs-box", "Epochs", Vertical,
+             lambda: [Static(EPOCHS_HEADER, id="epochs-header"), EpochsPanel(id="epochs")]),
             ("bugs-box", "Bugs (enter: on/off)", Vertical,
              lambda: [SelectionList[str](id="bug-list"), BugInfo(id="bug-info")]),
         )
@@ -228,9 +229,7 @@ class LoopscopeApp(App[None]):
                            id(model.checks), state and state.halted, id(event) if state and state.halted else None)
         if self._changed("diagnostics", diagnostics_key):
             self.query_one(DiagnosticsPanel).show(model)
-        epochs = self.query_one(EpochsPanel)
-        epochs.show(model)
-        epochs.scroll_end(animate=False)
+        self.query_one(EpochsPanel).show(model)
         self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
         if self.demo is not None:
             self.query_one(NarrationBar).show(self.demo, self.demo_index, self.demo_ran,

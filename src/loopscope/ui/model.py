@@ -113,16 +113,6 @@ class ScreenModel:
                 if row.val_loss is not None:
                     self.val_loss.add(event.iteration, row.val_loss)
 
-    def epoch_rows(self, start: int = 0) -> list[tuple[EpochRow, str]]:
-        """Rows from the `start`-th epoch on, each with its observation (cheap for the last few)."""
-        ordered = sorted(self.epochs)
-        rows = []
-        for index in range(start, len(ordered)):
-            previous = self.epochs[ordered[index - 1]] if index > 0 else None
-            row = self.epochs[ordered[index]]
-            rows.append((row, observe(previous, row)))
-        return rows
-
 
 def downsample(xs: list[float], ys: list[float], limit: int) -> tuple[list[float], list[float]]:
     """At most `limit` points (bucket means): plotext's cost grows with every point it draws."""

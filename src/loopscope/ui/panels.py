@@ -5,15 +5,20 @@ from __future__ import annotations
 import math
 
 from rich.cells import cell_len
+from rich.segment import Segment
+from rich.style import Style
 from rich.syntax import Syntax
 from rich.text import Text
 from textual.coordinate import Coordinate
+from textual.geometry import Size
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 from textual.widgets import DataTable, Static
 
 from loopscope.bugs import BUGS_BY_ID
 from loopscope.events import StageEvent
 from loopscope.loopcode import render_loop
-from loopscope.ui.model import ScreenModel
+from loopscope.ui.model import ScreenModel, observe
 
 _SYNTAX = Syntax("", "python", theme="monokai", background_color="default")
 HEALTHY_RATIO = (1e-4, 1e-2)  # around cs231n's 1e-3
@@ -306,32 +311,84 @@ class BugInfo(TextPanel):
         self.update(text)
 
 
-class EpochsPanel(DataTable):
-    """One row per epoch: train loss, val loss, val accuracy and an observation."""
+EPOCH_COLUMNS = (("epoch", 5), ("train loss", 10), ("val loss", 10), ("val acc", 7), ("observation", 0))
 
-    def on_mount(self) -> None:
-        self.cursor_type = "none"
-        self._keys: list[int] = []
-        self.add_columns("epoch", "train loss", "val loss", "val acc", "observation")
 
-    MAX_ROWS = 100  # the latest epochs; a table that grows forever slows every redraw
+def epoch_line(values: tuple[str, ...]) -> str:
+    """One row of the epochs table: fixed-width columns, so the header above lines up with it."""
+    cells = [value.rjust(width) if width else value for value, (_, width) in zip(values, EPOCH_COLUMNS)]
+    return "  ".join(cells)
+
+
+EPOCHS_HEADER = epoch_line(tuple(name for name, _ in EPOCH_COLUMNS))
+
+
+class EpochsPanel(ScrollView):
+    """One line per planned epoch (blank until it runs): train loss, val loss, val acc, an observation.
+
+    Every planned epoch (the latest MAX_ROWS of a longer run) has its line from the start, so the
+    table keeps its height while training runs: a change of height makes Textual lay out the whole
+    screen (~15 ms here). It draws only the lines in view, and repaints only the lines that changed:
+    the running epoch's loss changes at every frame, and a DataTable repaints every row for that (~7 ms).
+    """
+
+    MAX_ROWS = 100
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self._lines: list[tuple[str, bool]] = []  # (text, planned but not run yet)
+        self._width = 0
+        self._latest: int | None = None
+
+    @property
+    def plain(self) -> str:
+        """Every line of the table, as text (what scrolling through it would show)."""
+        return "\n".join(line for line, _ in self._lines)
 
     def show(self, model: ScreenModel) -> None:
-        rows = model.epoch_rows(max(0, len(model.epochs) - self.MAX_ROWS))
-        keys = [row.epoch for row, _ in rows]
-        rebuild = keys != self._keys
-        if rebuild:  # a new epoch (at most once an epoch): rebuild; otherwise update the last rows only
-            self.clear()
-            self._keys = keys
-        for index, (row, note) in enumerate(rows):
-            accuracy = f"{row.val_accuracy:.1%}" if row.val_accuracy is not None else "-"
-            values = (str(row.epoch), fmt(row.train_loss, 4), fmt(row.val_loss, 4), accuracy, note)
-            if rebuild:
-                self.add_row(*values)
-            elif index >= len(rows) - 2:
-                for column, value in enumerate(values):
-                    if self.get_cell_at(Coordinate(index, column)) != value:  # unchanged cells cost no repaint
-                        self.update_cell_at(Coordinate(index, column), value)
+        if model.info is None:
+            return
+        count = min(model.info.epochs, self.MAX_ROWS)
+        latest = max(model.epochs, default=1)
+        first = max(1, latest - count + 1)
+        lines = [self._line(model, epoch) for epoch in range(first, first + count)]
+        width = max(self._width, *(cell_len(line) for line, _ in lines))
+        if len(lines) != len(self._lines) or width != self._width:  # rare: a new run, a longer observation
+            self._width = width
+            self.virtual_size = Size(width, len(lines))
+            self.refresh()
+        else:
+            for y, (line, before) in enumerate(zip(lines, self._lines)):
+                if line != before:
+                    self.refresh_line(y)
+        self._lines = lines
+        if latest != self._latest:  # follow the epoch being run, but let the reader scroll within one
+            self._latest = latest
+            visible = self.scrollable_content_region.height
+            line = latest - first
+            if visible and not self.scroll_y <= line < self.scroll_y + visible:
+                self.scroll_to(y=max(0, line - visible + 1), animate=False)
+
+    @staticmethod
+    def _line(model: ScreenModel, epoch: int) -> tuple[str, bool]:
+        row = model.epochs.get(epoch)
+        if row is None:
+            return epoch_line((str(epoch),)), True
+        accuracy = f"{row.val_accuracy:.1%}" if row.val_accuracy is not None else "-"
+        return epoch_line((str(epoch), fmt(row.train_loss, 4), fmt(row.val_loss, 4), accuracy,
+                           observe(model.epochs.get(epoch - 1), row))), False
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        style = self.rich_style
+        if scroll_y + y >= len(self._lines):
+            return Strip.blank(self.size.width, style)
+        text, planned = self._lines[scroll_y + y]
+        strip = Strip([Segment(text, style + PLANNED_STYLE if planned else style)], cell_len(text))
+        return strip.crop_extend(scroll_x, scroll_x + self.size.width, style)
+
+
+PLANNED_STYLE = Style(dim=True)
 
 
 class StatusLine(TextPanel):
