@@ -221,3 +221,15 @@ async def test_b_beyond_the_kept_history_says_so():
         await press_and_wait(pilot, "b", lambda: state(app).completed_iterations == 1)
         await press_and_wait(pilot, "b", lambda: "cannot step back further" in text_of(app, "#status"))
         assert state(app).completed_iterations == 1
+
+
+async def test_a_frame_tick_while_the_app_shuts_down_draws_nothing():
+    # The frame clock can tick after quitting has removed the panels; that tick used to raise
+    # NoMatches, which Textual prints as a traceback over the terminal on the way out.
+    app = make_app("blobs")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+    app.model.version += 1  # something new to draw
+    app.redraw()
+    app.redraw(force=True)

@@ -199,6 +199,8 @@ class LoopscopeApp(App[None]):
 
     # ----- drawing -----------------------------------------------------------------------
     def redraw(self, force: bool = False) -> None:
+        if not self.is_running:  # shutting down: the frame clock can tick after the panels are gone
+            return
         self._check_busy()
         model = self.model
         if model.version == self._drawn_version and not force:
