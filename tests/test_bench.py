@@ -1,9 +1,12 @@
 """`loopscope bench`: it runs and reports every figure DESIGN names (no assertions on speed)."""
 
 import json
+import queue
 
 from loopscope import bench
 from loopscope.cli import main
+from loopscope.protocol import PlainLoopTimed, Ready, SessionSpec, TimePlainLoop, Update
+from loopscope.session import EngineSession
 
 
 def test_bench_pieces_report_sane_figures():
@@ -17,6 +20,28 @@ def test_app_throughput_runs_the_real_app_beside_the_plain_loop():
     result = bench.app_throughput("mlp", seconds=2.0, rounds=2)
     assert len(result["rounds"]) == 2 and all(r > 0 for r in result["rounds"])
     assert result["app_its"] > 0 and result["plain_its"] > 0 and result["first_frame_ms"] > 0
+
+
+def _next(messages: queue.Queue, kind: type):
+    while True:
+        message = messages.get(timeout=60)
+        if isinstance(message, kind):
+            return message
+
+
+def test_the_engine_times_the_plain_loop_on_its_own_model_and_keeps_its_place():
+    # The app's reference loop runs on the engine's own objects (see TimePlainLoop).
+    messages: queue.Queue = queue.Queue()
+    session = EngineSession(SessionSpec("loopscope.bench:mlp_experiment", "cpu"), messages.put, in_process=True)
+    session.start()
+    try:
+        _next(messages, Ready)
+        session.send(TimePlainLoop(0.3))
+        timed = _next(messages, PlainLoopTimed)
+        assert timed.iterations > 0 and timed.seconds >= 0.3
+        assert _next(messages, Update).state.completed_iterations == 0  # not counted as loopscope's iterations
+    finally:
+        session.stop()
 
 
 def test_bench_json_has_the_design_fields(monkeypatch, capsys):

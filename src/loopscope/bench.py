@@ -76,12 +76,13 @@ MODELS = {"mlp": mlp_experiment, "wide_mlp": wide_mlp_experiment, "cnn": cnn_exp
 
 
 # ----- stepper vs plain loop -----------------------------------------------------------------
-def _plain_times(experiment, iterations: int, device) -> list[float]:
+def _plain_iterations(experiment, device, stop: Callable[[int, float], bool]) -> list[float]:
+    """The loop a user writes by hand, timed per iteration, until `stop(iterations, elapsed)`."""
     import torch
 
     model, optimizer, loss_fn = experiment.model.to(device), experiment.optimizer, experiment.loss_fn
-    times, batches = [], iter(experiment.train_loader)
-    for _ in range(iterations):
+    times, batches, began = [], iter(experiment.train_loader), time.perf_counter()
+    while not stop(len(times), time.perf_counter() - began):
         start = time.perf_counter()
         try:
             x, y = next(batches)
@@ -98,6 +99,15 @@ def _plain_times(experiment, iterations: int, device) -> list[float]:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def _plain_times(experiment, iterations: int, device) -> list[float]:
+    return _plain_iterations(experiment, device, lambda done, elapsed: done >= iterations)
+
+
+def plain_iterations_for(experiment, device, seconds: float) -> int:
+    """How many plain-loop iterations run in `seconds` (the app's reference, see TimePlainLoop)."""
+    return len(_plain_iterations(experiment, device, lambda done, elapsed: elapsed >= seconds))
 
 
 def _stepper_times(stepper, iterations: int, schedule) -> list[float]:
@@ -186,20 +196,28 @@ def history_memory_mb(iterations: int = 1_000_000) -> float:
 
 # ----- the app -------------------------------------------------------------------------------
 # Runs in its own process, as a user's `loopscope` does: the app (engine in its own process, plot
-# redrawing) and the plain loop take turns in rounds, so machine noise hits both alike.
+# redrawing) and the plain loop take turns in rounds, so machine noise hits both alike. The plain
+# loop runs in the engine process on the engine's own model and data (TimePlainLoop), with the
+# screen idle: the only difference between the two is loopscope.
 _APP_PROBE = """
 import asyncio, json, sys, time
 t0 = time.perf_counter()
-from loopscope.protocol import SessionSpec
+from loopscope.protocol import PlainLoopTimed, SessionSpec, TimePlainLoop
 from loopscope.ui.app import LoopscopeApp
 
 class Timed(LoopscopeApp):
     first_frame = None
+    plain = None
     def on_mount(self):
         # Textual also calls LoopscopeApp.on_mount itself: calling super() here would start two engines.
         self.call_after_refresh(self._first)
     def _first(self):
         Timed.first_frame = Timed.first_frame or time.perf_counter() - t0
+    def _from_engine(self, payload):
+        if isinstance(payload, PlainLoopTimed):
+            Timed.plain = payload
+        else:
+            super()._from_engine(payload)
 
 async def wait_for(pilot, condition):
     while not condition():
@@ -209,13 +227,6 @@ async def main(name, seconds, rounds, device_name):
     app = Timed(SessionSpec(f"loopscope.bench:{name}_experiment", device=device_name))
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app.model.info is not None)
-        import torch
-        from loopscope.bench import MODELS, _plain_times
-        from loopscope.engine.allocator import tune_allocator
-        tune_allocator()  # as the app's engine process does
-        torch.manual_seed(0)
-        plain_experiment, device = MODELS[name](), torch.device(device_name)
-        _plain_times(plain_experiment, 5, device)
         state = lambda: app.model.state
         app_rates, plain_rates = [], []
         for _ in range(rounds):
@@ -227,10 +238,10 @@ async def main(name, seconds, rounds, device_name):
             app_rates.append((state().completed_iterations - done) / (time.perf_counter() - start))
             await pilot.press("r")
             await wait_for(pilot, lambda: not state().running)
-            start, done = time.perf_counter(), 0
-            while time.perf_counter() - start < seconds:
-                done += len(_plain_times(plain_experiment, 5, device))
-            plain_rates.append(done / (time.perf_counter() - start))
+            Timed.plain = None
+            app.send(TimePlainLoop(seconds))
+            await wait_for(pilot, lambda: Timed.plain is not None)
+            plain_rates.append(Timed.plain.iterations / Timed.plain.seconds)
     print(json.dumps({"first_frame_ms": Timed.first_frame * 1000, "app_rates": app_rates,
                       "plain_rates": plain_rates}))
 

@@ -11,8 +11,10 @@ from loopscope.events import CheckResult, StageError, StageEvent
 
 # While training runs, the screen's counters move at 10 frames a second and the detail panels
 # (tensors, gradients, plot) at 5: a person cannot read numbers that change faster, and every
-# wake-up of the UI process takes a core from the engine's threads (measured: 20 frames a second
-# cost ~5% more throughput than 10). The engine probes in full no more often than the panels show.
+# wake-up of the UI process takes a core from the engine's threads. Measured with `loopscope bench`
+# on 2 cores: 20 frames a second cost ~5% of throughput against 10; so, oddly, did 5 (one clock at
+# 0.2 s: 0.90x against 0.94x over five runs each). The engine probes in full no more often than
+# the panels show.
 FRAME_SECONDS = 0.1
 DETAIL_SECONDS = 0.2
 
@@ -57,6 +59,21 @@ class SetSpeed:
     """Iterations per second while running; None means as fast as possible."""
 
     iterations_per_second: float | None
+
+
+@dataclass(frozen=True)
+class TimePlainLoop:
+    """`loopscope bench` only: run a plain PyTorch loop for `seconds` on the engine's own model,
+    optimizer and data, as the reference for the app's throughput. The same objects in the same
+    process: a copy elsewhere lands elsewhere in memory, which alone moved the figure by up to ~10%."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PlainLoopTimed:
+    iterations: int
+    seconds: float
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from loopscope.engine.probe_schedule import ProbeSchedule
 from loopscope.errors import UserError
 from loopscope.protocol import (
     FRAME_SECONDS, Checks, EngineState, Failed, Ready, RunChecks, RunIterations, SessionInfo, SessionSpec, SetBug,
-    Rewind, Rewound, SetPicture, SetRunning, SetSpeed, SetTwin, Shutdown, Step, Update,
+    PlainLoopTimed, Rewind, Rewound, SetPicture, SetRunning, SetSpeed, SetTwin, Shutdown, Step, TimePlainLoop,
+    Update,
 )
 
 PICTURE_SECONDS = 0.5  # a picture costs a forward pass over a grid: at most two a second
@@ -117,6 +118,13 @@ class EngineServer:
             if picture is not None:
                 self.conn.send(picture)
 
+    def _time_plain_loop(self, seconds: float) -> PlainLoopTimed:
+        from loopscope.bench import plain_iterations_for
+
+        start = time.perf_counter()
+        done = plain_iterations_for(self.stepper.experiment, self.stepper.device, seconds)
+        return PlainLoopTimed(done, time.perf_counter() - start)
+
     # ----- loop ------------------------------------------------------------------------
     def serve(self) -> None:
         if not self.start():
@@ -174,6 +182,9 @@ class EngineServer:
                 from loopscope.engine.checks import run_checks
 
                 self.conn.send(Checks(tuple(run_checks(s))))
+            elif isinstance(command, TimePlainLoop):
+                self.running, self.run_until = False, None
+                self.conn.send(self._time_plain_loop(command.seconds))
         except UserError as exc:
             self.conn.send(Failed(str(exc), fatal=False))
         self._flush()

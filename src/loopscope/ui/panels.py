@@ -39,7 +39,7 @@ def shape(dims: tuple[int, ...]) -> str:
 
 class TextPanel(Static):
     """A Static that repaints only when its text changed, and asks for a new screen layout only when
-    its size may have. A layout pass costs the UI process tens of ms (it ran 12 times a second while
+    its size did. A layout pass costs the UI process tens of ms (it ran 12 times a second while
     training before this), and while training runs the engine process wants that CPU time."""
 
     _shown: object = None
@@ -49,22 +49,21 @@ class TextPanel(Static):
         if content == self._shown:
             return
         self._shown = content
+        super().update(content, layout=bool(layout))
         if layout is None:
-            size_key = self._text_size_key(content)
-            layout = size_key is None or size_key != self._size_key
+            size_key = self._size_now()
+            if size_key is None or size_key != self._size_key:
+                self.refresh(layout=True)
             self._size_key = size_key
-        super().update(content, layout=layout)
 
-    def _text_size_key(self, content: object) -> object:
-        """What this text's size depends on, or None when it cannot be told without a layout."""
+    def _size_now(self) -> object:
+        """The size the new text takes, wrapped as Textual will wrap it; None before the first layout."""
         width = self.content_region.width
-        if not isinstance(content, Text) or width <= 0:
+        if width <= 0:
             return None
-        lengths = [cell_len(line) for line in content.plain.split("\n")]
-        if max(lengths) > width:
-            return None  # it wraps: its height depends on where the words fall
-        auto_width = self.styles.width is not None and self.styles.width.is_auto
-        return width, len(lengths), max(lengths) if auto_width else None
+        if self.styles.width is not None and self.styles.width.is_auto:
+            width = self.visual.get_optimal_width(self.styles, width)
+        return width, self.visual.get_height(self.styles, width)
 
 
 class PipelineBar(TextPanel):
