@@ -84,3 +84,22 @@ def test_rewind_between_snapshots_restores_the_bugs_of_that_boundary():
     for _ in range(3):
         assert stepper.rewind()
     assert stepper.completed_iterations == 5 and stepper.active_bugs == ("lr_too_high",)
+
+
+def test_a_replay_from_before_the_window_switches_the_bugs_as_they_were_switched():
+    # The oldest snapshot kept can lie before the window; the replay from it passes boundaries
+    # where a bug was switched on, and must switch it there again (they were forgotten before).
+    stepper = Stepper(load_experiment("blobs", 0), keep_snapshots=10)
+    stepper.rewinder.BUDGET = 1e-9  # snapshots far apart: the one kept is at the start
+    stepper.run(5)
+    stepper.set_bug("lr_too_high", True)
+    stepper.run(15)
+    assert stepper.rewinder.snapshots[0].completed_iterations < 5
+    first_time = losses_of(stepper, 11)
+    for _ in range(10):
+        assert stepper.rewind()
+    assert stepper.completed_iterations == 10
+    stepper.run(10)
+    assert losses_of(stepper, 11) == first_time
+    log = stepper.rewinder.bug_log  # bounded: from the oldest snapshot on, in order
+    assert list(log) == list(range(stepper.rewinder.snapshots[0].completed_iterations, 20))  # 20: logged as the next iteration starts

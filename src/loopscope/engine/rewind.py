@@ -91,9 +91,7 @@ class Rewinder:
                               else 0.8 * self._training + 0.2 * training_seconds)
         done = stepper.completed_iterations
         self.furthest = max(self.furthest, done)
-        self.bug_log[done] = frozenset(stepper.active_bugs)
-        for old in [k for k in self.bug_log if k < self.furthest - self.keep - 1]:
-            del self.bug_log[old]
+        self._log_bugs(done, frozenset(stepper.active_bugs))
         last = self.snapshots[-1] if self.snapshots else None
         if last is not None and last.completed_iterations == done and last.epoch == stepper.epoch:
             return  # already taken at this boundary
@@ -106,6 +104,16 @@ class Rewinder:
         # Keep one snapshot at or before the oldest boundary still in the window.
         while len(self.snapshots) > 1 and self.snapshots[1].completed_iterations <= self.furthest - self.keep:
             self.snapshots.popleft()
+
+    def _log_bugs(self, done: int, bugs: frozenset[str]) -> None:
+        """The bugs on at each boundary a replay can pass: every one from the oldest snapshot on,
+        which may lie before the window (a replay from it passes them all)."""
+        self.bug_log[done] = bugs
+        oldest = self.snapshots[0].completed_iterations if self.snapshots else done
+        # Keys are in order (a replay starts at a kept snapshot and rewrites keys already there),
+        # so pruning stops at the first one still needed instead of scanning them all.
+        while (first := next(iter(self.bug_log))) < oldest:
+            del self.bug_log[first]
 
     def _snapshot(self, stepper: Any) -> Snapshot:
         exp = stepper.experiment
