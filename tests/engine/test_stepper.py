@@ -111,6 +111,22 @@ def test_tensor_statistics_match_torch():
     assert small_stat.zero_fraction == pytest.approx(1 / 3)
 
 
+def test_nan_and_inf_are_counted_wherever_they_hide():
+    from loopscope.engine.probes import tensor_stats
+
+    relu_like = torch.relu(torch.randn(500, 300))  # finite: the quick pass alone
+    with_inf = torch.randn(500, 300)
+    with_inf[3, 4], with_inf[7, 8] = float("inf"), float("-inf")
+    huge = torch.full((400, 300), 3e30)  # finite, but its sum of squares overflows float32
+    stats = tensor_stats([("relu", relu_like, None), ("inf", with_inf, None), ("huge", huge, None)])
+    relu, inf, big = stats
+    assert (relu.nan_count, relu.inf_count) == (0, 0)
+    assert relu.zero_fraction == pytest.approx((relu_like == 0).float().mean().item())
+    assert relu.min == 0.0 and relu.max == relu_like.max().item()
+    assert (inf.nan_count, inf.inf_count, inf.mean) == (0, 2, None)
+    assert (big.nan_count, big.inf_count, big.zero_fraction) == (0, 0, 0.0) and big.max == pytest.approx(3e30)
+
+
 def test_zero_grad_sees_stale_gradients_then_none():
     stepper = Stepper(tiny_experiment())
     stepper.run(1)
