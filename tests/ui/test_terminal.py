@@ -87,7 +87,12 @@ def test_the_ui_process_never_imports_torch(tmp_path):
     assert result.stdout.split() == ["False", "1"], result.stderr[-2000:]
 
 
+def _engine_pids() -> set[str]:
+    return set(subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout.split())
+
+
 def test_sigterm_quits_the_app_and_restores_the_terminal(tmux_session):
+    engines_before = _engine_pids()  # an earlier test's engine may still be on its way out
     tmux("send-keys", "-t", tmux_session, f"{LOOPSCOPE} blobs --seed 7; echo EXIT=$?", "Enter")
     wait_for_pane(tmux_session, "iter 0")
     tmux("send-keys", "-t", tmux_session, "r")
@@ -96,5 +101,4 @@ def test_sigterm_quits_the_app_and_restores_the_terminal(tmux_session):
     screen = wait_for_pane(tmux_session, "EXIT=0")
     assert "Loop code" not in screen  # the app's screen is gone: the terminal is back to the shell
     time.sleep(1.0)
-    engines = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout
-    assert engines.strip() == ""  # and the engine process went with it
+    assert not _engine_pids() - engines_before  # and the app's engine process went with it

@@ -15,7 +15,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Footer, SelectionList, Static
+from textual.widgets import Footer, SelectionList
 from textual.widgets.selection_list import Selection
 
 from loopscope.bugs import BUGS
@@ -29,7 +29,7 @@ from loopscope.ui.commands import LoopCommands
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.narration import NarrationBar, metric
 from loopscope.ui.panels import (
-    EPOCHS_HEADER, BugInfo, CodePanel, DiagnosticsPanel, EpochsPanel, GradientsPanel, PipelineBar, StatusLine, TensorsPanel,
+    BugInfo, CodePanel, DiagnosticsPanel, EpochsPanel, GradientsPanel, PipelineBar, StatusLine, TensorsPanel,
 )
 from loopscope.ui.plot import LossPlot, PicturePlot
 
@@ -121,8 +121,7 @@ class LoopscopeApp(App[None]):
             ("gradients-box", "Gradients", VerticalScroll, lambda: [GradientsPanel(id="gradients")]),
             ("plot-box", "Loss (p: picture)", Vertical, lambda: [LossPlot(id="plot"), PicturePlot(id="picture")]),
             ("diagnostics-box", "Diagnostics", VerticalScroll, lambda: [DiagnosticsPanel(id="diagnostics")]),
-            ("epochs-box", "Epochs", Vertical,
-             lambda: [Static(EPOCHS_HEADER, id="epochs-header"), EpochsPanel(id="epochs")]),
+            ("epochs-box", "Epochs", Vertical, lambda: [EpochsPanel(id="epochs")]),
             ("bugs-box", "Bugs (enter: on/off)", Vertical,
              lambda: [SelectionList[str](id="bug-list"), BugInfo(id="bug-info")]),
         )
