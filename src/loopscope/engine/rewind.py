@@ -99,11 +99,12 @@ class Rewinder:
             return
         started = time.perf_counter()
         self.snapshots.append(self._snapshot(stepper))
-        cost = time.perf_counter() - started
-        self._cost = cost if not self._cost else 0.8 * self._cost + 0.2 * cost
         # Keep one snapshot at or before the oldest boundary still in the window.
         while len(self.snapshots) > 1 and self.snapshots[1].completed_iterations <= self.furthest - self.keep:
             self.snapshots.popleft()
+        # The cost counts freeing the snapshot dropped, too.
+        cost = time.perf_counter() - started
+        self._cost = cost if not self._cost else 0.8 * self._cost + 0.2 * cost
 
     def _log_bugs(self, done: int, bugs: frozenset[str]) -> None:
         """The bugs on at each boundary a replay can pass: every one from the oldest snapshot on,
