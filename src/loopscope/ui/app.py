@@ -54,7 +54,10 @@ class LoopscopeApp(App[None]):
     AUTO_FOCUS = "#code-box"  # on a narrow screen the loop code is what a learner needs first
     COMMANDS = App.COMMANDS | {LoopCommands}
     # Priority: the keys mean the same thing whichever panel has focus.
+    # In footer order: help first, so even an 80-column footer says where the rest are; the command
+    # palette (ctrl+p) and `s` are in the help, which leaves room for `q quit` at 120 columns.
     BINDINGS = [
+        Binding("question_mark", "help", "help", key_display="?", priority=True),
         Binding("space", "step_stage", "stage", priority=True),
         Binding("n", "step_iteration", "iteration", priority=True),
         Binding("e", "step_epoch", "epoch", priority=True),
@@ -64,10 +67,9 @@ class LoopscopeApp(App[None]):
         Binding("t", "toggle_twin", "twin", priority=True),
         Binding("c", "checks", "checks", priority=True),
         Binding("l", "toggle_log", "log", priority=True),
-        Binding("question_mark", "help", "help", key_display="?", priority=True),
         Binding("b", "rewind", "back", priority=True),
         Binding("p", "toggle_picture", "picture", priority=True),
-        Binding("s", "save_svg", "save svg", priority=True),
+        Binding("s", "save_svg", "save svg", show=False, priority=True),
         Binding("ctrl+r", "restart_engine", "restart", show=False, priority=True),
         Binding("q", "quit", "quit", priority=True),
         # Demo mode only (check_action lets the keys through to the panels otherwise).
@@ -110,7 +112,7 @@ class LoopscopeApp(App[None]):
                     box.border_title = title
                     yield from make_children()
         yield StatusLine(id="status")
-        yield Footer(compact=True)
+        yield Footer(compact=True, show_command_palette=False)
 
     @staticmethod
     def _panels() -> tuple:

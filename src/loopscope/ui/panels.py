@@ -90,10 +90,10 @@ class PipelineBar(TextPanel):
         memory = model.last_event.metrics if model.last_event else {}
         if "cuda_allocated_mb" in memory:
             text.append(f"  mem {memory['cuda_allocated_mb']:.0f}/{memory['cuda_peak_mb']:.0f} MB peak", style="bold")
-        text.append("  |  ", style="dim")
+        text.append(" | ", style="dim")
         for group, stages in enumerate((list(state.iteration_stages), list(info.epoch_end_stages))):
             if group and stages:
-                text.append("  |  epoch end: ", style="dim")
+                text.append(" | epoch end: ", style="dim")
             for i, stage in enumerate(stages):
                 if i:
                     text.append(" > ", style="dim")
