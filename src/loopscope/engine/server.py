@@ -199,6 +199,11 @@ class EngineServer:
             s.resume()
         self._rate_window = [(time.monotonic(), s.completed_iterations)]
 
+    def _last_of_run(self) -> bool:
+        """The iteration about to start is the run's last: probe it, so the screen ends on it."""
+        s = self.stepper
+        return (self.run_until is not None and s.completed_iterations + 1 >= self.run_until) or s.last_iteration_next()
+
     def _run_a_little(self) -> None:
         """Run whole iterations until a frame is due; probe fully only the one the frame shows."""
         s = self.stepper
@@ -208,7 +213,8 @@ class EngineServer:
             started = time.monotonic()
             probed = False
             if s.at_boundary:
-                probed = s.probe = self.speed is not None or self.schedule.should_probe(started)
+                probed = s.probe = (self.speed is not None or self._last_of_run()
+                                    or self.schedule.should_probe(started))
             s.run_iteration()
             elapsed = time.monotonic() - started
             if self.speed is None:

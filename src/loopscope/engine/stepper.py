@@ -206,6 +206,17 @@ class Stepper:
         """True between blocks: the next stage starts an iteration (or ends the epoch)."""
         return not self._queue
 
+    def last_iteration_next(self) -> bool:
+        """At a boundary: whether the next iteration is training's last (when the loader has a
+        length), so a run can probe it and the panels end on the final numbers."""
+        if self._train_iter is None or self.epoch < self.experiment.epochs:
+            return False
+        try:
+            batches = len(self.experiment.train_loader)
+        except TypeError:
+            return False
+        return self._batches_this_epoch + 1 >= batches
+
     def next_stage(self) -> str | None:
         """The stage `step_stage` will run next (`load_batch` may turn out to be the epoch's end)."""
         if self.finished:

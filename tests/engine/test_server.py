@@ -1,0 +1,44 @@
+"""The engine behind the app, driven through its session as the UI drives it."""
+
+from __future__ import annotations
+
+import queue
+
+from loopscope.protocol import Ready, RunIterations, SessionSpec, SetRunning, Update
+from loopscope.session import EngineSession
+
+
+def _run_and_collect(command: object) -> tuple[list, int]:
+    """Send `command` to a fresh blobs engine; (every event until it pauses, completed iterations)."""
+    messages: queue.Queue = queue.Queue()
+    session = EngineSession(SessionSpec("blobs", "cpu"), messages.put, in_process=True)
+    session.start()
+    events = []
+    try:
+        while not isinstance(messages.get(timeout=60), Ready):
+            pass
+        session.send(command)
+        while True:
+            message = messages.get(timeout=120)
+            if isinstance(message, Update):
+                events.extend(message.events)
+                if not message.state.running and message.state.completed_iterations > 0:
+                    return events, message.state.completed_iterations
+    finally:
+        session.stop()
+
+
+def _probed_iterations(events: list) -> list[int]:
+    return [e.iteration for e in events if e.stage == "backward" and e.layers]
+
+
+def test_a_run_to_the_end_probes_the_last_iteration_so_the_panels_end_on_it():
+    events, completed = _run_and_collect(SetRunning(True))
+    assert completed == 400  # blobs: 5 epochs of 80 batches
+    probed = _probed_iterations(events)
+    assert probed[-1] == 400 and len(probed) < 100  # the rest stays sampled at the panels' rate
+
+
+def test_run_n_probes_the_iteration_it_stops_at():
+    events, completed = _run_and_collect(RunIterations(37))
+    assert completed == 37 and _probed_iterations(events)[-1] == 37
