@@ -210,6 +210,17 @@ async def test_b_steps_back_and_the_replay_shows_the_same_values():
         assert app.model.loss.total_points == 5  # the plot forgot the undone iterations
 
 
+async def test_running_on_after_b_clears_its_notice():
+    app = make_app("spirals")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await press_and_wait(pilot, "b", lambda: state(app).completed_iterations == 0)
+        await expect_text(pilot, "#status", "stepped back to the end of iteration 0")
+        await press_and_wait(pilot, "r", lambda: state(app).completed_iterations > 5)
+        await wait_until(pilot, lambda: "stepped back" not in text_of(app, "#status"))  # it spoke of before the run
+
+
 async def test_b_beyond_the_kept_history_says_so():
     from loopscope.protocol import SessionSpec
     from loopscope.ui.app import LoopscopeApp

@@ -328,6 +328,8 @@ class LoopscopeApp(App[None]):
         running = self.model.state is not None and self.model.state.running
         if not running and self._finished():
             return
+        if not running:
+            self.model.notice = None  # like a step: what it said was about the state before the run
         self.model.checks = None
         self.send(SetRunning(not running))
 
