@@ -98,15 +98,23 @@ class EngineSession:
                 self._conn.send(Shutdown())
             except (OSError, BrokenPipeError):
                 pass
-        if self._worker is not None and not self.in_process and self._worker.pid is not None:
+        if self._worker is not None and self.in_process:
+            self._worker.join(timeout)  # a thread cannot be killed: it ends on the Shutdown
+        elif self._worker is not None and self._worker.pid is not None:
             self._worker.join(timeout)
             if self._worker.is_alive():
                 self._worker.kill()
                 self._worker.join(1.0)
-        try:
-            self._conn.close()
-        except OSError:
-            pass
+        # The reader ends at EOF once the engine's end is closed; close ours only after that. An fd
+        # closed under a thread blocked reading it stays read by that thread, and the next pipe
+        # opened gets the same number: the next session's messages went to the old reader.
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout)
+        if self._reader is None or not self._reader.is_alive():
+            try:
+                self._conn.close()
+            except OSError:
+                pass
         if self.log_path:
             try:
                 os.remove(self.log_path)

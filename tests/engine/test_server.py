@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import queue
+import threading
 
-from loopscope.protocol import Ready, RunIterations, SessionSpec, SetRunning, Update
+from loopscope.protocol import Ready, RunIterations, SessionSpec, SetRunning, Step, Update
 from loopscope.session import EngineSession
 
 
@@ -42,3 +43,22 @@ def test_a_run_to_the_end_probes_the_last_iteration_so_the_panels_end_on_it():
 def test_run_n_probes_the_iteration_it_stops_at():
     events, completed = _run_and_collect(RunIterations(37))
     assert completed == 37 and _probed_iterations(events)[-1] == 37
+
+
+def test_sessions_stopped_with_a_message_in_flight_never_take_the_next_ones_messages(monkeypatch):
+    # stop() used to close the pipe under the reader thread; the next session's pipe reused the
+    # number, and the old reader ate its messages (2-3 sessions in 40 lost theirs, readers crashed).
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_value))
+    for _ in range(30):
+        messages: queue.Queue = queue.Queue()
+        session = EngineSession(SessionSpec("blobs", "cpu"), messages.put, in_process=True)
+        session.start()
+        while not isinstance(messages.get(timeout=10), Ready):
+            pass
+        session.send(Step("iteration"))
+        while not isinstance(messages.get(timeout=10), Update):
+            pass
+        session.send(Step("iteration"))  # in flight while stopping
+        session.stop()
+    assert crashed == []
