@@ -245,3 +245,16 @@ async def test_a_frame_tick_while_the_app_shuts_down_draws_nothing():
     app.model.version += 1  # something new to draw
     app.redraw()
     app.redraw(force=True)
+
+
+async def test_a_gradient_that_is_zero_but_for_round_off_shows_as_zero():
+    # digits: each conv's bias feeds a BatchNorm, which subtracts it again: its gradient is zero in
+    # exact arithmetic and ~1e-8 in float32, with digits that differ from one CPU to the next.
+    app = make_app("digits")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await expect_text(pilot, "#gradients", "global grad norm")
+        lines = {line.split()[0]: line for line in text_of(app, "#gradients").splitlines()[1:] if line.strip()}
+        assert lines["0.bias"].split()[1] == "~0" and "#" not in lines["0.bias"]
+        assert "#" in lines["0.weight"] and "#" in lines["4.weight"]  # real gradients keep their bars

@@ -206,6 +206,11 @@ def _stage_facts(event: StageEvent) -> list[tuple[str, str]]:
     return facts
 
 
+# A norm this small beside the largest is float32 round-off of a zero gradient: its digits differ
+# from one CPU to the next, and as a number it would suggest a tiny real gradient.
+ROUNDOFF = 1e-6
+
+
 class GradientsPanel(TextPanel):
     """Per-parameter gradient norms as bars, with the update/weight ratio coloured by health."""
 
@@ -226,6 +231,8 @@ class GradientsPanel(TextPanel):
             norm = layer.grad_norm
             if norm is None:
                 bar, value = "", "None"
+            elif 0 < norm < ROUNDOFF * largest:
+                bar, value = "", "~0"  # zero in exact arithmetic (a bias before BatchNorm, say)
             else:
                 filled = 0 if not math.isfinite(norm) else max(1 if norm > 0 else 0, round(bar_width * norm / largest))
                 bar, value = "#" * filled, fmt(norm)
