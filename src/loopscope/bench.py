@@ -110,11 +110,32 @@ def plain_iterations_for(experiment, device, seconds: float) -> int:
     return len(_plain_iterations(experiment, device, lambda done, elapsed: elapsed >= seconds))
 
 
-def _stepper_times(stepper, iterations: int, schedule) -> list[float]:
+class RunClock:
+    """`perf_counter`, stopped while the plain loop has its turn.
+
+    The app runs the stepper on without pauses, and both the probe schedule and the snapshot
+    spacing go by the clock: a plain-loop turn seen as a pause would make the next iteration take
+    a probe and a snapshot the app would not take (measured: probes cost 4.5% instead of 2%)."""
+
+    def __init__(self) -> None:
+        self._stopped_for = 0.0
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self._stopped_for
+
+    def stop_while(self, work: Callable[[], Any]) -> Any:
+        began = time.perf_counter()
+        try:
+            return work()
+        finally:
+            self._stopped_for += time.perf_counter() - began
+
+
+def _stepper_times(stepper, iterations: int, schedule, clock: Callable[[], float] = time.perf_counter) -> list[float]:
     times = []
     stepper.sync_cuda = False  # as the app's engine runs: no GPU sync per stage
     for _ in range(iterations):
-        start = time.perf_counter()
+        start = clock()
         # As the app's engine does: full statistics for the iterations the screen will show.
         stepper.probe = schedule.should_probe(start)
         stepper.run_iteration()
@@ -122,20 +143,29 @@ def _stepper_times(stepper, iterations: int, schedule) -> list[float]:
             import torch
 
             torch.cuda.synchronize(stepper.device)
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         schedule.record(stepper.probe, start, elapsed)
         times.append(elapsed)
     return times
+
+
+def bracketed_ratios(ours: list[float], plain: list[float]) -> list[float]:
+    """Each of our rounds over the mean of the plain rounds just before and just after it.
+
+    Training itself changes the speed of both as it goes: the wide MLP's Adam slows down by half
+    after ~800 iterations (subnormal floats in its state). Compared with only the plain round
+    before it, each of our rounds would pay for that drift; bracketed, a steady drift cancels."""
+    return [o / ((before + after) / 2) for o, before, after in zip(ours, plain, plain[1:])]
 
 
 def compare(name: str, iterations: int = 600, rounds: int = 10, device: str = "cpu", batch: int = BATCH) -> dict[str, Any]:
     """Per-iteration time of each, taking turns in `rounds` so machine noise hits both alike.
 
     Each round's mean (rare probed iterations and snapshots included) is compared with the plain
-    loop's beside it, and the median of those ratios reported: a burst of load from elsewhere on
+    loop's on either side of it, and the median of those ratios reported: a burst of load from elsewhere on
     the machine spoils one round, not the figure. Both train the very same model, optimizer and
     data: two copies of a model sit at different places in memory, which alone was measured to
-    move a ratio by up to 10%."""
+    move a ratio by up to 10%. The stepper's clock stops during the plain loop's turns (RunClock)."""
     import torch
 
     from loopscope.engine.stepper import Stepper
@@ -146,14 +176,18 @@ def compare(name: str, iterations: int = 600, rounds: int = 10, device: str = "c
     experiment = _experiment(name, batch)
     # As the app runs it: snapshots for stepping back, full statistics on the schedule.
     stepper = Stepper(experiment, dev, keep_snapshots=DEFAULT_HISTORY)
+    clock = RunClock()
+    stepper.rewinder.clock = clock
     schedule = ProbeSchedule()
-    _plain_times(experiment, 10, dev), _stepper_times(stepper, 10, schedule)  # warm up
-    plain, ours = [], []
+    clock.stop_while(lambda: _plain_times(experiment, 10, dev))  # warm up
+    _stepper_times(stepper, 10, schedule, clock)
     per_round = max(1, iterations // rounds)
+    plain_round = lambda: statistics.fmean(clock.stop_while(lambda: _plain_times(experiment, per_round, dev)))
+    plain, ours = [plain_round()], []
     for _ in range(rounds):
-        plain.append(statistics.fmean(_plain_times(experiment, per_round, dev)))
-        ours.append(statistics.fmean(_stepper_times(stepper, per_round, schedule)))
-    ratio = statistics.median(o / p for o, p in zip(ours, plain))
+        ours.append(statistics.fmean(_stepper_times(stepper, per_round, schedule, clock)))
+        plain.append(plain_round())
+    ratio = statistics.median(bracketed_ratios(ours, plain))
     return {"name": name, "batch": batch, "plain_ms": round(statistics.median(plain) * 1000, 3),
             "stepper_ms": round(statistics.median(ours) * 1000, 3), "ratio": round(ratio, 3)}
 
@@ -223,12 +257,18 @@ async def wait_for(pilot, condition):
     while not condition():
         await pilot.pause(0.02)
 
+async def plain_rate(app, pilot, seconds):
+    Timed.plain = None
+    app.send(TimePlainLoop(seconds))
+    await wait_for(pilot, lambda: Timed.plain is not None)
+    return Timed.plain.iterations / Timed.plain.seconds
+
 async def main(name, seconds, rounds, device_name):
     app = Timed(SessionSpec(f"loopscope.bench:{name}_experiment", device=device_name))
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app.model.info is not None)
         state = lambda: app.model.state
-        app_rates, plain_rates = [], []
+        app_rates, plain_rates = [], [await plain_rate(app, pilot, seconds)]
         for _ in range(rounds):
             await pilot.press("r")
             first = state().completed_iterations
@@ -238,10 +278,7 @@ async def main(name, seconds, rounds, device_name):
             app_rates.append((state().completed_iterations - done) / (time.perf_counter() - start))
             await pilot.press("r")
             await wait_for(pilot, lambda: not state().running)
-            Timed.plain = None
-            app.send(TimePlainLoop(seconds))
-            await wait_for(pilot, lambda: Timed.plain is not None)
-            plain_rates.append(Timed.plain.iterations / Timed.plain.seconds)
+            plain_rates.append(await plain_rate(app, pilot, seconds))
     print(json.dumps({"first_frame_ms": Timed.first_frame * 1000, "app_rates": app_rates,
                       "plain_rates": plain_rates}))
 
@@ -252,8 +289,9 @@ asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 def app_throughput(name: str = "wide_mlp", seconds: float = 8.0, rounds: int = 8, device: str = "cpu") -> dict[str, Any]:
     """Iterations a second inside the running app against the plain loop, `seconds` each in all.
 
-    They take turns in short rounds; the ratio is the median of each round's app rate over the plain
-    rate next to it, so a burst of load from elsewhere on the machine spoils one round, not the figure.
+    They take turns in short rounds, the plain loop first and last; the ratio is the median of each
+    round's rate against the plain rounds on either side of it (bracketed_ratios, on times), so a
+    burst of load from elsewhere on the machine spoils one round, not the figure.
     """
     result = subprocess.run([sys.executable, "-c", _APP_PROBE, name, str(seconds / rounds), str(rounds), device],
                             capture_output=True, text=True, timeout=2 * seconds + 120)
@@ -261,7 +299,7 @@ def app_throughput(name: str = "wide_mlp", seconds: float = 8.0, rounds: int = 8
         raise RuntimeError(f"the app probe failed: {result.stderr.strip()[-2000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     app_rates, plain_rates = measured["app_rates"], measured["plain_rates"]
-    ratios = [a / p for a, p in zip(app_rates, plain_rates)]
+    ratios = [1 / r for r in bracketed_ratios([1 / a for a in app_rates], [1 / p for p in plain_rates])]
     return {"plain_its": round(statistics.median(plain_rates), 1), "app_its": round(statistics.median(app_rates), 1),
             "ratio": round(statistics.median(ratios), 3), "rounds": [round(r, 3) for r in ratios],
             "first_frame_ms": round(measured["first_frame_ms"], 1)}

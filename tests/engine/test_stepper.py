@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -223,6 +224,21 @@ def test_an_empty_loader_is_an_error_not_a_hang():
     exp.train_loader = []
     event = Stepper(exp).step_stage()
     assert event.stage == "load_batch" and "no batches" in event.error.message
+
+
+def test_a_warning_shows_at_the_stage_that_raised_it_every_time():
+    def warning_loss(output, targets):
+        warnings.warn("this loss warns on every call", UserWarning)
+        return nn.functional.cross_entropy(output, targets)
+
+    experiment = tiny_experiment()
+    experiment.loss_fn = warning_loss
+    stepper = Stepper(experiment)
+    first = {e.stage: e for e in stepper.run_iteration()}
+    assert first["loss"].metrics["warnings"] == ["this loss warns on every call"]
+    assert not any("warnings" in e.metrics for stage, e in first.items() if stage != "loss")
+    stepped = [stepper.step_stage() for _ in range(len(first))]  # one stage at a time, too
+    assert [e.stage for e in stepped if "warnings" in e.metrics] == ["loss"]
 
 
 def test_events_are_immutable_and_picklable():

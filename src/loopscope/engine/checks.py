@@ -53,7 +53,7 @@ def _copy_stepper(stepper: Stepper, batches: list[Any], steps: int) -> Stepper:
     copy_stepper = Stepper(trial, stepper.device, probe=False, diagnose=False)
     # The copies already carry the bugs' switch effects (scaled lr, swapped modules): only the
     # in-loop effects need turning on, without switching again.
-    copy_stepper.injector.active = set(stepper.injector.active)
+    copy_stepper.injector.adopt(stepper.injector.active)
     return copy_stepper
 
 

@@ -31,6 +31,7 @@ class BugInjector:
         self.experiment = experiment
         self.applicable = applicable
         self.active: set[str] = set()
+        self._ids: tuple[str, ...] = ()  # every stage event carries them: sorted once per switch
         self._saved_dropout: dict[nn.Module, float] = {}
         self._saved_activations: list[tuple[nn.Module, str, nn.Module]] = []
         self._clean_train_loader = experiment.train_loader
@@ -51,6 +52,7 @@ class BugInjector:
         if on == (bug_id in self.active):
             return False
         (self.active.add if on else self.active.discard)(bug_id)
+        self._ids = tuple(sorted(self.active))
         handler = getattr(self, f"_switch_{bug_id}", None)
         if handler is not None:
             handler(on)
@@ -60,7 +62,12 @@ class BugInjector:
         return bug_id in self.active
 
     def ids(self) -> tuple[str, ...]:
-        return tuple(sorted(self.active))
+        return self._ids
+
+    def adopt(self, active: set[str]) -> None:
+        """These bugs on, without switching them (a copy that already carries their effects)."""
+        self.active = set(active)
+        self._ids = tuple(sorted(self.active))
 
     # ----- effects applied when a bug is switched --------------------------------------
     def _scale_lr(self, bug_id: str, factor: float, on: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from loopscope.protocol import DETAIL_SECONDS
 
-PROBE_BUDGET = 0.02  # full statistics may cost at most ~2% of the run's time
+PROBE_BUDGET = 0.01  # full statistics may cost at most ~1% of the run's time
 
 
 class ProbeSchedule:

@@ -7,6 +7,7 @@ only when some tensor holds NaN or inf, to count them).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -96,13 +97,16 @@ def tensor_stats(named: Sequence[tuple[str, torch.Tensor, str | None]]) -> list[
 
 
 def _describe(name: str, tensor: torch.Tensor, module_type: str | None) -> TensorStat:
-    return TensorStat(
-        name=name,
-        shape=tuple(tensor.shape),
-        dtype=short_dtype(tensor.dtype),
-        device=str(tensor.device),
-        module_type=module_type,
-    )
+    """Name, shape, dtype and device, no statistics: what every unprobed stage reports."""
+    return _described(name, tensor.shape, tensor.dtype, tensor.device, module_type)
+
+
+@functools.lru_cache(maxsize=1024)
+def _described(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
+               module_type: str | None) -> TensorStat:
+    # The same few descriptions repeat every iteration: one immutable copy of each serves them all.
+    return TensorStat(name=name, shape=tuple(shape), dtype=short_dtype(dtype), device=str(device),
+                      module_type=module_type)
 
 
 def _from_row(name: str, tensor: torch.Tensor, module_type: str | None, row: list[float]) -> TensorStat:
@@ -146,12 +150,18 @@ def flatten_tensors(prefix: str, value: Any) -> list[tuple[str, torch.Tensor]]:
 
 def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
     """L2 norm of each tensor, read in one transfer (`_foreach_norm` batches the kernels)."""
-    if not tensors:
-        return []
+    return _read_norms(_norm_tensors(tensors)) if tensors else []
+
+
+def _norm_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     try:
-        norms = torch._foreach_norm(list(tensors))
+        return list(torch._foreach_norm(list(tensors)))
     except (RuntimeError, TypeError):  # sparse or unusual layouts: fall back to one at a time
-        norms = [torch.linalg.vector_norm(t.detach().to_dense().float()) for t in tensors]
+        return [torch.linalg.vector_norm(t.detach().to_dense().float()) for t in tensors]
+
+
+def _read_norms(norms: Sequence[torch.Tensor]) -> list[float]:
+    """Norms on any devices, to the host in one transfer per device."""
     by_device: dict[torch.device, list[int]] = {}
     for i, norm in enumerate(norms):
         by_device.setdefault(norm.device, []).append(i)
@@ -194,32 +204,46 @@ def grad_presence(params: Sequence[nn.Parameter]) -> dict[str, Any]:
     }
 
 
-def update_layers(
-    named_params: Sequence[tuple[str, nn.Parameter]],
-    before: Sequence[torch.Tensor],
-    grad_norms: dict[str, float | None],
-) -> list[LayerStat]:
-    """Update norm and update/weight ratio per parameter, from copies taken before the step."""
-    params = [p.detach() for _, p in named_params]
-    deltas = torch._foreach_sub(params, list(before))
-    norms = tensor_norms(list(deltas) + list(before))
-    update_norms, weight_norms = norms[: len(params)], norms[len(params):]
-    layers = []
-    for (name, p), update, weight in zip(named_params, update_norms, weight_norms):
-        # cs231n: the update/weight ratio should be around 1e-3 per parameter tensor.
-        ratio = update / weight if weight > 0 else None  # a zero tensor (a fresh bias) has no scale yet
-        layers.append(
-            LayerStat(
-                name=name,
-                shape=tuple(p.shape),
-                trainable=p.requires_grad,
-                grad_norm=grad_norms.get(name),
-                weight_norm=weight,
-                update_norm=update,
-                update_ratio=ratio,
-            )
-        )
-    return layers
+class UpdateMeter:
+    """Update norm and update/weight ratio per parameter over one optimizer step.
+
+    The parameters are copied, before the step, into buffers kept from one probe to the next:
+    fresh copies each probe meant fresh memory, whose page faults cost more than the copy.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+
+    def before_step(self, params: Sequence[torch.Tensor]) -> None:
+        params = [p.detach() for p in params]
+        if not self._fit(params):
+            self._buffers = [torch.empty_like(p) for p in params]
+        try:
+            torch._foreach_copy_(self._buffers, params)
+        except (RuntimeError, TypeError, AttributeError):  # unusual layouts, or a torch without it
+            self._buffers = [p.clone() for p in params]
+
+    def _fit(self, params: Sequence[torch.Tensor]) -> bool:
+        return len(params) == len(self._buffers) and all(
+            b.shape == p.shape and b.dtype == p.dtype and b.device == p.device and b.stride() == p.stride()
+            for b, p in zip(self._buffers, params))
+
+    def layers(self, named_params: Sequence[tuple[str, nn.Parameter]],
+               grad_norms: dict[str, float | None]) -> list[LayerStat]:
+        """After the step: one LayerStat per parameter, read in one transfer."""
+        before = self._buffers
+        weight_norms = _norm_tensors(before)
+        torch._foreach_sub_(before, [p.detach() for _, p in named_params])  # the update, negated
+        norms = _read_norms(weight_norms + _norm_tensors(before))
+        weights, updates = norms[: len(before)], norms[len(before):]
+        layers = []
+        for (name, p), update, weight in zip(named_params, updates, weights):
+            # cs231n: the update/weight ratio should be around 1e-3 per parameter tensor.
+            ratio = update / weight if weight > 0 else None  # a zero tensor (a fresh bias) has no scale yet
+            layers.append(LayerStat(name=name, shape=tuple(p.shape), trainable=p.requires_grad,
+                                    grad_norm=grad_norms.get(name), weight_norm=weight, update_norm=update,
+                                    update_ratio=ratio))
+        return layers
 
 
 class ForwardRecorder:

@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,30 +64,40 @@ class Rewinder:
     BUDGET = 0.01
     WAIT_SECONDS = 0.05  # a gap this much longer than the training in it was spent waiting
 
-    def __init__(self, keep: int = 200) -> None:
+    def __init__(self, keep: int = 200, clock: Callable[[], float] = time.perf_counter) -> None:
         self.keep = keep
+        self.clock = clock  # `loopscope bench` stops it while the plain loop has its turn
         self.snapshots: deque[Snapshot] = deque()
         self.bug_log: dict[int, frozenset[str]] = {}  # completed iterations -> bugs active then
-        self._cost = 0.0  # seconds a snapshot takes, smoothed
-        self._training = None  # seconds of training between boundaries, smoothed
+        self._cost = 0.0  # seconds a snapshot costs, smoothed
+        self._unpaid: float | None = None  # the last snapshot's copy time, until its aftermath is known
+        self._training = None  # seconds of training between boundaries, smoothed (none after a snapshot)
         self._last_boundary_time: float | None = None
         self.furthest = 0  # the most iterations ever completed: the window is the last `keep` of them
 
     @property
     def interval(self) -> int:
         if not self._training:
-            return 1
+            return 2  # leaves an iteration without a snapshot before it, to measure the rest by
         return max(1, math.ceil(self._cost / (self.BUDGET * self._training)))
 
     def take(self, stepper: Any, training_seconds: float) -> None:
         """At a boundary, after `training_seconds` of stages since the last one."""
         if self.keep <= 0:
             return
-        now = time.perf_counter()
+        now = self.clock()
         waited = (self._last_boundary_time is None
                   or now - self._last_boundary_time > 2 * training_seconds + self.WAIT_SECONDS)
         self._last_boundary_time = now
-        if not waited:
+        if self._unpaid is not None:
+            # The iteration after a snapshot runs slower: the copy pushed the model and optimizer
+            # out of the CPU caches (measured on the wide MLP: as much again as the copy itself).
+            # That is the snapshot's cost too, unless a wait came between.
+            slower = training_seconds - self._training if not waited and self._training is not None else 0.0
+            cost = self._unpaid + max(0.0, slower)
+            self._cost = cost if not self._cost else 0.8 * self._cost + 0.2 * cost
+            self._unpaid = None
+        elif not waited:  # only iterations without a snapshot before them say what one normally takes
             self._training = (training_seconds if self._training is None
                               else 0.8 * self._training + 0.2 * training_seconds)
         done = stepper.completed_iterations
@@ -98,13 +109,13 @@ class Rewinder:
         if last is not None and not waited and done - last.completed_iterations < self.interval:
             return
         started = time.perf_counter()
-        self.snapshots.append(self._snapshot(stepper))
-        # Keep one snapshot at or before the oldest boundary still in the window.
+        # Keep one snapshot at or before the oldest boundary still in the window; one that falls
+        # out lends its memory to the new one (fresh memory cost page faults: ~130 an iteration).
+        dropped = None
         while len(self.snapshots) > 1 and self.snapshots[1].completed_iterations <= self.furthest - self.keep:
-            self.snapshots.popleft()
-        # The cost counts freeing the snapshot dropped, too.
-        cost = time.perf_counter() - started
-        self._cost = cost if not self._cost else 0.8 * self._cost + 0.2 * cost
+            dropped = self.snapshots.popleft()
+        self.snapshots.append(self._snapshot(stepper, reuse=dropped))
+        self._unpaid = time.perf_counter() - started
 
     def _log_bugs(self, done: int, bugs: frozenset[str]) -> None:
         """The bugs on at each boundary a replay can pass: every one from the oldest snapshot on,
@@ -116,7 +127,7 @@ class Rewinder:
         while (first := next(iter(self.bug_log))) < oldest:
             del self.bug_log[first]
 
-    def _snapshot(self, stepper: Any) -> Snapshot:
+    def _snapshot(self, stepper: Any, reuse: Snapshot | None = None) -> Snapshot:
         exp = stepper.experiment
         return Snapshot(
             completed_iterations=stepper.completed_iterations,
@@ -125,8 +136,8 @@ class Rewinder:
             batches_this_epoch=stepper._batches_this_epoch if stepper._train_iter is not None else 0,
             epoch_rng=stepper._epoch_rng if stepper._train_iter is not None else None,
             rng=capture_rng(stepper.device),
-            model={k: v.detach().clone() for k, v in stepper.model.state_dict().items()},
-            optimizer=copy.deepcopy(exp.optimizer.state_dict()),
+            model=copy_into(stepper.model.state_dict(), reuse.model if reuse else None),
+            optimizer=copy_into(exp.optimizer.state_dict(), reuse.optimizer if reuse else None),
             scheduler=copy.deepcopy(exp.scheduler.state_dict()) if exp.scheduler is not None else None,
             counters={
                 "best_val_loss": stepper.best_val_loss,
@@ -188,6 +199,23 @@ class Rewinder:
         bugs = self.bug_log.get(completed)
         if bugs is not None:
             _switch_bugs(stepper, bugs)
+
+
+def copy_into(value: Any, old: Any) -> Any:
+    """A deep copy of `value` that copies each tensor into the matching tensor of `old` (same place
+    in the structure, same shape, dtype and device) instead of allocating it afresh."""
+    if isinstance(value, torch.Tensor):
+        if (isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype
+                and old.device == value.device and old.layout == value.layout == torch.strided):
+            return old.copy_(value.detach())
+        return value.detach().clone()
+    if isinstance(value, dict):  # a state_dict's OrderedDict too: load_state_dict takes a plain dict
+        olds = old if isinstance(old, dict) else {}
+        return {key: copy_into(item, olds.get(key)) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        olds = old if type(old) is type(value) and len(old) == len(value) else [None] * len(value)
+        return type(value)(copy_into(item, previous) for item, previous in zip(value, olds))
+    return copy.deepcopy(value)
 
 
 def _switch_bugs(stepper: Any, bugs: frozenset[str]) -> None:
