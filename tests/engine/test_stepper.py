@@ -283,3 +283,4 @@ def test_cuda_device_reports_real_devices():
     events = stepper.run_iteration()
     assert all(t.device.startswith("cuda") for e in events for t in e.tensors)
     assert "cuda_peak_mb" in events[-1].metrics
+    assert stepper._update_meter._buffers == []  # no copy of the model left in "memory allocated"

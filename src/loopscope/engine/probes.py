@@ -207,8 +207,8 @@ def grad_presence(params: Sequence[nn.Parameter]) -> dict[str, Any]:
 class UpdateMeter:
     """Update norm and update/weight ratio per parameter over one optimizer step.
 
-    The parameters are copied, before the step, into buffers kept from one probe to the next:
-    fresh copies each probe meant fresh memory, whose page faults cost more than the copy.
+    The parameters are copied, before the step, into buffers kept from one probe to the next (on
+    the CPU): fresh copies each probe meant fresh memory, whose page faults cost more than the copy.
     """
 
     def __init__(self) -> None:
@@ -236,6 +236,10 @@ class UpdateMeter:
         torch._foreach_sub_(before, [p.detach() for _, p in named_params])  # the update, negated
         norms = _read_norms(weight_norms + _norm_tensors(before))
         weights, updates = norms[: len(before)], norms[len(before):]
+        if any(b.is_cuda for b in before):
+            # CUDA's caching allocator reuses memory without faults, and a copy of the model kept
+            # between probes would show in the screen's "memory allocated" as if the loop used it.
+            self._buffers = []
         layers = []
         for (name, p), update, weight in zip(named_params, updates, weights):
             # cs231n: the update/weight ratio should be around 1e-3 per parameter tensor.
