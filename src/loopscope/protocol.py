@@ -99,10 +99,13 @@ class Rewind:
 
 @dataclass(frozen=True)
 class Rewound:
-    """The loop stepped back: everything after this many iterations is forgotten."""
+    """The loop stepped back: everything after this many iterations is forgotten. `events` are
+    the training stages of the iteration it is back at the end of, as first recorded (the replay
+    is quiet), so the panels show where the loop stands."""
 
     completed_iterations: int
     epoch: int
+    events: tuple[StageEvent, ...] = ()
 
 
 @dataclass(frozen=True)

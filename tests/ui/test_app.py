@@ -210,6 +210,21 @@ async def test_b_steps_back_and_the_replay_shows_the_same_values():
         assert app.model.loss.total_points == 5  # the plot forgot the undone iterations
 
 
+async def test_after_b_the_panels_show_the_iteration_it_is_back_at():
+    app = make_app("spirals")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        gradients = {}
+        for n in range(1, 4):
+            await press_and_wait(pilot, "n", lambda n=n: state(app).completed_iterations == n)
+            await expect_text(pilot, "#gradients", f"iteration {n}, global grad norm")
+            gradients[n] = text_of(app, "#gradients")
+        await press_and_wait(pilot, "b", lambda: state(app).completed_iterations == 2)
+        await expect_text(pilot, "#gradients", "iteration 2, global grad norm")
+        assert text_of(app, "#gradients") == gradients[2]  # not "gradients appear after backward"
+        assert app.model.last_by_stage["loss"].iteration == 2
+
+
 async def test_running_on_after_b_clears_its_notice():
     app = make_app("spirals")
     async with app.run_test(size=SIZE) as pilot:

@@ -167,9 +167,12 @@ class EngineServer:
                 s.set_twin(command.on)
             elif isinstance(command, Rewind):
                 self.running, self.run_until = False, None
+                recorded = s.history.recent()  # the replay overwrites these with quiet, unprobed ones
                 if s.rewind():
                     self._events, self._losses = [], []
-                    self.conn.send(Rewound(s.completed_iterations, s.epoch))
+                    stages = set(s.iteration_stages())
+                    shown = tuple(e for e in recorded if e.iteration == s.completed_iterations and e.stage in stages)
+                    self.conn.send(Rewound(s.completed_iterations, s.epoch, shown))
                 else:
                     kept = s.rewinder.keep
                     self.conn.send(Failed(f"cannot step back further: only the last {kept} iterations are kept "

@@ -87,6 +87,9 @@ class ScreenModel:
             del self.epochs[epoch]
         self.last_event = None
         self.last_by_stage.clear()
+        for event in message.events:  # the iteration it is back at the end of, as first seen
+            self.last_event = event
+            self.last_by_stage[event.stage] = event
         self.notice = f"stepped back to the end of iteration {message.completed_iterations}"
 
     def _update(self, update: Update) -> None:
