@@ -159,3 +159,22 @@ def test_the_slower_iteration_after_a_snapshot_counts_as_its_cost():
     # Counting the aftermath, one costs 20 ms: at 1% of 10 ms iterations, one every 200 or so
     # (counting the copy alone, one at every boundary).
     assert len(rewinder.snapshots) <= 4 and rewinder.interval >= 40  # the estimate is smoothed
+
+
+def test_rewind_gives_the_iteration_it_is_back_at_with_statistics():
+    stepper = Stepper(load_experiment("blobs", 0), keep_snapshots=50)
+    stepper.run(4)  # stepped with full statistics
+    recorded = [e for e in stepper.history.recent() if e.iteration == 3]
+    assert stepper.rewind() and stepper.completed_iterations == 3
+    assert list(stepper.rewound_events) == recorded  # as first seen, not run again
+
+    stepper.probe = False  # as a run records most iterations
+    stepper.rewinder.BUDGET = 1e-9  # snapshots far apart: stepping back replays
+    stepper.run(20)
+    loss_first_time = next(e.loss for e in stepper.history.recent() if e.iteration == 22 and e.stage == "loss")
+    assert stepper.rewind() and stepper.completed_iterations == 22
+    shown = {e.stage: e for e in stepper.rewound_events}
+    assert set(shown) == set(stepper.iteration_stages()) and all(e.iteration == 22 for e in shown.values())
+    assert shown["loss"].loss == loss_first_time  # the replay's numbers, bitwise
+    assert shown["backward"].layers and shown["forward"].tensors[0].mean is not None  # and its statistics
+    assert stepper.probe is False

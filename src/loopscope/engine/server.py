@@ -167,12 +167,9 @@ class EngineServer:
                 s.set_twin(command.on)
             elif isinstance(command, Rewind):
                 self.running, self.run_until = False, None
-                recorded = s.history.recent()  # the replay overwrites these with quiet, unprobed ones
                 if s.rewind():
                     self._events, self._losses = [], []
-                    stages = set(s.iteration_stages())
-                    shown = tuple(e for e in recorded if e.iteration == s.completed_iterations and e.stage in stages)
-                    self.conn.send(Rewound(s.completed_iterations, s.epoch, shown))
+                    self.conn.send(Rewound(s.completed_iterations, s.epoch, s.rewound_events))
                 else:
                     kept = s.rewinder.keep
                     self.conn.send(Failed(f"cannot step back further: only the last {kept} iterations are kept "

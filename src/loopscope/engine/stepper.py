@@ -140,6 +140,7 @@ class Stepper:
         self._prefetched: tuple[float, Any, BaseException | None] | None = None
         self._caught: list[warnings.WarningMessage] | None = None  # see _warnings_recorded
         self._update_meter = probes.UpdateMeter()
+        self.rewound_events: tuple[StageEvent, ...] = ()  # see rewind()
 
     # ----- what runs next -------------------------------------------------------------------
     def iteration_stages(self) -> list[str]:
@@ -306,32 +307,45 @@ class Stepper:
         return produced
 
     def rewind(self) -> bool:
-        """Step back one iteration (to the boundary before it); False beyond the kept window."""
+        """Step back one iteration (to the boundary before it); False beyond the kept window.
+
+        Afterwards `rewound_events` are the training stages of the iteration the loop is back at
+        the end of, with full statistics where they can be had, for the panels to show."""
         found = self.rewinder.target(self)
         if found is None:
             return False
         snapshot, wanted = found
+        stages = set(self.iteration_stages())
+        recorded = tuple(e for e in self.history.recent() if e.iteration == wanted and e.stage in stages)
         self.rewinder.restore(self, snapshot)
         self._current = _Iteration()
         self.history.truncate(snapshot.completed_iterations)
+        replayed: list[StageEvent] = []
         if wanted > snapshot.completed_iterations:
-            self._replay_to(wanted)
+            replayed = [e for e in self._replay_to(wanted) if e.stage in stages]
+        # Run mode records most iterations without statistics; the replay probes the last one.
+        probed = any(e.layers for e in recorded)
+        self.rewound_events = recorded if probed or not replayed else tuple(replayed)
         return True
 
-    def _replay_to(self, completed: int) -> None:
-        """Run again, quietly, from a snapshot to the boundary wanted: same code, same numbers."""
+    def _replay_to(self, completed: int) -> list[StageEvent]:
+        """Run again, quietly, from a snapshot to the boundary wanted: same code, same numbers.
+        Returns the events of the last block run, probed (probes never change the numbers)."""
         saved = self.on_event, self.diagnostics, self.probe
         self.on_event, self.diagnostics, self.probe = None, None, False
+        last: list[StageEvent] = []
         try:
             while self.completed_iterations < completed and not self.finished and self.halted is None:
                 if self.at_boundary:
                     self.rewinder.set_bugs_for(self, self.completed_iterations)
-                self.run_iteration()
+                self.probe = self.completed_iterations == completed - 1
+                last = self.run_iteration()
             # The bugs that were on when the next iteration began the first time, as a snapshot
             # taken at this boundary would have restored them.
             self.rewinder.set_bugs_for(self, self.completed_iterations)
         finally:
             self.on_event, self.diagnostics, self.probe = saved
+        return last
 
     def resume(self) -> None:
         """After an error: drop the broken iteration; the next stage starts a fresh one."""
