@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from loopscope.engine.probes import UpdateMeter
 from loopscope.engine.stepper import LoopHalted, Stepper
 from loopscope.experiment import Experiment, load_experiment, seed_everything
 from loopscope.history import History
@@ -274,6 +275,13 @@ def test_frozen_parameters_have_no_gradient_and_do_not_move():
     forward_names = [t.name for t in events["forward"].tensors]
     assert "shared" in forward_names and "shared#2" in forward_names  # a module used twice
     assert "rnn[0]" in forward_names and "rnn[1]" in forward_names  # GRU returns (out, h)
+
+
+def test_update_sizes_of_nothing_trainable_are_empty_not_an_error():
+    # torch's foreach kernels refuse an empty list; a model frozen whole has no update to show.
+    meter = UpdateMeter()
+    meter.before_step([])
+    assert meter.layers([], {}) == []
 
 
 def test_cuda_device_reports_real_devices():

@@ -216,6 +216,9 @@ class UpdateMeter:
 
     def before_step(self, params: Sequence[torch.Tensor]) -> None:
         params = [p.detach() for p in params]
+        if not params:  # everything frozen: the foreach kernels refuse an empty list
+            self._buffers = []
+            return
         if not self._fit(params):
             self._buffers = [torch.empty_like(p) for p in params]
         try:
@@ -232,6 +235,8 @@ class UpdateMeter:
                grad_norms: dict[str, float | None]) -> list[LayerStat]:
         """After the step: one LayerStat per parameter, read in one transfer."""
         before = self._buffers
+        if not before:
+            return []
         weight_norms = _norm_tensors(before)
         torch._foreach_sub_(before, [p.detach() for _, p in named_params])  # the update, negated
         norms = _read_norms(weight_norms + _norm_tensors(before))
