@@ -225,6 +225,20 @@ async def test_after_b_the_panels_show_the_iteration_it_is_back_at():
         assert app.model.last_by_stage["loss"].iteration == 2
 
 
+async def test_the_epochs_observation_fits_the_table_at_120_columns():
+    app = make_app("spirals")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        for epoch in (2, 3, 4):
+            await press_and_wait(pilot, "e", lambda epoch=epoch: state(app).epoch == epoch)
+        table = app.query_one("#epochs")
+        await wait_until(pilot, lambda: "%" in text_of(app, "#epochs").splitlines()[3])
+        rows = text_of(app, "#epochs").splitlines()[2:4]  # epochs 2 and 3: compared with the one before
+        visible = table.scrollable_content_region.width
+        for row in rows:
+            assert ("loss ↓" in row or "loss ↑" in row or "overfitting?" in row) and len(row.rstrip()) <= visible
+
+
 async def test_running_on_after_b_clears_its_notice():
     app = make_app("spirals")
     async with app.run_test(size=SIZE) as pilot:
@@ -273,3 +287,16 @@ async def test_a_gradient_that_is_zero_but_for_round_off_shows_as_zero():
         lines = {line.split()[0]: line for line in text_of(app, "#gradients").splitlines()[1:] if line.strip()}
         assert lines["0.bias"].split()[1] == "~0" and "#" not in lines["0.bias"]
         assert "#" in lines["0.weight"] and "#" in lines["4.weight"]  # real gradients keep their bars
+
+
+async def test_a_long_pipeline_folds_the_other_group_instead_of_wrapping():
+    # spirals: seven stages an iteration (clip_grad too) and four at the epoch's end.
+    app = make_app("spirals")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await expect_text(pilot, "#pipeline", "clip_grad>[step] | epoch end: 4 stages")
+        await wait_until(pilot, lambda: app.query_one("#pipeline").size.height == 1)  # one line on screen
+        await press_and_wait(pilot, "e", lambda: state(app).epoch == 2)
+        await expect_text(pilot, "#pipeline", "iteration: 7 stages | epoch end: validate")
+        await wait_until(pilot, lambda: app.query_one("#pipeline").size.height == 1)

@@ -91,17 +91,38 @@ class PipelineBar(TextPanel):
         if "cuda_allocated_mb" in memory:
             text.append(f"  mem {memory['cuda_allocated_mb']:.0f}/{memory['cuda_peak_mb']:.0f} MB peak", style="bold")
         text.append(" | ", style="dim")
-        for group, stages in enumerate((list(state.iteration_stages), list(info.epoch_end_stages))):
+        groups = (list(state.iteration_stages), list(info.epoch_end_stages))
+        here = next((g for g, stages in enumerate(groups) if current in stages), None)
+        if here is None:
+            here = 1 if state.next_stage in groups[1] and state.next_stage not in groups[0] else 0
+        # Too long for one line, close up the arrows, then fold the group the loop is not in to a
+        # count: a second line would push every panel down a row (and back up when it shrank).
+        # When even that does not fit, it wraps in full.
+        for folded, arrow in ((None, " > "), (None, ">"), (1 - here, " > "), (1 - here, ">"), (None, " > ")):
+            line = text + self._stages(groups, current, state.next_stage, folded, arrow)
+            if not self.content_region.width or cell_len(line.plain) <= self.content_region.width:
+                break
+        self.update(line)
+
+    @staticmethod
+    def _stages(groups: tuple[list[str], list[str]], current: str | None, next_stage: str | None,
+                folded: int | None, arrow: str) -> Text:
+        text = Text()
+        for group, stages in enumerate(groups):
             if group and stages:
                 text.append(" | epoch end: ", style="dim")
+            if group == folded and stages:
+                count = f"{len(stages)} stage{'s' if len(stages) > 1 else ''}"
+                text.append(count if group else f"iteration: {count}", style="dim")
+                continue
             for i, stage in enumerate(stages):
                 if i:
-                    text.append(" > ", style="dim")
+                    text.append(arrow, style="dim")
                 if stage == current:
                     text.append(f"[{stage}]", style="bold reverse")
                 else:
-                    text.append(stage, style="bold" if stage == state.next_stage else ("dim" if group else ""))
-        self.update(text)
+                    text.append(stage, style="bold" if stage == next_stage else ("dim" if group else ""))
+        return text
 
 
 class CodePanel(TextPanel):
