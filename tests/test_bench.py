@@ -61,3 +61,7 @@ def test_bench_json_has_the_design_fields(monkeypatch, capsys):
     assert set(result["app"]) == {"plain_its", "app_its", "ratio", "rounds"}
     assert {m["batch"] for m in result["models"]} == {64}  # the CPU reference batch
     assert "measuring stepper vs plain loop: cnn at batch 64 on cpu..." in captured.err  # progress, off stdout
+    assert main(["bench", "--quick"]) == 0
+    table = capsys.readouterr().out
+    assert "ratios are rough" in table  # a quick run's verdicts are not the figures to judge by
+    assert "1.00x the plain loop's rate, the median of 1 rounds" in table

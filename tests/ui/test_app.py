@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from loopscope.ui.help import HelpScreen
+from loopscope.ui.model import EpochRow, observe
 from tests.conftest import FIXTURES
 from tests.ui.helpers import expect_text, make_app, press_and_wait, ready, text_of, wait_until
 
@@ -70,6 +73,7 @@ async def test_t_twin_c_checks_l_log_and_help():
         assert app.model.last_by_stage["loss"].twin_loss is not None
         await press_and_wait(pilot, "c", lambda: app.model.checks is not None)
         await expect_text(pilot, "#diagnostics", "Sanity checks")
+        await expect_text(pilot, "#status", "sanity checks done")  # not "running the sanity checks..." on
         await pilot.press("l")
         await expect_text(pilot, "#status", "loss axis log10")
         await pilot.press("question_mark")
@@ -237,6 +241,49 @@ async def test_the_epochs_observation_fits_the_table_at_120_columns():
         visible = table.scrollable_content_region.width
         for row in rows:
             assert ("loss ↓" in row or "loss ↑" in row or "overfitting?" in row) and len(row.rstrip()) <= visible
+
+
+async def test_slow_sanity_checks_still_end_with_their_done_notice():
+    app = make_app(str(FIXTURES / "slow_experiment.py"), in_process=False)  # checks take seconds
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("c")
+        await expect_text(pilot, "#status", "running the sanity checks on a copy of the model... 1 s")
+        await wait_until(pilot, lambda: app.model.checks is not None)
+        await expect_text(pilot, "#status", "sanity checks done")
+
+
+async def test_b_takes_the_undone_iterations_out_of_the_epochs_mean_and_keeps_the_rest():
+    app = make_app("spirals")  # 23 iterations an epoch, validated at its end
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "e", lambda: state(app).epoch == 2)
+        first_epoch = (app.model.epochs[1].train_loss, app.model.epochs[1].val_loss)
+        means = {}
+        for n in range(24, 29):
+            await press_and_wait(pilot, "n", lambda n=n: state(app).completed_iterations == n)
+            means[n] = app.model.epochs[2].train_loss
+        for n in (27, 26):
+            await press_and_wait(pilot, "b", lambda n=n: state(app).completed_iterations == n)
+        assert app.model.epochs[2].train_loss == pytest.approx(means[26], rel=1e-9)  # not the whole row gone
+        assert (app.model.epochs[1].train_loss, app.model.epochs[1].val_loss) == first_epoch
+        for n in (27, 28):
+            await press_and_wait(pilot, "n", lambda n=n: state(app).completed_iterations == n)
+        assert app.model.epochs[2].train_loss == pytest.approx(means[28], rel=1e-9)
+        for n in range(27, 21, -1):  # back into the first epoch, before its validation
+            await press_and_wait(pilot, "b", lambda n=n: state(app).completed_iterations == n)
+        assert 2 not in app.model.epochs and app.model.epochs[1].val_loss is None
+        await press_and_wait(pilot, "e", lambda: state(app).epoch == 2)
+        assert (app.model.epochs[1].train_loss, app.model.epochs[1].val_loss) == pytest.approx(first_epoch)
+        assert app.model.val_loss.total_points == 1  # validated again, not twice
+
+
+def test_epoch_observations_compare_with_the_epoch_before():
+    before = EpochRow(1, loss_sum=2.0, loss_count=2, val_accuracy=0.9, val_loss=0.5)
+    assert observe(before, EpochRow(2, loss_sum=1.0, loss_count=2, val_accuracy=0.9, val_loss=0.4)) == "loss ↓  acc ="
+    assert observe(before, EpochRow(2, loss_sum=3.0, loss_count=2, val_accuracy=0.8, val_loss=0.6)) == "loss ↑  acc ↓"
+    assert observe(before, EpochRow(2, loss_sum=1.0, loss_count=2, val_accuracy=0.95, val_loss=0.7)) == "overfitting?"
+    assert observe(None, before) == "first epoch"
 
 
 async def test_running_on_after_b_clears_its_notice():

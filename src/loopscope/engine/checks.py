@@ -75,7 +75,7 @@ def check_initial_loss(stepper: Stepper, batches: list[Any]) -> CheckResult:
     title = "loss at initialisation"
     if stepper.completed_iterations > 0:
         return CheckResult("init_loss", title, True,
-                           f"skipped: the model has already trained {stepper.completed_iterations} iterations",
+                           f"the model has already trained {stepper.completed_iterations} iterations",
                            skipped=True)
     losses = _losses(_copy_stepper(stepper, batches[:1], 1))
     loss = losses[0]

@@ -90,7 +90,7 @@ class LoopscopeApp(App[None]):
         self.demo_before: dict[int, float | None] = {}
         self.scripted = demo is not None
         self.showing_picture = False
-        self.model = ScreenModel()
+        self.model = ScreenModel(self.spec.history)
         self.session: EngineSession | None = None
         self.speed_index = len(SPEEDS) - 1
         self._drawn_version = -1
@@ -153,6 +153,7 @@ class LoopscopeApp(App[None]):
 
     @on(EngineMessage)
     def _engine_message(self, message: EngineMessage) -> None:
+        waiting_notice = self.model.notice
         self.model.apply(message.payload)
         if isinstance(message.payload, Checks) or isinstance(message.payload, Failed):
             self._checks_pending = False
@@ -162,7 +163,8 @@ class LoopscopeApp(App[None]):
         self._awaiting_since = time.monotonic() if running else None
         if self._busy_shown:
             self._busy_shown = 0
-            self.model.notice = None
+            if self.model.notice is waiting_notice:  # the answer did not bring a notice of its own
+                self.model.notice = None
 
     def send(self, command: Any) -> None:
         if self.session is None or not self.session.send(command):
@@ -439,7 +441,7 @@ class LoopscopeApp(App[None]):
     def action_restart_engine(self) -> None:
         if self.session is not None:
             self.session.stop(timeout=1.0)
-        self.model = ScreenModel()
+        self.model = ScreenModel(self.spec.history)
         self._bug_list_version = None
         self._awaiting_since, self._busy_shown, self._checks_pending = None, 0, False
         self.redraw(force=True)

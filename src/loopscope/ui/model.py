@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from loopscope.events import CheckResult, Finding, StageEvent
 from loopscope.history import Series
-from loopscope.protocol import Checks, EngineState, Failed, Picture, Ready, Rewound, SessionInfo, Update
+from loopscope.protocol import DEFAULT_HISTORY, Checks, EngineState, Failed, Picture, Ready, Rewound, SessionInfo, Update
 
 
 MAX_EPOCHS_KEPT = 1000
@@ -39,15 +39,18 @@ def observe(previous: EpochRow | None, row: EpochRow) -> str:
         return "overfitting?"  # val loss rising while train loss falls: the columns beside it show it
     words = "loss ↓" if falling else "loss ↑"
     if row.val_accuracy is not None and previous.val_accuracy is not None:
-        words += "  acc ↑" if row.val_accuracy > previous.val_accuracy else "  acc ↓"
+        change = row.val_accuracy - previous.val_accuracy
+        words += "  acc ↑" if change > 0 else ("  acc ↓" if change < 0 else "  acc =")
     return words
 
 
 class ScreenModel:
     """Everything the widgets render; `apply` folds in one engine message."""
 
-    def __init__(self) -> None:
+    def __init__(self, history: int = DEFAULT_HISTORY) -> None:
         self.info: SessionInfo | None = None
+        # The losses `b` can undo, to take them out of their epoch's mean again.
+        self._recent_losses: deque[tuple[int, int, float]] = deque(maxlen=history + 1)
         self.state: EngineState | None = None
         self.last_event: StageEvent | None = None
         self.last_by_stage: dict[str, StageEvent] = {}
@@ -70,6 +73,7 @@ class ScreenModel:
             self._update(message)
         elif isinstance(message, Checks):
             self.checks = message.results
+            self.notice = "sanity checks done: the results are in the Diagnostics panel"
         elif isinstance(message, Picture):
             self.picture = message
         elif isinstance(message, Rewound):
@@ -82,10 +86,23 @@ class ScreenModel:
 
     def _rewound(self, message: Rewound) -> None:
         """Forget what happened after the point the loop stepped back to; the replay rewrites it."""
+        done = message.completed_iterations
         for series in (self.loss, self.twin_loss, self.val_loss):
-            series.truncate(message.completed_iterations)
-        for epoch in [e for e in self.epochs if e >= message.epoch]:
+            series.truncate(done)
+        while self._recent_losses and self._recent_losses[-1][0] > done:
+            _, epoch, loss = self._recent_losses.pop()
+            if epoch in self.epochs:  # the epoch's mean loses the undone iterations, keeps the rest
+                self.epochs[epoch].loss_sum -= loss
+                self.epochs[epoch].loss_count -= 1
+        for epoch in [e for e in self.epochs if e > message.epoch]:
             del self.epochs[epoch]
+        row = self.epochs.get(message.epoch)
+        if row is not None and self.info is not None and "validate" in self.info.epoch_end_stages:
+            # Back inside this epoch: its validation (at its last iteration) runs again.
+            row.val_loss = row.val_accuracy = None
+            self.val_loss.truncate(done - 0.5)
+        if row is not None and not row.loss_count and row.val_loss is None:
+            del self.epochs[message.epoch]
         self.last_event = None
         self.last_by_stage.clear()
         for event in message.events:  # the iteration it is back at the end of, as first seen
@@ -103,6 +120,7 @@ class ScreenModel:
             if loss is not None and math.isfinite(loss):
                 row.loss_sum += loss
                 row.loss_count += 1
+                self._recent_losses.append((iteration, epoch, loss))
         while len(self.epochs) > MAX_EPOCHS_KEPT:  # bounded over arbitrarily long runs
             del self.epochs[min(self.epochs)]
         for event in update.events:
