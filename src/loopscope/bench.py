@@ -76,33 +76,41 @@ MODELS = {"mlp": mlp_experiment, "wide_mlp": wide_mlp_experiment, "cnn": cnn_exp
 
 
 # ----- stepper vs plain loop -----------------------------------------------------------------
-def _plain_iterations(experiment, device, stop: Callable[[int, float], bool]) -> list[float]:
-    """The loop a user writes by hand, timed per iteration, until `stop(iterations, elapsed)`."""
-    import torch
+class PlainLoop:
+    """The loop a user writes by hand, one timed iteration per `step()`, keeping its place in the data."""
 
-    model, optimizer, loss_fn = experiment.model.to(device), experiment.optimizer, experiment.loss_fn
-    times, batches, began = [], iter(experiment.train_loader), time.perf_counter()
-    while not stop(len(times), time.perf_counter() - began):
+    def __init__(self, experiment, device) -> None:
+        self.experiment, self.device = experiment, device
+        self.model = experiment.model.to(device)
+        self._batches = iter(experiment.train_loader)
+
+    def step(self) -> float:
+        import torch
+
+        exp, device = self.experiment, self.device
         start = time.perf_counter()
         try:
-            x, y = next(batches)
+            x, y = next(self._batches)
         except StopIteration:
-            batches = iter(experiment.train_loader)
-            x, y = next(batches)
+            self._batches = iter(exp.train_loader)
+            x, y = next(self._batches)
         x, y = x.to(device), y.to(device)
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
+        exp.optimizer.zero_grad()
+        loss = exp.loss_fn(self.model(x), y)
         loss.backward()
-        optimizer.step()
+        exp.optimizer.step()
         loss.item()  # the plain loop reads its loss too (for a progress print)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+
+def _plain_iterations(experiment, device, stop: Callable[[int, float], bool]) -> list[float]:
+    """The plain loop, timed per iteration, until `stop(iterations, elapsed)`."""
+    loop, times, began = PlainLoop(experiment, device), [], time.perf_counter()
+    while not stop(len(times), time.perf_counter() - began):
+        times.append(loop.step())
     return times
-
-
-def _plain_times(experiment, iterations: int, device) -> list[float]:
-    return _plain_iterations(experiment, device, lambda done, elapsed: done >= iterations)
 
 
 def plain_iterations_for(experiment, device, seconds: float) -> int:
@@ -159,13 +167,18 @@ def bracketed_ratios(ours: list[float], plain: list[float]) -> list[float]:
 
 
 def compare(name: str, iterations: int = 600, rounds: int = 10, device: str = "cpu", batch: int = BATCH) -> dict[str, Any]:
-    """Per-iteration time of each, taking turns in `rounds` so machine noise hits both alike.
+    """Per-iteration time of each: they take turns iteration by iteration, so machine noise and
+    training's own drift hit both alike.
 
-    Each round's mean (rare probed iterations and snapshots included) is compared with the plain
-    loop's on either side of it, and the median of those ratios reported: a burst of load from elsewhere on
-    the machine spoils one round, not the figure. Both train the very same model, optimizer and
-    data: two copies of a model sit at different places in memory, which alone was measured to
-    move a ratio by up to 10%. The stepper's clock stops during the plain loop's turns (RunClock)."""
+    Training changes the speed as it goes (the wide MLP's Adam slows by half after ~800
+    iterations, from subnormal floats in its state), and on this shared machine the speed of
+    both swings by up to 30% from one half second to the next: taking turns in rounds of 60
+    iterations, the rounds' ratios ranged 0.82-1.46 when it was busy; iteration by iteration, the
+    chunks' ratios stay within a few percent. The pairs are cut into `rounds` chunks (each long
+    enough to hold its share of probes and snapshots); the ratio is the median of the chunks'
+    ratios. Both train the very same model, optimizer and data: two copies of a model sit at
+    different places in memory, which alone was measured to move a ratio by up to 10%. The
+    stepper's clock stops during the plain loop's turns (RunClock)."""
     import torch
 
     from loopscope.engine.stepper import Stepper
@@ -179,18 +192,22 @@ def compare(name: str, iterations: int = 600, rounds: int = 10, device: str = "c
     clock = RunClock()
     stepper.rewinder.clock = clock
     schedule = ProbeSchedule()
-    clock.stop_while(lambda: _plain_times(experiment, 10, dev))  # warm up
-    _stepper_times(stepper, 10, schedule, clock)
-    per_round = max(1, iterations // rounds)
-    plain_round = lambda: statistics.fmean(clock.stop_while(lambda: _plain_times(experiment, per_round, dev)))
-    plain, ours = [plain_round()], []
-    for _ in range(rounds):
-        ours.append(statistics.fmean(_stepper_times(stepper, per_round, schedule, clock)))
-        plain.append(plain_round())
-    ratio = statistics.median(bracketed_ratios(ours, plain))
-    brackets = [(before + after) / 2 for before, after in zip(plain, plain[1:])]  # what each round met
-    return {"name": name, "batch": batch, "plain_ms": round(statistics.median(brackets) * 1000, 3),
-            "stepper_ms": round(statistics.median(ours) * 1000, 3), "ratio": round(ratio, 3)}
+    plain = PlainLoop(experiment, dev)
+    for _ in range(10):  # warm up
+        clock.stop_while(plain.step)
+        _stepper_times(stepper, 1, schedule, clock)
+    plain_times, our_times = [], []
+    for _ in range(iterations):
+        plain_times.append(clock.stop_while(plain.step))
+        our_times.extend(_stepper_times(stepper, 1, schedule, clock))
+    rounds = max(1, min(rounds, iterations))
+    size = iterations // rounds
+    chunks = [(sum(our_times[i:i + size]), sum(plain_times[i:i + size]), len(plain_times[i:i + size]))
+              for i in range(0, size * rounds, size)]
+    return {"name": name, "batch": batch,
+            "plain_ms": round(statistics.median(p / n for _, p, n in chunks) * 1000, 3),
+            "stepper_ms": round(statistics.median(o / n for o, _, n in chunks) * 1000, 3),
+            "ratio": round(statistics.median(o / p for o, p, _ in chunks), 3)}
 
 
 # ----- plot and history --------------------------------------------------------------------

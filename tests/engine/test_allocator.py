@@ -16,9 +16,12 @@ if sys.argv[1] == "tuned":
 torch.manual_seed(0)
 experiment = bench.wide_mlp_experiment()
 device = torch.device("cpu")
-bench._plain_times(experiment, 5, device)
+loop = bench.PlainLoop(experiment, device)
+for _ in range(5):
+    loop.step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-bench._plain_times(experiment, 30, device)
+for _ in range(30):
+    loop.step()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30)
 """
 
