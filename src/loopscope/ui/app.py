@@ -158,13 +158,15 @@ class LoopscopeApp(App[None]):
         if isinstance(message.payload, Checks) or isinstance(message.payload, Failed):
             self._checks_pending = False
         running = self.model.state is not None and self.model.state.running
-        if not running:
-            self.redraw()  # a step's result shows at once; while running, the frame clock paces redraws
+        # The answer is here: no longer waiting, before any redraw counts the wait again (it
+        # said "the engine has not answered for 7 s" over the answer of slow sanity checks).
         self._awaiting_since = time.monotonic() if running else None
         if self._busy_shown:
             self._busy_shown = 0
             if self.model.notice is waiting_notice:  # the answer did not bring a notice of its own
                 self.model.notice = None
+        if not running:
+            self.redraw()  # a step's result shows at once; while running, the frame clock paces redraws
 
     def send(self, command: Any) -> None:
         if self.session is None or not self.session.send(command):
