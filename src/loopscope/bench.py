@@ -139,31 +139,19 @@ class RunClock:
             self._stopped_for += time.perf_counter() - began
 
 
-def _stepper_times(stepper, iterations: int, schedule, clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    times = []
-    stepper.sync_cuda = False  # as the app's engine runs: no GPU sync per stage
-    for _ in range(iterations):
-        start = clock()
-        # As the app's engine does: full statistics for the iterations the screen will show.
-        stepper.probe = schedule.should_probe(start)
-        stepper.run_iteration()
-        if stepper.device.type == "cuda":
-            import torch
+def _stepper_iteration(stepper, schedule, clock: Callable[[], float]) -> float:
+    """One iteration as the app's engine runs it, timed on the run's clock."""
+    start = clock()
+    # As the app's engine does: full statistics for the iterations the screen will show.
+    stepper.probe = schedule.should_probe(start)
+    stepper.run_iteration()
+    if stepper.device.type == "cuda":
+        import torch
 
-            torch.cuda.synchronize(stepper.device)
-        elapsed = clock() - start
-        schedule.record(stepper.probe, start, elapsed)
-        times.append(elapsed)
-    return times
-
-
-def bracketed_ratios(ours: list[float], plain: list[float]) -> list[float]:
-    """Each of our rounds over the mean of the plain rounds just before and just after it.
-
-    Training itself changes the speed of both as it goes: the wide MLP's Adam slows down by half
-    after ~800 iterations (subnormal floats in its state). Compared with only the plain round
-    before it, each of our rounds would pay for that drift; bracketed, a steady drift cancels."""
-    return [o / ((before + after) / 2) for o, before, after in zip(ours, plain, plain[1:])]
+        torch.cuda.synchronize(stepper.device)
+    elapsed = clock() - start
+    schedule.record(stepper.probe, start, elapsed)
+    return elapsed
 
 
 def compare(name: str, iterations: int = 600, rounds: int = 10, device: str = "cpu", batch: int = BATCH) -> dict[str, Any]:
@@ -189,17 +177,18 @@ def compare(name: str, iterations: int = 600, rounds: int = 10, device: str = "c
     experiment = _experiment(name, batch)
     # As the app runs it: snapshots for stepping back, full statistics on the schedule.
     stepper = Stepper(experiment, dev, keep_snapshots=DEFAULT_HISTORY)
+    stepper.sync_cuda = False  # as the app's engine runs: no GPU sync per stage
     clock = RunClock()
     stepper.rewinder.clock = clock
     schedule = ProbeSchedule()
     plain = PlainLoop(experiment, dev)
     for _ in range(10):  # warm up
         clock.stop_while(plain.step)
-        _stepper_times(stepper, 1, schedule, clock)
+        _stepper_iteration(stepper, schedule, clock)
     plain_times, our_times = [], []
     for _ in range(iterations):
         plain_times.append(clock.stop_while(plain.step))
-        our_times.extend(_stepper_times(stepper, 1, schedule, clock))
+        our_times.append(_stepper_iteration(stepper, schedule, clock))
     rounds = max(1, min(rounds, iterations))
     size = iterations // rounds
     chunks = [(sum(our_times[i:i + size]), sum(plain_times[i:i + size]), len(plain_times[i:i + size]))
@@ -308,8 +297,8 @@ def app_throughput(name: str = "wide_mlp", seconds: float = 8.0, rounds: int = 8
     """Iterations a second inside the running app against the plain loop, `seconds` each in all.
 
     They take turns in short rounds, the plain loop first and last; the ratio is the median of each
-    round's rate against the plain rounds on either side of it (bracketed_ratios, on times), so a
-    burst of load from elsewhere on the machine spoils one round, not the figure.
+    round's rate against the plain rounds on either side of it, so a burst of load from elsewhere
+    on the machine spoils one round, not the figure.
     """
     result = subprocess.run([sys.executable, "-c", _APP_PROBE, name, str(seconds / rounds), str(rounds), device],
                             capture_output=True, text=True, timeout=2 * seconds + 120)
@@ -317,7 +306,10 @@ def app_throughput(name: str = "wide_mlp", seconds: float = 8.0, rounds: int = 8
         raise RuntimeError(f"the app probe failed: {result.stderr.strip()[-2000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     app_rates, plain_rates = measured["app_rates"], measured["plain_rates"]
-    ratios = [1 / r for r in bracketed_ratios([1 / a for a in app_rates], [1 / p for p in plain_rates])]
+    # Each app round against the plain rounds before and after it, on times (1 / rate): training
+    # changes the speed as it goes (the wide MLP's Adam slows by half after ~800 iterations, from
+    # subnormal floats in its state), and bracketed, a steady drift cancels.
+    ratios = [app * (1 / before + 1 / after) / 2 for app, before, after in zip(app_rates, plain_rates, plain_rates[1:])]
     return {"plain_its": round(statistics.median(plain_rates), 1), "app_its": round(statistics.median(app_rates), 1),
             "ratio": round(statistics.median(ratios), 3), "rounds": [round(r, 3) for r in ratios],
             "first_frame_ms": round(measured["first_frame_ms"], 1)}
