@@ -3,10 +3,10 @@
 import json
 import queue
 
-from loopscope import bench
+from loopscope.cli import bench
 from loopscope.cli import main
-from loopscope.protocol import PlainLoopTimed, Ready, SessionSpec, TimePlainLoop, Update
-from loopscope.session import EngineSession
+from loopscope.shared.protocol import PlainLoopTimed, Ready, SessionSpec, TimePlainLoop, Update
+from loopscope.ui.session import EngineSession
 
 
 def test_bench_pieces_report_sane_figures():
@@ -32,7 +32,7 @@ def _next(messages: queue.Queue, kind: type):
 def test_the_engine_times_the_plain_loop_on_its_own_model_and_keeps_its_place():
     # The app's reference loop runs on the engine's own objects (see TimePlainLoop).
     messages: queue.Queue = queue.Queue()
-    session = EngineSession(SessionSpec("loopscope.bench:mlp_experiment", "cpu"), messages.put, in_process=True)
+    session = EngineSession(SessionSpec("loopscope.cli.bench:mlp_experiment", "cpu"), messages.put, in_process=True)
     session.start()
     try:
         _next(messages, Ready)

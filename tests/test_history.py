@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from loopscope.history import Series
+from loopscope.shared.history import Series
 from loopscope.ui.plot import plot_points
 
 

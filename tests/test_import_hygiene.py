@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-TORCH_FREE = ["loopscope", "loopscope.catalog", "loopscope.bugs", "loopscope.events", "loopscope.history", "loopscope.trace",
-              "loopscope.cli", "loopscope.errors"]
+TORCH_FREE = ["loopscope", "loopscope.shared.catalog", "loopscope.shared.bugs", "loopscope.shared.events", "loopscope.shared.history", "loopscope.cli.trace",
+              "loopscope.cli", "loopscope.shared.errors"]
 TEXTUAL_FREE = ["loopscope.engine.stepper", "loopscope.engine.probes", "loopscope.engine.diagnostics",
-                "loopscope.engine.checks", "loopscope.engine.inject", "loopscope.experiment",
+                "loopscope.engine.checks", "loopscope.engine.inject", "loopscope.engine.experiment",
                 "loopscope.scenarios.blobs", "loopscope.scenarios.digits"]
 
 

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from loopscope.cli import main
-from loopscope.protocol import Update
-from loopscope.events import StageEvent
+from loopscope.shared.protocol import Update
+from loopscope.shared.events import StageEvent
 from tests.ui.helpers import make_app, press_and_wait, ready, text_of, wait_until
 
 # factory -> (stage that fails, words the explanation must contain)
@@ -123,7 +123,7 @@ async def test_resizing_while_running_keeps_the_layout_sane():
 
 
 def test_a_long_headless_run_keeps_memory_flat():
-    from loopscope.soak import soak
+    from loopscope.devtools.soak import soak
 
     readings = soak(iterations=20_000, checkpoints=(2_000, 20_000))
     growth = readings[20_000] - readings[2_000]

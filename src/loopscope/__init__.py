@@ -11,7 +11,7 @@ __all__ = ["Experiment", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy so that `import loopscope` (and the UI process) never pays for importing torch.
     if name == "Experiment":
-        from loopscope.experiment import Experiment
+        from loopscope.engine.experiment import Experiment
 
         return Experiment
     raise AttributeError(name)

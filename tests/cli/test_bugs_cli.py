@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loopscope.bugs import BUGS
+from loopscope.shared.bugs import BUGS
 from loopscope.cli import main
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from loopscope.experiment import Experiment, seed_everything
+from loopscope.engine.experiment import Experiment, seed_everything
 
 
 def default_forward(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

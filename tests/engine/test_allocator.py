@@ -9,7 +9,7 @@ import pytest
 # Runs in a fresh process: the setting lasts for the life of a process.
 FAULTS_PER_ITERATION = """
 import resource, sys, torch
-from loopscope import bench
+from loopscope.cli import bench
 from loopscope.engine.allocator import tune_allocator
 if sys.argv[1] == "tuned":
     assert tune_allocator()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loopscope.bugs import BUGS, BUGS_BY_ID
-from loopscope.catalog import ALL_STAGES, SCENARIOS
+from loopscope.shared.bugs import BUGS, BUGS_BY_ID
+from loopscope.shared.catalog import ALL_STAGES, SCENARIOS
 from loopscope.engine.features import experiment_features
 from loopscope.engine.stepper import Stepper, infer_task
-from loopscope.errors import UserError
-from loopscope.experiment import load_experiment, resolve_factory
+from loopscope.shared.errors import UserError
+from loopscope.engine.experiment import load_experiment, resolve_factory
 from tests.engine.reference_loop import plain_run
 from tests.engine.test_trajectory import assert_bitwise_equal, stepper_run
 

@@ -7,7 +7,7 @@ import torch
 
 from loopscope.engine.checks import run_checks
 from loopscope.engine.stepper import Stepper
-from loopscope.experiment import load_experiment
+from loopscope.engine.experiment import load_experiment
 
 
 def results(scenario: str, bugs=()) -> dict[str, bool]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from loopscope.engine.pictures import PictureMaker
 from loopscope.engine.stepper import Stepper
-from loopscope.experiment import load_experiment
+from loopscope.engine.experiment import load_experiment
 
 
 def run_with_pictures(target: str, iterations: int, draw: bool):
     stepper = Stepper(load_experiment(target, 0))
-    maker = PictureMaker(stepper)
+    maker = stepper.picture_maker()
     picture = None
     for _ in range(iterations):
         stepper.step_stage()

@@ -8,7 +8,7 @@ import torch
 
 from loopscope.engine.rewind import copy_into
 from loopscope.engine.stepper import Stepper
-from loopscope.experiment import load_experiment
+from loopscope.engine.experiment import load_experiment
 
 
 def losses_of(stepper: Stepper, first: int) -> list[float]:

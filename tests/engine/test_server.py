@@ -5,8 +5,8 @@ from __future__ import annotations
 import queue
 import threading
 
-from loopscope.protocol import Ready, RunIterations, SessionSpec, SetRunning, Step, Update
-from loopscope.session import EngineSession
+from loopscope.shared.protocol import Ready, RunIterations, SessionSpec, SetRunning, Step, Update
+from loopscope.ui.session import EngineSession
 
 
 def _run_and_collect(command: object) -> tuple[list, int]:

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from loopscope.engine.probes import UpdateMeter
 from loopscope.engine.stepper import LoopHalted, Stepper
-from loopscope.experiment import Experiment, load_experiment, seed_everything
-from loopscope.history import History
+from loopscope.engine.experiment import Experiment, load_experiment, seed_everything
+from loopscope.shared.history import History
 from tests.conftest import FIXTURES
 
 CORE = ["load_batch", "zero_grad", "forward", "loss", "backward", "step"]

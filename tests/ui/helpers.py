@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from loopscope.protocol import SessionSpec
+from loopscope.shared.protocol import SessionSpec
 from loopscope.ui.app import LoopscopeApp
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from loopscope.protocol import Checks
+from loopscope.shared.protocol import Checks
 from loopscope.ui.app import EngineMessage
 from loopscope.ui.help import HelpScreen
 from loopscope.ui.model import EpochRow, observe
@@ -308,7 +308,7 @@ async def test_running_on_after_b_clears_its_notice():
 
 
 async def test_b_beyond_the_kept_history_says_so():
-    from loopscope.protocol import SessionSpec
+    from loopscope.shared.protocol import SessionSpec
     from loopscope.ui.app import LoopscopeApp
 
     app = LoopscopeApp(SessionSpec("blobs", "cpu", history=1), in_process=True)

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loopscope.cli import main
-from loopscope.demo import load_demo
-from loopscope.protocol import SessionSpec
+from loopscope.shared.demo import load_demo
+from loopscope.shared.protocol import SessionSpec
 from loopscope.ui.app import LoopscopeApp
 from tests.ui.helpers import expect_text, ready, text_of, wait_until
 

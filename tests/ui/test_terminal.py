@@ -62,7 +62,7 @@ def test_a_bad_target_is_one_line_before_the_app_opens(tmux_session):
 
 UI_PROCESS = """
 import asyncio, sys
-from loopscope.protocol import SessionSpec
+from loopscope.shared.protocol import SessionSpec
 from loopscope.ui.app import LoopscopeApp
 
 async def main():

@@ -8,17 +8,39 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from loopscope.engine.batches import split_batch, to_device
+from loopscope.engine.batches import call_model, primary_output, split_batch, to_device
 from loopscope.engine.copies import copy_optimizer, forked_rng
-from loopscope.engine.diagnostics import batch_mixing_rows
-from loopscope.events import CheckResult
+from loopscope.shared.events import CheckResult
 
 if TYPE_CHECKING:
-    from loopscope.engine.stepper import Stepper
+    from loopscope.engine.experiment import Experiment
+    from loopscope.engine.inject import BugInjector
+    from loopscope.shared.events import StageError, StageEvent
+    from loopscope.shared.vocab import Task
+
+
+class Stepper(Protocol):
+    """What the checks use of the driver they check: its objects, and copies to try things on."""
+
+    experiment: Experiment
+    model: torch.nn.Module
+    device: torch.device
+    task: Task | None
+    injector: BugInjector
+
+    @property
+    def completed_iterations(self) -> int: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def halted(self) -> StageError | None: ...
+    def step_stage(self) -> StageEvent | None: ...
+    def trial_copy(self, batches: list[Any], steps: int) -> Stepper: ...
 
 OVERFIT_STEPS = 300
 BASELINE_STEPS = 150
@@ -37,24 +59,6 @@ def _batches(stepper: Stepper, count: int) -> list[Any]:
     if not batches:
         raise ValueError("the training loader yielded no batches")
     return batches
-
-
-def _copy_stepper(stepper: Stepper, batches: list[Any], steps: int) -> Stepper:
-    """A stepper over copies of the model and optimizer, fed `batches` in turn for `steps` iterations."""
-    from loopscope.engine.stepper import Stepper
-    from loopscope.experiment import Experiment
-
-    exp = stepper.experiment
-    model = copy.deepcopy(stepper.model)
-    optimizer = copy_optimizer(exp.optimizer, model)
-    loader = [batches[i % len(batches)] for i in range(steps)]
-    trial = Experiment(model=model, loss_fn=exp.loss_fn, optimizer=optimizer, train_loader=loader,
-                       epochs=1, task=stepper.task, clip_grad_norm=exp.clip_grad_norm)
-    copy_stepper = Stepper(trial, stepper.device, probe=False, diagnose=False)
-    # The copies already carry the bugs' switch effects (scaled lr, swapped modules): only the
-    # in-loop effects need turning on, without switching again.
-    copy_stepper.injector.adopt(stepper.injector.active)
-    return copy_stepper
 
 
 def _losses(copy_stepper: Stepper) -> list[float]:
@@ -77,15 +81,13 @@ def check_initial_loss(stepper: Stepper, batches: list[Any]) -> CheckResult:
         return CheckResult("init_loss", title, True,
                            f"the model has already trained {stepper.completed_iterations} iterations",
                            skipped=True)
-    losses = _losses(_copy_stepper(stepper, batches[:1], 1))
+    losses = _losses(stepper.trial_copy(batches[:1], 1))
     loss = losses[0]
     name = type(stepper.experiment.loss_fn).__name__
     inputs, targets = batches[0]
     if name == "CrossEntropyLoss":
         model_copy = copy.deepcopy(stepper.model).eval()
         with torch.no_grad(), forked_rng(stepper.device):
-            from loopscope.engine.batches import call_model, primary_output
-
             classes = primary_output(call_model(model_copy, inputs)).shape[1]
         expected, what = math.log(classes), f"-ln(1/{classes})"
     elif name in ("BCEWithLogitsLoss", "BCELoss"):
@@ -105,7 +107,7 @@ def check_initial_loss(stepper: Stepper, batches: list[Any]) -> CheckResult:
 
 def check_overfit_one_batch(stepper: Stepper, batches: list[Any]) -> CheckResult:
     title = "overfit a single batch"
-    losses = _losses(_copy_stepper(stepper, batches[:1], OVERFIT_STEPS))
+    losses = _losses(stepper.trial_copy(batches[:1], OVERFIT_STEPS))
     first, last = losses[0], min(losses[-10:])
     passed = math.isfinite(last) and (last <= 0.05 or last <= 0.02 * first)
     return CheckResult(
@@ -118,9 +120,9 @@ def check_overfit_one_batch(stepper: Stepper, batches: list[Any]) -> CheckResult
 
 def check_input_independent(stepper: Stepper, batches: list[Any]) -> CheckResult:
     title = "input-independent baseline"
-    real = _losses(_copy_stepper(stepper, batches, BASELINE_STEPS))
+    real = _losses(stepper.trial_copy(batches, BASELINE_STEPS))
     zeroed_batches = [(_zeros_like(x), y) for x, y in batches]
-    zeroed = _losses(_copy_stepper(stepper, zeroed_batches, BASELINE_STEPS))
+    zeroed = _losses(stepper.trial_copy(zeroed_batches, BASELINE_STEPS))
     window = min(len(batches), 10)
     real_end, zero_end = sum(real[-window:]) / window, sum(zeroed[-window:]) / window
     passed = math.isfinite(real_end) and real_end < 0.9 * zero_end
@@ -144,12 +146,8 @@ def _zeros_like(value: Any) -> Any:
 
 def check_batch_mixing(stepper: Stepper, batches: list[Any]) -> CheckResult:
     title = "batch-mixing probe"
-    saved = stepper._current.clean_inputs, stepper._current.clean_targets
-    stepper._current.clean_inputs, stepper._current.clean_targets = batches[0]
-    try:
-        mixed = batch_mixing_rows(stepper)
-    finally:
-        stepper._current.clean_inputs, stepper._current.clean_targets = saved
+    inputs, targets = batches[0]
+    mixed = batch_mixing_rows(stepper.model, inputs, targets, stepper.injector.prepare_batch, stepper.device)
     if mixed is None:
         return CheckResult("batch_mixing", title, True,
                            "the gradient of output row 1 reaches input row 1 only", {"rows_mixed": 0})
@@ -176,3 +174,35 @@ def run_checks(stepper: Stepper) -> list[CheckResult]:
             name = check.__name__.removeprefix("check_")
             results.append(CheckResult(name, name.replace("_", " "), False, f"could not run: {type(exc).__name__}: {exc}"))
     return results
+
+
+def batch_mixing_rows(
+    model: torch.nn.Module,
+    inputs: Any,
+    targets: Any,
+    prepare_batch: Callable[[Any, Any], tuple[Any, Any]],
+    device: torch.device,
+) -> tuple[int, int] | None:
+    """Backprop out[i].sum() to the inputs on a copy in eval mode: rows other than i must get
+    no gradient. Returns (i, how many other rows got gradient), or None when clean/not testable.
+
+    `prepare_batch` is the loop's data pipeline (bugs included): it is what may mix the rows.
+    The diagnostics run it too, whenever the loop's code changes."""
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.shape[0] < 2:
+        return None
+    model = copy.deepcopy(model)
+    model.eval()  # batch norm in training mode mixes rows legitimately
+    with forked_rng(device), torch.enable_grad():
+        try:
+            x = inputs.detach().clone().requires_grad_(True)
+            prepared, _ = prepare_batch(x, targets)
+            out = primary_output(call_model(model, prepared))
+            row = min(1, out.shape[0] - 1)
+            out[row].sum().backward()
+        except Exception:  # the loop itself will report whatever fails here, at its stage
+            return None
+    if x.grad is None:
+        return None
+    per_row = x.grad.detach().reshape(x.shape[0], -1).abs().sum(dim=1)
+    others = int((per_row > 0).sum().item()) - int(per_row[row].item() > 0)
+    return (row, others) if others > 0 else None

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from loopscope.errors import UserError
+from loopscope.shared.errors import UserError
 
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 

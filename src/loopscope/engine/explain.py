@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from loopscope.errors import user_frame
-from loopscope.events import StageError
+from loopscope.shared.errors import user_frame
+from loopscope.shared.events import StageError
 
 # (pattern in the message, plain explanation). First match wins.
 _HINTS: tuple[tuple[str, str], ...] = (

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from loopscope.engine.batches import split_batch
-from loopscope.experiment import Experiment
+from loopscope.engine.experiment import Experiment
 
 
 def first_example(loader: Any) -> Any:
@@ -28,7 +28,7 @@ def first_example(loader: Any) -> Any:
 
 
 def experiment_features(experiment: Experiment, task: str | None) -> frozenset[str]:
-    """Feature names as `loopscope.bugs.Bug.requires` uses them."""
+    """Feature names as `loopscope.shared.bugs.Bug.requires` uses them."""
     model, loss = experiment.model, experiment.loss_fn
     modules = list(model.modules())
     found: set[str] = set()

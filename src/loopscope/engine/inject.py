@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from loopscope.bugs import BUGS_BY_ID, requirement_text, unknown_bug_message
+from loopscope.shared.bugs import BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.engine.batches import split_batch
-from loopscope.errors import UserError
+from loopscope.shared.errors import UserError
 
 LR_TOO_HIGH, LR_TOO_LOW = 100.0, 1e-3
 DEAD_RELU_BIAS = -5.0

@@ -5,43 +5,55 @@ from __future__ import annotations
 
 import copy
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from loopscope.engine.batches import call_model, primary_output
 from loopscope.engine.copies import forked_rng
-from loopscope.protocol import Picture
+from loopscope.shared.protocol import Picture
+from loopscope.shared.vocab import PictureKind, Task
 
 GRID_COLUMNS, GRID_ROWS, CURVE_POINTS = 60, 24, 120
 
 
-def picture_kind(stepper: Any) -> str | None:
-    inputs = stepper._current.clean_inputs
+def picture_kind(inputs: Any, task: Task | None) -> PictureKind | None:
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or not inputs.is_floating_point():
         return None
-    if inputs.shape[1] == 2 and stepper.task in ("classification", "binary"):
-        return "boundary"
-    if inputs.shape[1] == 1 and stepper.task == "regression":
-        return "curve"
+    if inputs.shape[1] == 2 and task in (Task.CLASSIFICATION, Task.BINARY):
+        return PictureKind.BOUNDARY
+    if inputs.shape[1] == 1 and task == Task.REGRESSION:
+        return PictureKind.CURVE
     return None
 
 
 class PictureMaker:
     """Keeps a sample of recent training rows and draws the model over their range."""
 
-    def __init__(self, stepper: Any) -> None:
-        self.stepper = stepper
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        task: Task | None,
+        prepare_batch: Callable[[Any, Any], tuple[Any, Any]],
+        current_batch: Callable[[], tuple[Any, Any]],
+        iteration: Callable[[], int],
+    ) -> None:
+        self.model, self.device, self.task = model, device, task
+        self.prepare_batch = prepare_batch  # the data pipeline as the loop runs it (bugs included)
+        self.current_batch = current_batch  # the iteration's clean (inputs, targets)
+        self.iteration = iteration
         self.rows: deque[tuple[float, ...]] = deque(maxlen=300)
         self._seen_iteration = -1
 
     def remember_batch(self) -> None:
-        s = self.stepper
-        if s.iteration == self._seen_iteration or picture_kind(s) is None:
+        x, y = self.current_batch()
+        iteration = self.iteration()
+        if iteration == self._seen_iteration or picture_kind(x, self.task) is None:
             return
-        self._seen_iteration = s.iteration
-        x = s._current.clean_inputs.detach().cpu()
-        y = s._current.clean_targets
+        self._seen_iteration = iteration
+        x = x.detach().cpu()
         if not isinstance(y, torch.Tensor):
             return
         y = y.detach().cpu().reshape(x.shape[0], -1)[:, 0].float()
@@ -49,21 +61,19 @@ class PictureMaker:
             self.rows.append((*features, target))
 
     def make(self) -> Picture | None:
-        s = self.stepper
-        kind = picture_kind(s)
+        kind = picture_kind(self.current_batch()[0], self.task)
         if kind is None or not self.rows:
             return None
         columns = list(zip(*self.rows))
-        model = copy.deepcopy(s.model).eval()
-        with torch.no_grad(), forked_rng(s.device):
-            if kind == "boundary":
+        model = copy.deepcopy(self.model).eval()
+        with torch.no_grad(), forked_rng(self.device):
+            if kind == PictureKind.BOUNDARY:
                 return self._boundary(model, columns)
             return self._curve(model, columns)
 
     def _run(self, model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        prepared, _ = self.stepper.injector.prepare_batch(inputs.to(self.stepper.device), None)
+        prepared, _ = self.prepare_batch(inputs.to(self.device), None)
         return primary_output(call_model(model, prepared)).detach().float().cpu()
-
     @staticmethod
     def _padded(values: tuple[float, ...]) -> tuple[float, float]:
         low, high = min(values), max(values)
@@ -80,7 +90,7 @@ class PictureMaker:
         classes = out.argmax(dim=1) if out.dim() == 2 and out.shape[1] > 1 else (out.reshape(-1) > 0).long()
         grid = tuple(tuple(row) for row in classes.reshape(GRID_ROWS, GRID_COLUMNS).tolist())
         points = tuple((a, b, int(round(c))) for a, b, c in zip(*columns))
-        return Picture("boundary", self.stepper.iteration, x_range, y_range, grid=grid, points=points)
+        return Picture(PictureKind.BOUNDARY, self.iteration(), x_range, y_range, grid=grid, points=points)
 
     def _curve(self, model: torch.nn.Module, columns: list[tuple[float, ...]]) -> Picture:
         x_range = self._padded(columns[0])
@@ -88,5 +98,5 @@ class PictureMaker:
         predictions = self._run(model, xs).reshape(-1).tolist()
         y_range = self._padded(tuple(columns[1]) + tuple(predictions))
         curve = tuple(zip(xs.reshape(-1).tolist(), predictions))
-        return Picture("curve", self.stepper.iteration, x_range, y_range, curve=curve,
+        return Picture(PictureKind.CURVE, self.iteration(), x_range, y_range, curve=curve,
                        points=tuple(zip(columns[0], columns[1])))

@@ -3,7 +3,7 @@ never so often that they cost more than a few percent of training time."""
 
 from __future__ import annotations
 
-from loopscope.protocol import DETAIL_SECONDS
+from loopscope.shared.protocol import DETAIL_SECONDS
 
 PROBE_BUDGET = 0.01  # full statistics may cost at most ~1% of the run's time
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loopscope.events import LayerStat, TensorStat
+from loopscope.shared.events import LayerStat, TensorStat
 
 # Below this size, statistics are computed in float64 from the tensor itself: exact enough even
 # for raw-scale inputs (mean 1e4, std 1) where sum-of-squares in float32 would cancel badly.
@@ -79,7 +79,7 @@ def tensor_stats(named: Sequence[tuple[str, torch.Tensor, str | None]]) -> list[
     pending: dict[torch.device, list[int]] = {}
     for index, (name, tensor, module_type) in enumerate(named):
         if tensor.numel() == 0:
-            results[index] = _describe(name, tensor, module_type)
+            results[index] = describe(name, tensor, module_type)
         else:
             pending.setdefault(tensor.device, []).append(index)
     for indices in pending.values():
@@ -96,7 +96,7 @@ def tensor_stats(named: Sequence[tuple[str, torch.Tensor, str | None]]) -> list[
     return [r for r in results if r is not None]
 
 
-def _describe(name: str, tensor: torch.Tensor, module_type: str | None) -> TensorStat:
+def describe(name: str, tensor: torch.Tensor, module_type: str | None) -> TensorStat:
     """Name, shape, dtype and device, no statistics: what every unprobed stage reports."""
     return _described(name, tensor.shape, tensor.dtype, tensor.device, module_type)
 

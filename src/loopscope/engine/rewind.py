@@ -1,9 +1,10 @@
 """Snapshots at iteration boundaries, so the loop can step back and replay the same values.
 
-A snapshot holds the model's parameters and buffers, the optimizer's and scheduler's state, every
-random generator's state and the data position (the generator state when the epoch's loader
-iterator was made, and how many batches it had given). Restoring re-creates the iterator from that
-state and skips the consumed batches, so the same batches come out in the same order.
+A snapshot is a copy of the driver's `state_dict()`: the model's parameters and buffers, the
+optimizer's and scheduler's state, every random generator's state, the bugs on, and the loop's
+`LoopState` with its data position (the generator state when the epoch's loader iterator was made,
+and how many batches it had given). Restoring re-creates the iterator from that state and skips the
+consumed batches, so the same batches come out in the same order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,19 +36,28 @@ def restore_rng(state: tuple[Any, ...]) -> None:
     np.random.set_state(numpy_state)
 
 
+class Rewindable(Protocol):
+    """What the rewinder needs of a driver: where it is, and its whole state in torch's style."""
+
+    @property
+    def completed_iterations(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def at_boundary(self) -> bool: ...
+    @property
+    def halted(self) -> object | None: ...
+    @property
+    def active_bugs(self) -> tuple[str, ...]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class Snapshot:
     completed_iterations: int
-    iteration: int
     epoch: int
-    batches_this_epoch: int
-    epoch_rng: tuple[Any, ...] | None
-    rng: tuple[Any, ...]
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any] | None
-    counters: dict[str, Any]
-    bugs: frozenset[str]
+    state: dict[str, Any]  # the driver's state_dict(), copied
 
 
 class Rewinder:
@@ -81,7 +91,7 @@ class Rewinder:
             return 2  # leaves an iteration without a snapshot before it, to measure the rest by
         return max(1, math.ceil(self._cost / (self.BUDGET * self._training)))
 
-    def take(self, stepper: Any, training_seconds: float) -> None:
+    def take(self, stepper: Rewindable, training_seconds: float) -> None:
         """At a boundary, after `training_seconds` of stages since the last one."""
         if self.keep <= 0:
             return
@@ -127,28 +137,14 @@ class Rewinder:
         while (first := next(iter(self.bug_log))) < oldest:
             del self.bug_log[first]
 
-    def _snapshot(self, stepper: Any, reuse: Snapshot | None = None) -> Snapshot:
-        exp = stepper.experiment
+    def _snapshot(self, stepper: Rewindable, reuse: Snapshot | None = None) -> Snapshot:
         return Snapshot(
             completed_iterations=stepper.completed_iterations,
-            iteration=stepper.iteration,
             epoch=stepper.epoch,
-            batches_this_epoch=stepper._batches_this_epoch if stepper._train_iter is not None else 0,
-            epoch_rng=stepper._epoch_rng if stepper._train_iter is not None else None,
-            rng=capture_rng(stepper.device),
-            model=copy_into(stepper.model.state_dict(), reuse.model if reuse else None),
-            optimizer=copy_into(exp.optimizer.state_dict(), reuse.optimizer if reuse else None),
-            scheduler=copy.deepcopy(exp.scheduler.state_dict()) if exp.scheduler is not None else None,
-            counters={
-                "best_val_loss": stepper.best_val_loss,
-                "validations_without_improvement": stepper.validations_without_improvement,
-                "last_val_loss": stepper._last_val_loss,
-                "running_loss": float(stepper._running_loss),
-            },
-            bugs=frozenset(stepper.active_bugs),
+            state=copy_into(stepper.state_dict(), reuse.state if reuse else None),
         )
 
-    def target(self, stepper: Any) -> tuple[Snapshot, int] | None:
+    def target(self, stepper: Rewindable) -> tuple[Snapshot, int] | None:
         """(the snapshot to restore, the boundary to replay up to), one iteration back from here."""
         mid_iteration = not stepper.at_boundary or stepper.halted is not None
         wanted = stepper.completed_iterations if mid_iteration else stepper.completed_iterations - 1
@@ -160,45 +156,16 @@ class Rewinder:
                 return snapshot, wanted
         return None
 
-    def restore(self, stepper: Any, snapshot: Snapshot) -> None:
-        exp = stepper.experiment
-        _switch_bugs(stepper, snapshot.bugs)
-        stepper.model.load_state_dict(snapshot.model)
-        exp.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
-        if snapshot.scheduler is not None:
-            exp.scheduler.load_state_dict(copy.deepcopy(snapshot.scheduler))
-        stepper._train_iter = None
-        stepper._epoch_rng = snapshot.epoch_rng
-        if snapshot.epoch_rng is not None:
-            restore_rng(snapshot.epoch_rng)
-            stepper._train_iter = iter(exp.train_loader)
-            for _ in range(snapshot.batches_this_epoch):
-                next(stepper._train_iter)
-        restore_rng(snapshot.rng)
-        stepper.completed_iterations = snapshot.completed_iterations
-        stepper.iteration = snapshot.iteration
-        stepper.epoch = snapshot.epoch
-        stepper._batches_this_epoch = snapshot.batches_this_epoch
-        stepper.best_val_loss = snapshot.counters["best_val_loss"]
-        stepper.validations_without_improvement = snapshot.counters["validations_without_improvement"]
-        stepper._last_val_loss = snapshot.counters["last_val_loss"]
-        stepper._running_loss = snapshot.counters["running_loss"]
-        stepper.halted = None
-        stepper.finished = False
-        stepper.stop_reason = None
-        stepper._epoch_ending = False
-        stepper._prefetched = None
-        stepper._queue.clear()
+    def restore(self, stepper: Rewindable, snapshot: Snapshot) -> None:
+        stepper.load_state_dict(snapshot.state)
         # Snapshots after this point describe a future that is no longer coming.
         while self.snapshots and self.snapshots[-1].completed_iterations > snapshot.completed_iterations:
             self.snapshots.pop()
         self._last_boundary_time = None
 
-    def set_bugs_for(self, stepper: Any, completed: int) -> None:
+    def bugs_at(self, completed: int) -> frozenset[str] | None:
         """During a replay: the bugs that were on when this iteration began the first time."""
-        bugs = self.bug_log.get(completed)
-        if bugs is not None:
-            _switch_bugs(stepper, bugs)
+        return self.bug_log.get(completed)
 
 
 def copy_into(value: Any, old: Any) -> Any:
@@ -217,10 +184,3 @@ def copy_into(value: Any, old: Any) -> Any:
         return type(value)(copy_into(item, previous) for item, previous in zip(value, olds))
     return copy.deepcopy(value)
 
-
-def _switch_bugs(stepper: Any, bugs: frozenset[str]) -> None:
-    """Exactly `bugs` on, as they were at that boundary."""
-    for bug_id in set(stepper.active_bugs) - bugs:
-        stepper.injector.set(bug_id, False)
-    for bug_id in bugs - set(stepper.active_bugs):
-        stepper.injector.set(bug_id, True)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from loopscope.engine.driver import Driver
+from loopscope.engine.pictures import PictureMaker
 from loopscope.engine.probe_schedule import ProbeSchedule
-from loopscope.errors import UserError
-from loopscope.protocol import (
+from loopscope.shared.errors import UserError
+from loopscope.shared.vocab import Stage, StepKind
+from loopscope.shared.protocol import (
     FRAME_SECONDS, Checks, EngineState, Failed, Ready, RunChecks, RunIterations, SessionInfo, SessionSpec, SetBug,
     PlainLoopTimed, Rewind, Rewound, SetPicture, SetRunning, SetSpeed, SetTwin, Shutdown, Step, TimePlainLoop,
     Update,
@@ -20,7 +23,7 @@ from loopscope.protocol import (
 
 PICTURE_SECONDS = 0.5  # a picture costs a forward pass over a grid: at most two a second
 
-KEEP_WHEN_UNPROBED = ("validate", "checkpoint", "early_stop", "scheduler")
+KEEP_WHEN_UNPROBED = (Stage.VALIDATE, Stage.CHECKPOINT, Stage.EARLY_STOP, Stage.SCHEDULER)
 
 
 class EngineServer:
@@ -29,14 +32,14 @@ class EngineServer:
         self.spec = spec
         self.running = False
         self.speed: float | None = None
-        self.stepper: Any = None
+        self.stepper: Driver = None  # type: ignore[assignment]  # set by start()
         self._events: list = []
         self._losses: list = []
         self._last_frame = 0.0
         self._rate_window: list[tuple[float, int]] = []
         self.schedule = ProbeSchedule()
         self.run_until: int | None = None  # completed-iteration count at which running pauses
-        self.pictures = None  # a PictureMaker while the UI shows pictures
+        self.pictures: PictureMaker | None = None  # while the UI shows pictures
         self._last_picture = 0.0
 
     # ----- start ------------------------------------------------------------------------
@@ -44,7 +47,7 @@ class EngineServer:
         try:
             from loopscope.engine.devices import resolve_device
             from loopscope.engine.stepper import Stepper
-            from loopscope.experiment import load_experiment
+            from loopscope.engine.experiment import load_experiment
 
             device = resolve_device(self.spec.device)
             experiment = load_experiment(self.spec.target, self.spec.seed)
@@ -56,32 +59,8 @@ class EngineServer:
         except Exception as exc:  # anything else while building: still one clear line
             self.conn.send(Failed(f"{type(exc).__name__}: {exc}"))
             return False
-        self.conn.send(Ready(self._info(), self._state()))
+        self.conn.send(Ready(self.stepper.info(), self._state()))
         return True
-
-    def _info(self) -> SessionInfo:
-        s = self.stepper
-        exp = s.experiment
-        try:
-            batches = len(exp.train_loader)
-        except TypeError:
-            batches = None
-        options = {
-            "clip_grad_norm": exp.clip_grad_norm,
-            "scheduler": type(exp.scheduler).__name__ if exp.scheduler is not None else None,
-            "scheduler_interval": exp.scheduler_interval,
-            "validation": exp.val_loader is not None,
-            "checkpoint": bool(exp.checkpoint),
-            "early_stopping_patience": exp.early_stopping_patience,
-            "optimizer": type(exp.optimizer).__name__,
-            "loss_fn": type(exp.loss_fn).__name__,
-            "lr": exp.optimizer.param_groups[0].get("lr"),
-        }
-        return SessionInfo(
-            name=exp.name, device=str(s.device), task=s.task, epochs=exp.epochs, batches_per_epoch=batches,
-            iteration_stages=tuple(s.iteration_stages()), epoch_end_stages=tuple(s._epoch_end_stages()),
-            applicable_bugs=tuple(s.injector.applicable), options=options,
-        )
 
     def _state(self) -> EngineState:
         s = self.stepper
@@ -101,9 +80,9 @@ class EngineServer:
 
     # ----- events ----------------------------------------------------------------------
     def _collect(self, event: Any) -> None:
-        if self.pictures is not None and event.stage == "load_batch" and event.error is None:
+        if self.pictures is not None and event.stage == Stage.LOAD_BATCH and event.error is None:
             self.pictures.remember_batch()
-        if event.stage == "loss":
+        if event.stage == Stage.LOSS:
             self._losses.append((event.iteration, event.epoch, event.loss, event.twin_loss))
         if self.stepper.probe or event.stage in KEEP_WHEN_UNPROBED or event.diagnostics or event.error:
             self._events.append(event)
@@ -119,9 +98,12 @@ class EngineServer:
                 self.conn.send(picture)
 
     def _time_plain_loop(self, seconds: float) -> PlainLoopTimed:
-        from loopscope.bench import plain_iterations_for
+        from loopscope.engine.plainloop import plain_iterations_for
 
         start = time.perf_counter()
+        from loopscope.engine.stepper import Stepper
+
+        assert isinstance(self.stepper, Stepper), "the plain loop reference needs an experiment"
         done = plain_iterations_for(self.stepper.experiment, self.stepper.device, seconds)
         return PlainLoopTimed(done, time.perf_counter() - start)
 
@@ -148,46 +130,54 @@ class EngineServer:
     def _handle(self, command: Any) -> None:
         s = self.stepper
         try:
-            if isinstance(command, Step):
-                self.running = False
-                s.probe = True
-                s.sync_cuda = s.device.type == "cuda"  # stepping: true per-stage durations
-                if s.halted is not None:
-                    s.resume()  # stepping on after an error starts a fresh iteration
-                {"stage": s.step_stage, "iteration": s.run_iteration, "epoch": s.run_epoch}[command.kind]()
-            elif isinstance(command, RunIterations):
-                self._set_running(True, until=s.completed_iterations + command.count)
-            elif isinstance(command, SetRunning):
-                self._set_running(command.on)
-            elif isinstance(command, SetSpeed):
-                self.speed = command.iterations_per_second
-            elif isinstance(command, SetBug):
-                s.set_bug(command.bug_id, command.on)
-            elif isinstance(command, SetTwin):
-                s.set_twin(command.on)
-            elif isinstance(command, Rewind):
-                self.running, self.run_until = False, None
-                if s.rewind():
-                    self._events, self._losses = [], []
-                    self.conn.send(Rewound(s.completed_iterations, s.epoch, s.rewound_events))
-                else:
-                    kept = s.rewinder.keep
-                    self.conn.send(Failed(f"cannot step back further: only the last {kept} iterations are kept "
-                                          "(loopscope run --history N keeps more)", fatal=False))
-            elif isinstance(command, SetPicture):
-                from loopscope.engine.pictures import PictureMaker
+            match command:
+                case Step(kind=kind):
+                    self.running = False
+                    s.probe = True
+                    s.sync_cuda = True  # stepping: true per-stage durations (on CUDA)
+                    if s.halted is not None:
+                        s.resume()  # stepping on after an error starts a fresh iteration
+                    match kind:
+                        case StepKind.STAGE:
+                            s.step_stage()
+                        case StepKind.ITERATION:
+                            s.run_iteration()
+                        case StepKind.EPOCH:
+                            s.run_epoch()
+                case RunIterations(count=count):
+                    self._set_running(True, until=s.completed_iterations + count)
+                case SetRunning(on=on):
+                    self._set_running(on)
+                case SetSpeed(iterations_per_second=speed):
+                    self.speed = speed
+                case SetBug(bug_id=bug_id, on=on):
+                    s.set_bug(bug_id, on)
+                case SetTwin(on=on):
+                    s.set_twin(on)
+                case Rewind():
+                    self._rewind()
+                case SetPicture(on=on):
+                    self.pictures = s.picture_maker() if on else None
+                case RunChecks():
+                    from loopscope.engine.checks import run_checks
 
-                self.pictures = PictureMaker(s) if command.on else None
-            elif isinstance(command, RunChecks):
-                from loopscope.engine.checks import run_checks
-
-                self.conn.send(Checks(tuple(run_checks(s))))
-            elif isinstance(command, TimePlainLoop):
-                self.running, self.run_until = False, None
-                self.conn.send(self._time_plain_loop(command.seconds))
+                    self.conn.send(Checks(tuple(run_checks(s))))
+                case TimePlainLoop(seconds=seconds):
+                    self.running, self.run_until = False, None
+                    self.conn.send(self._time_plain_loop(seconds))
         except UserError as exc:
             self.conn.send(Failed(str(exc), fatal=False))
         self._flush()
+
+    def _rewind(self) -> None:
+        s = self.stepper
+        self.running, self.run_until = False, None
+        if s.rewind():
+            self._events, self._losses = [], []
+            self.conn.send(Rewound(s.completed_iterations, s.epoch, s.rewound_events))
+        else:
+            self.conn.send(Failed(f"cannot step back further: only the last {s.rewind_window} iterations are kept "
+                                  "(loopscope run --history N keeps more)", fatal=False))
 
     def _set_running(self, on: bool, until: int | None = None) -> None:
         """Run (until that many completed iterations, or on) or pause; running on after an error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loopscope.experiment import Experiment
+from loopscope.engine.experiment import Experiment
 from loopscope.scenarios._data import data_generator, loaders, split, standardise
 
 ROWS, FEATURES, BATCH = 1000, 10, 10

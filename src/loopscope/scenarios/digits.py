@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loopscope.experiment import Experiment
+from loopscope.engine.experiment import Experiment
 from loopscope.scenarios._data import data_generator, loaders, split
 
 # A 5x7 bitmap font; each image places one glyph somewhere in an 8x8 frame, with noise.

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from loopscope.experiment import Experiment
+from loopscope.engine.experiment import Experiment
 from loopscope.scenarios._data import data_generator, loaders, split
 
 CLASSES, PER_CLASS, BATCH = 3, 300, 32

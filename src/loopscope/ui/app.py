@@ -18,13 +18,13 @@ from textual.message import Message
 from textual.widgets import Footer, SelectionList
 from textual.widgets.selection_list import Selection
 
-from loopscope.bugs import BUGS
-from loopscope.demo import Demo
-from loopscope.protocol import (
+from loopscope.shared.bugs import BUGS
+from loopscope.shared.demo import Demo
+from loopscope.shared.protocol import (
     DETAIL_SECONDS, FRAME_SECONDS, Checks, Failed, Rewind, RunChecks, RunIterations, SessionSpec, SetBug,
     SetPicture, SetRunning, SetSpeed, SetTwin, Step,
 )
-from loopscope.session import EngineSession
+from loopscope.ui.session import EngineSession
 from loopscope.ui.commands import LoopCommands
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.narration import NarrationBar, metric

@@ -6,7 +6,7 @@ from functools import partial
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from loopscope.bugs import BUGS_BY_ID
+from loopscope.shared.bugs import BUGS_BY_ID
 
 ACTIONS = (
     ("Step one stage", "step_stage", "space"),

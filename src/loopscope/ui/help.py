@@ -8,7 +8,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Markdown
 
-from loopscope.catalog import STAGE_DESCRIPTIONS
+from loopscope.shared.catalog import STAGE_DESCRIPTIONS
 
 KEYS = (
     ("space", "run one stage"),

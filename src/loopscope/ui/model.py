@@ -6,9 +6,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from loopscope.events import CheckResult, Finding, StageEvent
-from loopscope.history import Series
-from loopscope.protocol import DEFAULT_HISTORY, Checks, EngineState, Failed, Picture, Ready, Rewound, SessionInfo, Update
+from loopscope.shared.events import CheckResult, Finding, StageEvent
+from loopscope.shared.history import Series
+from loopscope.shared.protocol import DEFAULT_HISTORY, Checks, EngineState, Failed, Picture, Ready, Rewound, SessionInfo, Update
 
 
 MAX_EPOCHS_KEPT = 1000

@@ -7,7 +7,7 @@ import math
 
 from rich.text import Text
 
-from loopscope.demo import Demo, DemoStep
+from loopscope.shared.demo import Demo, DemoStep
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.panels import TextPanel
 

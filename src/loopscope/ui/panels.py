@@ -15,9 +15,9 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.widgets import DataTable, Static
 
-from loopscope.bugs import BUGS_BY_ID
-from loopscope.events import StageEvent
-from loopscope.loopcode import render_loop
+from loopscope.shared.bugs import BUGS_BY_ID
+from loopscope.shared.events import StageEvent
+from loopscope.ui.loopcode import render_loop
 from loopscope.ui.model import ScreenModel, observe
 
 _SYNTAX = Syntax("", "python", theme="monokai", background_color="default")

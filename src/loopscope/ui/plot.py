@@ -6,7 +6,7 @@ import math
 
 from textual_plotext import PlotextPlot
 
-from loopscope.history import Series
+from loopscope.shared.history import Series
 from loopscope.ui.model import ScreenModel, downsample
 
 

@@ -1,6 +1,6 @@
 """A long headless run that reports resident memory along the way (the soak test).
 
-    python -m loopscope.soak [--iterations 100000] [--target blobs]
+    python -m loopscope.devtools.soak [--iterations 100000] [--target blobs]
 
 Runs the stepper as the app does in run mode: full statistics on every 100th iteration (what the
 screen would show), the loss and the diagnostics on every one.
@@ -28,7 +28,7 @@ def soak(iterations: int = 100_000, checkpoints: tuple[int, ...] = (1_000, 10_00
     import torch
 
     from loopscope.engine.stepper import Stepper
-    from loopscope.experiment import load_experiment
+    from loopscope.engine.experiment import load_experiment
 
     torch.set_num_threads(1)
     experiment = load_experiment(target, 0)
@@ -49,7 +49,7 @@ def soak(iterations: int = 100_000, checkpoints: tuple[int, ...] = (1_000, 10_00
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loopscope.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loopscope.devtools.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=100_000)
     parser.add_argument("--target", default="blobs")
     args = parser.parse_args(argv)

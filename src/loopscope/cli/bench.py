@@ -21,8 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from loopscope.engine.allocator import tune_allocator
+from loopscope.engine.plainloop import PlainLoop
 from loopscope.engine.probe_schedule import ProbeSchedule
-from loopscope.protocol import DEFAULT_HISTORY
+from loopscope.shared.protocol import DEFAULT_HISTORY
 
 BATCH = 64  # the CPU reference; on a GPU the reference is batch 256 (`--batch`)
 GPU_BATCH = 256
@@ -34,7 +35,7 @@ def _experiment(name: str, batch: int = BATCH):
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from loopscope.experiment import Experiment
+    from loopscope.engine.experiment import Experiment
 
     g = torch.Generator().manual_seed(0)
     if name == "cnn":
@@ -76,48 +77,6 @@ MODELS = {"mlp": mlp_experiment, "wide_mlp": wide_mlp_experiment, "cnn": cnn_exp
 
 
 # ----- stepper vs plain loop -----------------------------------------------------------------
-class PlainLoop:
-    """The loop a user writes by hand, one timed iteration per `step()`, keeping its place in the data."""
-
-    def __init__(self, experiment, device) -> None:
-        self.experiment, self.device = experiment, device
-        self.model = experiment.model.to(device)
-        self._batches = iter(experiment.train_loader)
-
-    def step(self) -> float:
-        import torch
-
-        exp, device = self.experiment, self.device
-        start = time.perf_counter()
-        try:
-            x, y = next(self._batches)
-        except StopIteration:
-            self._batches = iter(exp.train_loader)
-            x, y = next(self._batches)
-        x, y = x.to(device), y.to(device)
-        exp.optimizer.zero_grad()
-        loss = exp.loss_fn(self.model(x), y)
-        loss.backward()
-        exp.optimizer.step()
-        loss.item()  # the plain loop reads its loss too (for a progress print)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-
-def _plain_iterations(experiment, device, stop: Callable[[int, float], bool]) -> list[float]:
-    """The plain loop, timed per iteration, until `stop(iterations, elapsed)`."""
-    loop, times, began = PlainLoop(experiment, device), [], time.perf_counter()
-    while not stop(len(times), time.perf_counter() - began):
-        times.append(loop.step())
-    return times
-
-
-def plain_iterations_for(experiment, device, seconds: float) -> int:
-    """How many plain-loop iterations run in `seconds` (the app's reference, see TimePlainLoop)."""
-    return len(_plain_iterations(experiment, device, lambda done, elapsed: elapsed >= seconds))
-
-
 class RunClock:
     """`perf_counter`, stopped while the plain loop has its turn.
 
@@ -207,7 +166,7 @@ def plot_render_ms(points: int, width: int = 60, height: int = 15) -> float:
     import plotext as plt
     from rich.text import Text
 
-    from loopscope.history import Series
+    from loopscope.shared.history import Series
     from loopscope.ui.plot import plot_points
 
     series = Series(4096)
@@ -223,8 +182,8 @@ def plot_render_ms(points: int, width: int = 60, height: int = 15) -> float:
 
 
 def history_memory_mb(iterations: int = 1_000_000) -> float:
-    from loopscope.events import StageEvent
-    from loopscope.history import History
+    from loopscope.shared.events import StageEvent
+    from loopscope.shared.history import History
 
     tracemalloc.start()
     history = History()
@@ -243,7 +202,7 @@ def history_memory_mb(iterations: int = 1_000_000) -> float:
 _APP_PROBE = """
 import asyncio, json, sys, time
 t0 = time.perf_counter()
-from loopscope.protocol import PlainLoopTimed, SessionSpec, TimePlainLoop
+from loopscope.shared.protocol import PlainLoopTimed, SessionSpec, TimePlainLoop
 from loopscope.ui.app import LoopscopeApp
 
 class Timed(LoopscopeApp):
@@ -271,7 +230,7 @@ async def plain_rate(app, pilot, seconds):
     return Timed.plain.iterations / Timed.plain.seconds
 
 async def main(name, seconds, rounds, device_name):
-    app = Timed(SessionSpec(f"loopscope.bench:{name}_experiment", device=device_name))
+    app = Timed(SessionSpec(f"loopscope.cli.bench:{name}_experiment", device=device_name))
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app.model.info is not None)
         state = lambda: app.model.state

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loopscope.events import CheckResult, StageError, StageEvent
+from loopscope.shared.events import CheckResult, StageError, StageEvent
 
 # While training runs, the screen's counters move at 10 frames a second and the detail panels
 # (tensors, gradients, plot) at 5: a person cannot read numbers that change faster, and every

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from loopscope.events import StageEvent
+from loopscope.shared.events import StageEvent
 
 
 @dataclass(frozen=True, slots=True)

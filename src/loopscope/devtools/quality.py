@@ -1,6 +1,6 @@
 """The diagnostics quality matrix: does every bug get named, and does a clean run stay quiet?
 
-    python -m loopscope.quality [--budget 200] [--clean-iterations 1000] [--json]
+    python -m loopscope.devtools.quality [--budget 200] [--clean-iterations 1000] [--json]
 
 Recall: each bug, on each scenario it applies to, runs from the start for at most `budget`
 iterations; it counts as caught when a finding names it among its suspects, or a stage raises an
@@ -28,7 +28,7 @@ class RecallRow:
 
 def recall_run(bug: str, scenario: str, budget: int, seed: int = 0) -> RecallRow:
     from loopscope.engine.stepper import Stepper
-    from loopscope.experiment import load_experiment
+    from loopscope.engine.experiment import load_experiment
 
     stepper = Stepper(load_experiment(scenario, seed), bugs=[bug])
     while stepper.completed_iterations < budget and not stepper.finished:
@@ -47,7 +47,7 @@ def recall_run(bug: str, scenario: str, budget: int, seed: int = 0) -> RecallRow
 def clean_run(scenario: str, iterations: int, seed: int = 0) -> list[tuple[int, str, str, str]]:
     """(iteration, severity, id, message) of every warning/error finding in a clean run."""
     from loopscope.engine.stepper import Stepper
-    from loopscope.experiment import load_experiment
+    from loopscope.engine.experiment import load_experiment
 
     experiment = load_experiment(scenario, seed)
     # Long enough for `iterations`, and no early stop: detectors must stay quiet through
@@ -67,10 +67,10 @@ def clean_run(scenario: str, iterations: int, seed: int = 0) -> list[tuple[int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loopscope.bugs import BUGS
-    from loopscope.catalog import SCENARIOS
+    from loopscope.shared.bugs import BUGS
+    from loopscope.shared.catalog import SCENARIOS
 
-    parser = argparse.ArgumentParser(prog="python -m loopscope.quality", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loopscope.devtools.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=int, default=200, help="iterations per bug run (default 200)")
     parser.add_argument("--clean-iterations", type=int, default=1000, help="iterations per clean run (default 1000)")
     parser.add_argument("--bug", action="append", help="only these bugs")

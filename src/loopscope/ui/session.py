@@ -14,7 +14,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
-from loopscope.protocol import SessionSpec, Shutdown
+from loopscope.shared.launch import run_engine
+from loopscope.shared.protocol import Failed, SessionSpec, Shutdown
 
 
 class EngineSession:
@@ -31,18 +32,16 @@ class EngineSession:
         self.log_path: str | None = None  # the engine process's stdout/stderr go here, not over the screen
 
     def start(self) -> None:
-        from loopscope.engine_entry import engine_entry
-
         ctx = multiprocessing.get_context("spawn")
         ui_end, engine_end = ctx.Pipe(duplex=True)
         self._conn = ui_end
         if self.in_process:
-            self._worker = threading.Thread(target=engine_entry, args=(engine_end, self.spec, None), daemon=True)
+            self._worker = threading.Thread(target=run_engine, args=(engine_end, self.spec, None), daemon=True)
             self._worker.start()
         else:
             fd, self.log_path = tempfile.mkstemp(prefix="loopscope-engine-", suffix=".log")
             os.close(fd)
-            self._worker = ctx.Process(target=engine_entry, args=(engine_end, self.spec, self.log_path), daemon=True)
+            self._worker = ctx.Process(target=run_engine, args=(engine_end, self.spec, self.log_path), daemon=True)
             with _real_std_streams():
                 self._worker.start()
         if not self.in_process:
@@ -52,8 +51,6 @@ class EngineSession:
         self._reader.start()
 
     def _read(self) -> None:
-        from loopscope.protocol import Failed
-
         while True:
             try:
                 message = self._conn.recv()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TextIO
 
-from loopscope.events import StageEvent, TensorStat
+from loopscope.shared.events import StageEvent, TensorStat
 
 TABLE_HEADER = f"{'iter':>6} {'epoch':>5}  {'stage':<11} {'ms':>7}  what happened"
 

@@ -41,7 +41,7 @@ class ScenarioInfo:
 
     @property
     def bugs(self) -> list[str]:
-        from loopscope.bugs import applicable
+        from loopscope.shared.bugs import applicable
 
         return applicable(self.features)
 

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
 from loopscope import __version__
-from loopscope.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_message
-from loopscope.catalog import DEFAULT_SCENARIO, SCENARIOS, STAGE_DESCRIPTIONS
-from loopscope.errors import UserError
-from loopscope.protocol import DEFAULT_HISTORY
+from loopscope.shared.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_message
+from loopscope.shared.catalog import DEFAULT_SCENARIO, SCENARIOS, STAGE_DESCRIPTIONS
+from loopscope.shared.errors import UserError
+from loopscope.shared.protocol import DEFAULT_HISTORY
 
 EXIT_OK, EXIT_STAGE_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 COMMANDS = ("run", "trace", "scenarios", "check", "bugs", "demo", "serve", "bench")
@@ -285,8 +285,8 @@ def _bugs(bug_id: str | None, as_json: bool) -> int:
 
 
 def _run_app(args: argparse.Namespace) -> int:
-    from loopscope.experiment import check_target
-    from loopscope.protocol import SessionSpec
+    from loopscope.engine.experiment import check_target
+    from loopscope.shared.protocol import SessionSpec
 
     check_target(args.target)
     if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
@@ -304,7 +304,7 @@ def _run_app(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from loopscope.demo import DemoError, load_demo
+    from loopscope.shared.demo import DemoError, load_demo
 
     try:
         demo = load_demo(args.file)
@@ -315,7 +315,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"{args.file}: ok: {demo.title!r}, {len(demo.steps)} steps, {questions} question(s), "
               f"scenario {demo.target}")
         return EXIT_OK
-    from loopscope.protocol import SessionSpec
+    from loopscope.shared.protocol import SessionSpec
     from loopscope.ui.app import LoopscopeApp
 
     app = LoopscopeApp(SessionSpec(demo.target, args.device, demo.seed, demo.bugs, demo.twin), demo=demo)
@@ -327,10 +327,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import shlex
 
-    from loopscope.experiment import check_target
+    from loopscope.engine.experiment import check_target
 
     if args.demo:
-        from loopscope.demo import DemoError, load_demo
+        from loopscope.shared.demo import DemoError, load_demo
 
         try:
             load_demo(args.demo)
@@ -350,7 +350,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from loopscope import bench
+    from loopscope.cli import bench
     from loopscope.engine.devices import resolve_device
 
     device = str(resolve_device(args.device))
@@ -367,7 +367,7 @@ def _check(args: argparse.Namespace) -> int:
     from loopscope.engine.checks import run_checks
     from loopscope.engine.devices import resolve_device
     from loopscope.engine.stepper import Stepper
-    from loopscope.experiment import load_experiment
+    from loopscope.engine.experiment import load_experiment
 
     device = resolve_device(args.device)
     stepper = Stepper(load_experiment(args.target, args.seed), device, bugs=args.bug, diagnose=False)
@@ -386,8 +386,8 @@ def _trace(args: argparse.Namespace, note: str | None = None) -> int:
     # Imported here so `--help`, `scenarios` and argument errors answer before torch loads.
     from loopscope.engine.devices import resolve_device
     from loopscope.engine.stepper import Stepper
-    from loopscope.experiment import load_experiment
-    from loopscope.trace import TraceWriter
+    from loopscope.engine.experiment import load_experiment
+    from loopscope.cli.trace import TraceWriter
 
     device = resolve_device(args.device)
     experiment = load_experiment(args.target, args.seed)

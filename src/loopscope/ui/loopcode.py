@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from loopscope.bugs import BUGS_BY_ID, ORDER_BUGS
+from loopscope.shared.bugs import BUGS_BY_ID, ORDER_BUGS
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ class UserError(Exception):
 
 
 def _library_dirs() -> tuple[str, ...]:
-    dirs = [str(Path(__file__).resolve().parent)]
+    dirs = [str(Path(__file__).resolve().parents[1])]  # the loopscope package
     spec = importlib.util.find_spec("torch")  # located without importing it
     if spec is not None and spec.origin:
         dirs.append(str(Path(spec.origin).resolve().parent))

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loopscope.catalog import SCENARIOS
-from loopscope.errors import UserError, user_frame
+from loopscope.shared.catalog import SCENARIOS
+from loopscope.shared.errors import UserError, user_frame
 
 if TYPE_CHECKING:
     import torch

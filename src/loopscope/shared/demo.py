@@ -23,8 +23,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from loopscope.bugs import BUGS_BY_ID
-from loopscope.catalog import SCENARIOS
+from loopscope.shared.bugs import BUGS_BY_ID
+from loopscope.shared.catalog import SCENARIOS
 
 ACTIONS = ("stage", "iteration", "epoch", "run", "bug on", "bug off", "twin on", "twin off", "pause")
 REVEALS = ("loss", "grad_norm", "val_loss", "val_accuracy", "lr", "max_update_ratio")

@@ -1,0 +1,99 @@
+"""From what a stage did to the StageEvent everyone sees: the part every driver shares.
+
+A driver runs a stage however it runs it (the stepper calls the stage's code; a script driver
+would be called by torch's hooks), fills a `StageRecord` and hands it here. The recorder times
+it, adds the CUDA memory figures, asks the diagnostics, keeps the event in the history and passes
+it on: so panels, traces, the plot and the diagnostics work the same whatever drove the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+
+from loopscope.engine.diagnostics import Diagnostics
+from loopscope.shared.events import LayerStat, StageError, StageEvent, TensorStat
+from loopscope.shared.history import History
+from loopscope.shared.metrics import StageMetrics
+from loopscope.shared.vocab import Stage
+
+
+@dataclass
+class StageRecord:
+    """Mutable scratch for the event a stage is building."""
+
+    tensors: list[TensorStat] = field(default_factory=list)
+    loss: float | None = None
+    grad_norm: float | None = None
+    layers: list[LayerStat] = field(default_factory=list)
+    metrics: StageMetrics = field(default_factory=lambda: cast(StageMetrics, {}))
+    twin_loss: float | None = None
+
+
+class EventRecorder:
+    """Turns stage records into StageEvents and hands them on."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        history: History,
+        diagnostics: Diagnostics | None,
+        on_event: Callable[[StageEvent], None] | None = None,
+        sync_cuda: bool = True,
+    ) -> None:
+        self.device = device
+        self.history = history
+        self.diagnostics = diagnostics
+        self.on_event = on_event
+        self.sync_cuda = sync_cuda and device.type == "cuda"  # stepping: true per-stage durations
+
+    def elapsed_ms(self, start: float) -> float:
+        """Milliseconds since `start`, the GPU's queued work included when stepping."""
+        if self.sync_cuda:
+            torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - start) * 1000.0
+
+    def emit(
+        self,
+        stage: Stage,
+        record: StageRecord,
+        *,
+        iteration: int,
+        epoch: int,
+        bugs: tuple[str, ...],
+        duration_ms: float,
+        error: StageError | None = None,
+        code_line: Any = None,
+    ) -> StageEvent:
+        if self.device.type == "cuda":
+            record.metrics["cuda_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
+            record.metrics["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        event = StageEvent(
+            iteration=iteration,
+            epoch=epoch,
+            stage=stage,
+            tensors=tuple(record.tensors),
+            loss=record.loss,
+            grad_norm=record.grad_norm,
+            layers=tuple(record.layers),
+            metrics=record.metrics,  # the record is the stage's own: no copy needed
+            error=error,
+            duration_ms=duration_ms,
+            device=str(self.device),
+            bugs=bugs,
+            twin_loss=record.twin_loss,
+            code_line=code_line,
+        )
+        if self.diagnostics is not None:
+            findings = self.diagnostics.observe(event)
+            if findings:
+                event = dataclasses.replace(event, diagnostics=tuple(findings))
+        self.history.add(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        return event

@@ -1,0 +1,271 @@
+"""The stage bodies: the code of a careful hand-written training loop, one method per stage,
+plus the probes that read what each stage did.
+
+Which stage runs next is not decided here (that is the driver's job, `engine.stepper`); the body
+of each stage is. Active bugs change the code exactly where the bug catalog says they do. The
+values one iteration's stages hand each other (the batch, the output, the loss) live in
+`IterationValues`, like the local variables of a loop body; the counters live in `LoopState`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from loopscope.engine import probes
+from loopscope.engine.batches import batch_size, call_model, primary_output, split_batch, to_device
+from loopscope.engine.epoch_end import EpochEndStages
+from loopscope.engine.experiment import Experiment
+from loopscope.engine.inject import BugInjector
+from loopscope.engine.recorder import StageRecord
+from loopscope.engine.state import LoopState
+from loopscope.engine.twin import CleanTwin, rng_state
+from loopscope.shared.metrics import LossInput
+from loopscope.shared.vocab import Stage, Task
+
+
+@dataclass
+class IterationValues:
+    """What the stages of one iteration hand each other, like the local variables of a loop body."""
+
+    inputs: Any = None
+    targets: Any = None
+    clean_inputs: Any = None  # before any data-pipeline bug (what a clean twin is fed)
+    clean_targets: Any = None
+    raw_output: Any = None
+    output: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    grad_norms: dict[str, float | None] = field(default_factory=dict)
+    rng_before_forward: Any = None
+
+
+class LoopBody(EpochEndStages):
+    """Runs the code of one stage on the experiment's objects."""
+
+    def __init__(self, experiment: Experiment, device: torch.device, task: Task | None, injector: BugInjector,
+                 state: LoopState) -> None:
+        self.experiment = experiment
+        self.device = device
+        self.task = task
+        self.injector = injector
+        self.state = state
+        self.model = experiment.model
+        # Deduplicated like the optimizer sees them: shared weights appear once.
+        self.named_params: list[tuple[str, nn.Parameter]] = list(self.model.named_parameters())
+        self.probe = True  # full statistics; the loss and error checks run regardless
+        self.twin: CleanTwin | None = None
+        self.values = IterationValues()
+        self.failing_module: str | None = None  # the module a failed probed forward was in
+        self._update_meter = probes.UpdateMeter()
+
+    def run(self, stage: Stage, record: StageRecord, batch: Any = None) -> None:
+        match stage:
+            case Stage.LOAD_BATCH:
+                self.load_batch(record, batch)
+            case Stage.ZERO_GRAD:
+                self.zero_grad(record)
+            case Stage.FORWARD:
+                self.forward(record)
+            case Stage.LOSS:
+                self.loss(record)
+            case Stage.BACKWARD:
+                self.backward(record)
+            case Stage.CLIP_GRAD:
+                self.clip_grad(record)
+            case Stage.STEP:
+                self.step(record)
+            case Stage.SCHEDULER:
+                self.scheduler(record)
+            case Stage.VALIDATE:
+                self.validate(record)
+            case Stage.CHECKPOINT:
+                self.checkpoint(record)
+            case Stage.EARLY_STOP:
+                self.early_stop(record)
+
+    def new_iteration(self) -> None:
+        self.values = IterationValues()
+
+    # ----- one iteration --------------------------------------------------------------------
+    def load_batch(self, record: StageRecord, batch: Any) -> None:
+        inputs, targets = split_batch(batch)
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        values = self.values
+        values.clean_inputs, values.clean_targets = inputs, targets
+        values.inputs, values.targets = self.injector.prepare_batch(inputs, targets)
+        if self.state.batches_this_epoch == 1:
+            self.state.running_loss = 0.0  # the loop's per-epoch report starts afresh
+        named = [(n, t, None) for n, t in probes.flatten_tensors("inputs", values.inputs)]
+        named += [(n, t, None) for n, t in probes.flatten_tensors("targets", values.targets)]
+        if self.probe:
+            record.tensors = probes.tensor_stats(named)
+            counts = self._class_counts(values.targets)
+            if counts is not None:
+                record.metrics["class_counts"] = counts
+        else:
+            record.tensors = [probes.describe(n, t, None) for n, t, _ in named]
+        record.metrics["batch_size"] = batch_size(values.targets)
+
+    def _class_counts(self, targets: Any) -> dict[str, int] | None:
+        if not isinstance(targets, torch.Tensor) or self.task not in (Task.BINARY, Task.CLASSIFICATION):
+            return None
+        labels = targets.detach().reshape(-1)
+        if labels.is_floating_point():
+            labels = labels.round()
+        values, counts = torch.unique(labels.to(torch.int64), return_counts=True)
+        return {str(v): c for v, c in zip(values.tolist(), counts.tolist())}
+
+    def zero_grad(self, record: StageRecord) -> None:
+        params = [p for _, p in self.named_params]
+        if self.probe:
+            record.metrics["grads_before"] = probes.grad_presence(params)
+        if "skip_zero_grad" in self.injector or "zero_grad_after_backward" in self.injector:
+            record.metrics["skipped"] = True
+        else:
+            self.experiment.optimizer.zero_grad()
+        if self.probe:
+            record.metrics["grads_after"] = probes.grad_presence(params)
+
+    def forward(self, record: StageRecord) -> None:
+        grad_mode = torch.no_grad() if "forward_under_no_grad" in self.injector else torch.enable_grad()
+        values = self.values
+        record.metrics["model_training"] = self.model.training
+        if self.twin is not None:
+            values.rng_before_forward = rng_state(self.device)
+        if self.probe:
+            with probes.ForwardRecorder(self.model) as recorder, grad_mode:
+                try:
+                    raw = call_model(self.model, values.inputs)
+                except Exception:
+                    self.failing_module = recorder.failing_module()
+                    raise
+                output = self.injector.transform_output(primary_output(raw))
+            record.tensors = probes.tensor_stats([*recorder.outputs, ("output", output.detach(), None)])
+        else:
+            with grad_mode:
+                raw = call_model(self.model, values.inputs)
+                output = self.injector.transform_output(primary_output(raw))
+            record.tensors = [probes.describe("output", output, None)]
+        record.metrics["output_requires_grad"] = output.requires_grad
+        values.raw_output, values.output = raw, output
+
+    def loss(self, record: StageRecord) -> None:
+        values, state = self.values, self.state
+        output = values.output
+        assert output is not None
+        targets = self.injector.transform_targets_for_loss(values.targets)
+        loss = self.experiment.loss_fn(output, targets)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"the loss function returned {type(loss).__name__}, not a tensor")
+        if "clip_loss_not_grad" in self.injector:
+            loss = loss.clamp(max=self.experiment.clip_grad_norm)
+        values.loss = loss
+        if self.twin is not None and values.rng_before_forward is not None:
+            record.twin_loss = self.twin.iterate(values.clean_inputs, values.clean_targets, values.rng_before_forward)
+        # One host sync per iteration: the loss is always shown and always checked for NaN.
+        if loss.numel() == 1:
+            record.loss = float(loss.item())
+        else:  # a loss left unreduced (a bug, or the user's choice): its mean is what is shown
+            record.loss = loss.detach().float().mean().item() if loss.numel() else math.nan
+        record.metrics["loss_shape"] = list(loss.shape)
+        if "loss_accumulates_graph" in self.injector:
+            state.running_loss = state.running_loss + loss  # the bug: keeps every graph alive
+        else:
+            state.running_loss = float(state.running_loss) + record.loss
+        record.metrics["running_loss_holds_graph"] = isinstance(state.running_loss, torch.Tensor) and (
+            state.running_loss.grad_fn is not None
+        )
+        named: list[tuple[str, torch.Tensor, str | None]] = [("output", output.detach(), None)]
+        if isinstance(targets, torch.Tensor):
+            named.append(("targets", targets.detach(), None))
+        named.append(("loss", loss.detach(), None))
+        if self.probe:
+            record.tensors = probes.tensor_stats(named)
+            record.metrics["loss_input"] = describe_loss_input(output)
+        else:
+            record.tensors = [probes.describe(n, t, None) for n, t, _ in named]
+
+    def backward(self, record: StageRecord) -> None:
+        if self.values.loss is None:
+            raise RuntimeError("there is no loss to backpropagate")
+        if self.probe:
+            record.metrics["grads_before"] = probes.grad_presence([p for _, p in self.named_params])
+        if "missing_backward" in self.injector:
+            record.metrics["skipped"] = True
+        else:
+            self.values.loss.backward()
+        if self.probe:
+            layers, total, nonfinite = probes.grad_layers(self.named_params)
+            record.layers = layers
+            record.grad_norm = total
+            record.metrics["nonfinite_grads"] = nonfinite
+            record.metrics["grads_none"] = sum(1 for layer in layers if layer.grad_norm is None)
+            self.values.grad_norms = {layer.name: layer.grad_norm for layer in layers}
+
+    def clip_grad(self, record: StageRecord) -> None:
+        max_norm = self.experiment.clip_grad_norm
+        assert max_norm is not None
+        if "clip_loss_not_grad" in self.injector:
+            record.metrics.update(skipped=True, max_norm=max_norm)
+            return
+        total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm_before = float(total)
+        record.metrics.update(max_norm=max_norm, norm_before=norm_before, clipped=norm_before > max_norm)
+        if self.probe:
+            layers, after, _ = probes.grad_layers(self.named_params)
+            record.layers = layers
+            record.grad_norm = after
+            self.values.grad_norms = {layer.name: layer.grad_norm for layer in layers}
+
+    def step(self, record: StageRecord) -> None:
+        optimizer = self.experiment.optimizer
+        trainable = [(n, p) for n, p in self.named_params if p.requires_grad]
+        if self.probe:
+            self._update_meter.before_step([p for _, p in trainable])
+        if "zero_grad_after_backward" in self.injector:
+            optimizer.zero_grad()  # the bug: the fresh gradients are thrown away here
+        if self.probe:
+            record.metrics["grads_at_step"] = probes.grad_presence([p for _, p in trainable])
+        if "missing_step" in self.injector:
+            record.metrics["skipped"] = True
+        else:
+            optimizer.step()
+        record.metrics["lr"] = optimizer.param_groups[0].get("lr")
+        if len(optimizer.param_groups) > 1:
+            record.metrics["lrs"] = [group.get("lr") for group in optimizer.param_groups]
+        if self.probe:
+            record.layers = self._update_meter.layers(trainable, self.values.grad_norms)
+            ratios = [layer.update_ratio for layer in record.layers if layer.update_ratio is not None]
+            if ratios:
+                record.metrics["max_update_ratio"] = max(ratios)
+
+    def scheduler(self, record: StageRecord) -> None:
+        scheduler = self.experiment.scheduler
+        optimizer = self.experiment.optimizer
+        record.metrics["lr_before"] = optimizer.param_groups[0].get("lr")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if self.state.last_val_loss is None:
+                raise RuntimeError("ReduceLROnPlateau needs a validation loss: give the experiment a val_loader")
+            scheduler.step(self.state.last_val_loss)
+        else:
+            scheduler.step()
+        record.metrics["lr"] = optimizer.param_groups[0].get("lr")
+
+
+def describe_loss_input(output: torch.Tensor) -> LossInput:
+    """`probabilities` if each row sums to 1 (softmax already applied), `unit_interval`, or `logits`."""
+    out = output.detach()
+    if not out.is_floating_point() or out.numel() == 0:
+        return "other"
+    low, high = out.amin().item(), out.amax().item()
+    if low < 0 or high > 1:
+        return "logits"
+    if out.dim() >= 2 and out.shape[1] > 1:
+        row_sums = out.sum(dim=1)
+        if torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-3):
+            return "probabilities"
+    return "unit_interval"

@@ -1,0 +1,106 @@
+"""The numbers each stage reports beside its tensors: `StageEvent.metrics`, typed per stage.
+
+At run time the metrics are a plain dict (the trace writes it as it is, and the UI reads it with
+`.get`); these TypedDicts name every key, its type and the stage that writes it, so a typo in a
+key is a type error instead of a silently missing number.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+
+class GradPresence(TypedDict):
+    """How many gradient tensors are None, all zero, or hold values, and their global norm."""
+
+    none: int
+    zero: int
+    nonzero: int
+    norm: float
+
+
+LossInput = Literal["probabilities", "unit_interval", "logits", "other"]
+
+
+class CommonMetrics(TypedDict, total=False):
+    """Any stage."""
+
+    warnings: list[str]  # warnings the user's code (or torch) raised during the stage
+    cuda_allocated_mb: float  # on CUDA: memory allocated after the stage
+    cuda_peak_mb: float
+    skipped: bool  # an injected bug left the stage's call out
+
+
+class LoadBatchMetrics(TypedDict, total=False):
+    batch_size: int
+    class_counts: dict[str, int]  # label -> examples in the batch (classification, probed)
+
+
+class ZeroGradMetrics(TypedDict, total=False):
+    grads_before: GradPresence  # probed
+    grads_after: GradPresence
+
+
+class ForwardMetrics(TypedDict, total=False):
+    model_training: bool  # forward: model.training; validate: any module still in training mode
+    output_requires_grad: bool
+
+
+class LossMetrics(TypedDict, total=False):
+    loss_shape: list[int]
+    running_loss_holds_graph: bool
+    loss_input: LossInput  # probed
+
+
+class BackwardMetrics(TypedDict, total=False):
+    grads_before: GradPresence
+    nonfinite_grads: int
+    grads_none: int
+
+
+class ClipGradMetrics(TypedDict, total=False):
+    max_norm: float
+    norm_before: float
+    clipped: bool
+
+
+class StepMetrics(TypedDict, total=False):
+    lr: float  # also the scheduler's, after it ran
+    lrs: list[float]  # every parameter group's, when there are several
+    grads_at_step: GradPresence
+    max_update_ratio: float
+
+
+class SchedulerMetrics(TypedDict, total=False):
+    lr_before: float
+
+
+class ValidateMetrics(TypedDict, total=False):
+    val_loss: float
+    val_accuracy: float
+    val_examples: int
+    val_seconds: float
+    val_loader_is_train_loader: bool
+    builds_graph: bool
+
+
+class CheckpointMetrics(TypedDict, total=False):
+    saved: bool
+    best_val_loss: float
+    path: str
+
+
+class EarlyStopMetrics(TypedDict, total=False):
+    without_improvement: int
+    patience: int
+    stop: bool
+
+
+class StageMetrics(
+    CommonMetrics, LoadBatchMetrics, ForwardMetrics, LossMetrics, BackwardMetrics, ClipGradMetrics, StepMetrics,
+    SchedulerMetrics, ValidateMetrics, CheckpointMetrics, EarlyStopMetrics,
+    total=False,
+):
+    """Every key any stage may write (zero_grad's `grads_after` included)."""
+
+    grads_after: GradPresence
