@@ -12,8 +12,8 @@ import time
 import pytest
 
 from loopscope.cli import main
-from loopscope.shared.protocol import Update
 from loopscope.shared.events import StageEvent
+from loopscope.shared.protocol import Update
 from tests.ui.helpers import make_app, press_and_wait, ready, text_of, wait_until
 
 # factory -> (stage that fails, words the explanation must contain)
@@ -75,8 +75,13 @@ async def test_nan_and_inf_never_reach_the_plot_scale():
         await ready(pilot)
         state = app.model.state
         bad = StageEvent(iteration=3, epoch=1, stage="loss", loss=math.inf)
-        app.model.apply(Update((bad,), ((1, 1, 0.7, None), (2, 1, math.nan, None), (3, 1, math.inf, math.inf),
-                                        (4, 1, 0.6, None)), state))
+        app.model.apply(
+            Update(
+                (bad,),
+                ((1, 1, 0.7, None), (2, 1, math.nan, None), (3, 1, math.inf, math.inf), (4, 1, 0.6, None)),
+                state,
+            )
+        )
         app.redraw(force=True)
         for log in (False, True):
             app.query_one("#plot").log_scale = log
@@ -85,12 +90,15 @@ async def test_nan_and_inf_never_reach_the_plot_scale():
         assert app.is_running  # plotext raises on inf: it never sees one
 
 
-@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
 def test_ctrl_c_or_sigterm_leave_a_complete_trace_file(sig, code, word, tmp_path):
     path = tmp_path / "trace.jsonl"
     process = subprocess.Popen(
         [sys.executable, "-m", "loopscope", "trace", "spirals", "--format", "jsonl", "-o", str(path)],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while (not path.exists() or path.stat().st_size < 20000) and time.monotonic() < deadline:
@@ -109,9 +117,10 @@ async def test_resizing_while_running_keeps_the_layout_sane():
         await pilot.press("minus", "minus")  # 20 it/s: still running through every resize below
         await pilot.press("r")
         await wait_until(pilot, lambda: app.model.state.running or app.model.state.finished, timeout=30)
+
         def sane(width: int) -> bool:
             boxes = [app.query_one(f"#{name}-box").region for name in ("code", "tensors", "gradients", "plot")]
-            overlapping = any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+            overlapping = any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
             return not overlapping and app.screen.has_class("-narrow") == (width < 110)
 
         for size in ((80, 24), (150, 50), (60, 20), (120, 40)):

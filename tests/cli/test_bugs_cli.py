@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from loopscope.shared.bugs import BUGS
 from loopscope.cli import main
+from loopscope.shared.bugs import BUGS
 
 
 def test_bugs_lists_the_catalog_and_explains_one(capsys):

@@ -11,15 +11,28 @@ import pytest
 from loopscope.cli import main
 
 TRACE_FIELDS = {
-    "iteration", "epoch", "stage", "bugs", "tensors", "loss", "grad_norm", "layers", "metrics",
-    "diagnostics", "error", "duration_ms",
+    "iteration",
+    "epoch",
+    "stage",
+    "bugs",
+    "tensors",
+    "loss",
+    "grad_norm",
+    "layers",
+    "metrics",
+    "diagnostics",
+    "error",
+    "duration_ms",
 }
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """The real console entry point, in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "loopscope", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "loopscope", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -42,12 +55,12 @@ def test_trace_jsonl_writes_every_design_field_to_a_file(tmp_path, capsys):
     path = tmp_path / "trace.jsonl"
     assert main(["trace", "spirals", "-n", "25", "--format", "jsonl", "-o", str(path)]) == 0
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert all(TRACE_FIELDS <= r.keys() for r in records)
+    assert all(r.keys() >= TRACE_FIELDS for r in records)
     assert records[0]["stage"] == "load_batch" and records[0]["tensors"][0]["shape"] == [32, 2]
     backward = next(r for r in records if r["stage"] == "backward")
     assert backward["grad_norm"] > 0 and backward["layers"][0]["name"] == "0.weight"
     step = next(r for r in records if r["stage"] == "step")
-    assert all(l["update_ratio"] is not None for l in step["layers"])
+    assert all(layer["update_ratio"] is not None for layer in step["layers"])
     validate = next(r for r in records if r["stage"] == "validate")
     assert {"val_loss", "val_accuracy"} <= validate["metrics"].keys()
     stages = {r["stage"] for r in records}
@@ -80,7 +93,10 @@ BAD_FILES = {
     "missing": (None, "no such file"),
     "no_factory.py": ("x = 1\n", "defines no experiment() function"),
     "syntax.py": ("def experiment(:\n", "syntax.py:1: SyntaxError"),
-    "raises.py": ("def experiment():\n    raise ValueError('no data here')\n", "raised ValueError: no data here (raises.py:2 in experiment)"),
+    "raises.py": (
+        "def experiment():\n    raise ValueError('no data here')\n",
+        "raised ValueError: no data here (raises.py:2 in experiment)",
+    ),
     "wrong_type.py": ("def experiment():\n    return {'model': 1}\n", "must return a loopscope.Experiment, got dict"),
     "bad_fields.py": (
         "from loopscope import Experiment\ndef experiment():\n"

@@ -86,9 +86,9 @@ def plain_run(
                 exp.scheduler.step()
             losses.append(loss.item())
             done += 1
-            if exp.validate_every and exp.val_loader is not None and done % exp.validate_every == 0:
-                if validate():
-                    return losses, _params(model), val_losses
+            periodic = exp.validate_every and exp.val_loader is not None and done % exp.validate_every == 0
+            if periodic and validate():
+                return losses, _params(model), val_losses
             if done == iterations:
                 return losses, _params(model), val_losses
         stop = exp.val_loader is not None and exp.validate_every is None and validate()

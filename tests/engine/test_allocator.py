@@ -5,18 +5,18 @@ import sys
 
 import pytest
 
-
 # Runs in a fresh process: the setting lasts for the life of a process.
 FAULTS_PER_ITERATION = """
 import resource, sys, torch
-from loopscope.cli import bench
 from loopscope.engine.allocator import tune_allocator
+from loopscope.engine.plainloop import PlainLoop
+from loopscope.scenarios.bench_models import wide_mlp_experiment
 if sys.argv[1] == "tuned":
     assert tune_allocator()
 torch.manual_seed(0)
-experiment = bench.wide_mlp_experiment()
+experiment = wide_mlp_experiment()
 device = torch.device("cpu")
-loop = bench.PlainLoop(experiment, device)
+loop = PlainLoop(experiment, device)
 for _ in range(5):
     loop.step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -27,8 +27,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30)
 
 
 def faults(mode: str) -> float:
-    result = subprocess.run([sys.executable, "-c", FAULTS_PER_ITERATION, mode], capture_output=True, text=True,
-                            check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_ITERATION, mode], capture_output=True, text=True, check=True, timeout=120
+    )
     return float(result.stdout.strip())
 
 
@@ -37,4 +38,3 @@ def test_tuned_allocator_stops_page_faults_in_a_training_loop():
     default, tuned = faults("default"), faults("tuned")
     assert default > 100  # glibc's defaults: each iteration's activations land on fresh pages
     assert tuned < default / 10
-

@@ -5,21 +5,46 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loopscope.shared.bugs import BUGS, BUGS_BY_ID
-from loopscope.shared.catalog import ALL_STAGES, SCENARIOS
-from loopscope.engine.features import experiment_features
-from loopscope.engine.stepper import Stepper, infer_task
-from loopscope.shared.errors import UserError
 from loopscope.engine.experiment import load_experiment, resolve_factory
+from loopscope.engine.features import experiment_features, infer_task
+from loopscope.engine.stepper import Stepper
+from loopscope.shared.bugs import BUGS, BUGS_BY_ID
+from loopscope.shared.catalog import SCENARIOS
+from loopscope.shared.errors import UserError
+from loopscope.shared.vocab import ALL_STAGES
 from tests.engine.reference_loop import plain_run
 from tests.engine.test_trajectory import assert_bitwise_equal, stepper_run
 
-DESIGN_IDS = """skip_zero_grad zero_grad_after_backward missing_backward missing_step step_before_backward
-double_softmax sigmoid_before_bce_with_logits lr_too_high lr_too_low validate_in_train_mode
-train_in_eval_mode validate_with_grad shuffled_labels unnormalized_inputs target_shape_broadcast
-loss_accumulates_graph inputs_wrong_dtype forward_under_no_grad dead_relu_init exploding_init
-no_shuffle_sorted_data zero_init missing_activation dropout_too_high val_is_train clip_loss_not_grad
-scheduler_before_step view_instead_of_permute""".split()
+DESIGN_IDS = [
+    "skip_zero_grad",
+    "zero_grad_after_backward",
+    "missing_backward",
+    "missing_step",
+    "step_before_backward",
+    "double_softmax",
+    "sigmoid_before_bce_with_logits",
+    "lr_too_high",
+    "lr_too_low",
+    "validate_in_train_mode",
+    "train_in_eval_mode",
+    "validate_with_grad",
+    "shuffled_labels",
+    "unnormalized_inputs",
+    "target_shape_broadcast",
+    "loss_accumulates_graph",
+    "inputs_wrong_dtype",
+    "forward_under_no_grad",
+    "dead_relu_init",
+    "exploding_init",
+    "no_shuffle_sorted_data",
+    "zero_init",
+    "missing_activation",
+    "dropout_too_high",
+    "val_is_train",
+    "clip_loss_not_grad",
+    "scheduler_before_step",
+    "view_instead_of_permute",
+]
 
 
 def test_catalog_has_every_design_bug_fully_described():
@@ -72,8 +97,17 @@ def test_bug_run_equals_the_same_mistake_written_by_hand(scenario, bugs):
     assert all(e.bugs == tuple(sorted(bugs)) for e in events)
 
 
-@pytest.mark.parametrize("bug", ["lr_too_high", "lr_too_low", "dropout_too_high", "missing_activation",
-                                 "no_shuffle_sorted_data", "train_in_eval_mode"])
+@pytest.mark.parametrize(
+    "bug",
+    [
+        "lr_too_high",
+        "lr_too_low",
+        "dropout_too_high",
+        "missing_activation",
+        "no_shuffle_sorted_data",
+        "train_in_eval_mode",
+    ],
+)
 def test_a_bug_switched_on_then_off_leaves_the_clean_trajectory(bug):
     stepper = Stepper(load_experiment("spirals", 1))
     stepper.set_bug(bug, True)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from loopscope.engine.checks import run_checks
-from loopscope.engine.stepper import Stepper
 from loopscope.engine.experiment import load_experiment
+from loopscope.engine.stepper import Stepper
 
 
 def results(scenario: str, bugs=()) -> dict[str, bool]:
@@ -17,8 +17,7 @@ def results(scenario: str, bugs=()) -> dict[str, bool]:
 
 @pytest.mark.parametrize("scenario", ["blobs", "spirals", "regression", "digits"])
 def test_clean_scenarios_pass_every_check(scenario):
-    assert results(scenario) == {"init_loss": True, "overfit_batch": True, "input_baseline": True,
-                                 "batch_mixing": True}
+    assert results(scenario) == {"init_loss": True, "overfit_batch": True, "input_baseline": True, "batch_mixing": True}
 
 
 def test_view_instead_of_permute_is_caught_by_the_batch_mixing_probe():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from loopscope.devtools.quality import clean_run, recall_run
+from loopscope.engine.experiment import load_experiment
+from loopscope.engine.stepper import Stepper
 from loopscope.shared.bugs import BUGS_BY_ID
 from loopscope.shared.catalog import SCENARIOS
-from loopscope.engine.stepper import Stepper
-from loopscope.engine.experiment import load_experiment
-from loopscope.devtools.quality import clean_run, recall_run
 
 PAIRS = [(bug, scenario) for scenario, info in SCENARIOS.items() for bug in info.bugs]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from loopscope.engine.stepper import Stepper
 from loopscope.engine.experiment import load_experiment
+from loopscope.engine.stepper import Stepper
 
 
 def run_with_pictures(target: str, iterations: int, draw: bool):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from loopscope.engine.experiment import load_experiment
 from loopscope.engine.rewind import copy_into
 from loopscope.engine.stepper import Stepper
-from loopscope.engine.experiment import load_experiment
 
 
 def losses_of(stepper: Stepper, first: int) -> list[float]:
@@ -105,7 +103,9 @@ def test_a_replay_from_before_the_window_switches_the_bugs_as_they_were_switched
     stepper.run(10)
     assert losses_of(stepper, 11) == first_time
     log = stepper.rewinder.bug_log  # bounded: from the oldest snapshot on, in order
-    assert list(log) == list(range(stepper.rewinder.snapshots[0].completed_iterations, 20))  # 20: logged as the next iteration starts
+    assert list(log) == list(
+        range(stepper.rewinder.snapshots[0].completed_iterations, 20)
+    )  # 20: logged as the next iteration starts
 
 
 def test_snapshots_reuse_the_memory_of_those_that_leave_the_window_and_stay_exact():
@@ -113,10 +113,10 @@ def test_snapshots_reuse_the_memory_of_those_that_leave_the_window_and_stay_exac
     stepper.rewinder.BUDGET = 1e9  # as if snapshots were free: one at every boundary
     stepper.run(3)
     oldest = stepper.rewinder.snapshots[0]
-    old_memory = {t.data_ptr() for t in oldest.model.values()}
+    old_memory = {t.data_ptr() for t in oldest.state["model"].values()}
     stepper.run(27)  # the window has turned over several times
     assert all(s is not oldest for s in stepper.rewinder.snapshots)
-    newest_memory = {t.data_ptr() for s in stepper.rewinder.snapshots for t in s.model.values()}
+    newest_memory = {t.data_ptr() for s in stepper.rewinder.snapshots for t in s.state["model"].values()}
     assert old_memory & newest_memory  # the dropped copy's memory holds a newer one
     first_time = losses_of(stepper, 27)
     params = {n: p.detach().clone() for n, p in stepper.model.named_parameters()}
@@ -153,7 +153,7 @@ def test_the_slower_iteration_after_a_snapshot_counts_as_its_cost():
         now[0] += seconds
         before = len(rewinder.snapshots)
         rewinder.take(stepper, seconds)
-        stepper.completed_iterations += 1
+        stepper.state.completed_iterations += 1
         slower = len(rewinder.snapshots) > before
     # Copying this tiny model takes microseconds: counted alone, every boundary got a snapshot.
     # Counting the aftermath, one costs 20 ms: at 1% of 10 ms iterations, one every 200 or so

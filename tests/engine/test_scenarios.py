@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from loopscope.shared.catalog import SCENARIOS
-from loopscope.engine.stepper import Stepper
 from loopscope.engine.experiment import load_experiment
+from loopscope.engine.stepper import Stepper
+from loopscope.shared.catalog import SCENARIOS
 
 # What "trained well" means for each: the last validation's numbers.
 GOOD = {

@@ -20,8 +20,16 @@ def test_state_dict_holds_every_field_but_the_live_ones():
 
 
 def test_load_state_dict_brings_back_every_counter_and_clears_live_objects():
-    state = LoopState(epoch=3, iteration=41, completed_iterations=40, batches_this_epoch=7, best_val_loss=0.25,
-                      validations_without_improvement=2, last_val_loss=0.3, running_loss=1.5)
+    state = LoopState(
+        epoch=3,
+        iteration=41,
+        completed_iterations=40,
+        batches_this_epoch=7,
+        best_val_loss=0.25,
+        validations_without_improvement=2,
+        last_val_loss=0.3,
+        running_loss=1.5,
+    )
     state.train_iter = iter([1, 2, 3])  # an open loader: its position is saved
     saved = state.state_dict()
     other = LoopState()

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from loopscope.engine.experiment import Experiment, load_experiment, seed_everything
 from loopscope.engine.probes import UpdateMeter
 from loopscope.engine.stepper import LoopHalted, Stepper
-from loopscope.engine.experiment import Experiment, load_experiment, seed_everything
 from loopscope.shared.history import History
 from tests.conftest import FIXTURES
 
@@ -76,12 +76,16 @@ def test_every_stage_records_what_design_lists():
     events = {e.stage: e for e in stepper.run_iteration()}
     batch = events["load_batch"]
     assert [(t.name, t.shape, t.dtype, t.device) for t in batch.tensors] == [
-        ("inputs", (8, 4), "float32", "cpu"), ("targets", (8,), "int64", "cpu")
+        ("inputs", (8, 4), "float32", "cpu"),
+        ("targets", (8,), "int64", "cpu"),
     ]
     assert sum(batch.metrics["class_counts"].values()) == 8
     forward = events["forward"]
     assert [(t.name, t.module_type) for t in forward.tensors] == [
-        ("0", "Linear"), ("1", "ReLU"), ("2", "Linear"), ("output", None)
+        ("0", "Linear"),
+        ("1", "ReLU"),
+        ("2", "Linear"),
+        ("output", None),
     ]
     relu = forward.tensors[1]
     assert 0 <= relu.zero_fraction <= 1 and relu.min >= 0
@@ -90,7 +94,7 @@ def test_every_stage_records_what_design_lists():
     backward = events["backward"]
     model = stepper.model
     expected = {n: p.grad.norm().item() for n, p in model.named_parameters()}
-    assert {l.name: l.grad_norm for l in backward.layers} == pytest.approx(expected, rel=1e-5)
+    assert {layer.name: layer.grad_norm for layer in backward.layers} == pytest.approx(expected, rel=1e-5)
     assert backward.grad_norm == pytest.approx(math.sqrt(sum(v * v for v in expected.values())), rel=1e-5)
     step = events["step"]
     assert step.metrics["lr"] == 0.1
@@ -141,12 +145,14 @@ def test_zero_grad_sees_stale_gradients_then_none():
 def test_validation_is_averaged_by_example_count():
     exp = tiny_experiment(rows=30, batch=8, epochs=1)
     stepper = Stepper(exp)
-    validate = [e for e in stepper.run_epoch() if e.stage == "validate"][0]
+    validate = next(e for e in stepper.run_epoch() if e.stage == "validate")
     model = stepper.model
     model.eval()
     with torch.no_grad():
-        rows = [(nn.functional.cross_entropy(model(x), y, reduction="sum"), (model(x).argmax(1) == y).sum())
-                for x, y in exp.val_loader]
+        rows = [
+            (nn.functional.cross_entropy(model(x), y, reduction="sum"), (model(x).argmax(1) == y).sum())
+            for x, y in exp.val_loader
+        ]
     assert validate.metrics["val_examples"] == 13  # batches of 5, 5, 3
     assert validate.metrics["val_loss"] == pytest.approx(sum(r[0] for r in rows).item() / 13, rel=1e-5)
     assert validate.metrics["val_accuracy"] == pytest.approx(sum(r[1] for r in rows).item() / 13)
@@ -167,8 +173,9 @@ def test_validation_leaves_the_model_in_train_mode_and_builds_no_graph():
 
 
 def test_careful_loop_stages_show_when_enabled(tmp_path):
-    exp = tiny_experiment(rows=30, batch=8, epochs=6, clip_grad_norm=0.01, checkpoint=str(tmp_path / "best.pt"),
-                          early_stopping_patience=2)
+    exp = tiny_experiment(
+        rows=30, batch=8, epochs=6, clip_grad_norm=0.01, checkpoint=str(tmp_path / "best.pt"), early_stopping_patience=2
+    )
     exp.scheduler = torch.optim.lr_scheduler.StepLR(exp.optimizer, step_size=1, gamma=0.5)
     stepper = Stepper(exp)
     first_epoch = stepper.run_epoch()
@@ -268,9 +275,9 @@ def test_frozen_parameters_have_no_gradient_and_do_not_move():
     stepper = Stepper(load_experiment(str(FIXTURES / "dict_rnn_experiment.py"), 0))
     before = stepper.model.frozen_projection.weight.detach().clone()
     events = {e.stage: e for e in stepper.run_iteration()}
-    frozen = {l.name: l for l in events["backward"].layers if not l.trainable}
+    frozen = {layer.name: layer for layer in events["backward"].layers if not layer.trainable}
     assert set(frozen) == {"frozen_projection.weight", "frozen_projection.bias"}
-    assert all(l.grad_norm is None for l in frozen.values())
+    assert all(layer.grad_norm is None for layer in frozen.values())
     assert torch.equal(stepper.model.frozen_projection.weight, before)
     forward_names = [t.name for t in events["forward"].tensors]
     assert "shared" in forward_names and "shared#2" in forward_names  # a module used twice

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loopscope.shared.catalog import SCENARIOS
-from loopscope.engine.stepper import Stepper
 from loopscope.engine.experiment import load_experiment, resolve_factory
+from loopscope.engine.stepper import Stepper
+from loopscope.shared.catalog import SCENARIOS
 from tests.conftest import FIXTURES
 from tests.engine.reference_loop import plain_run
 

@@ -9,7 +9,9 @@ from loopscope.shared.protocol import SessionSpec
 from loopscope.ui.app import LoopscopeApp
 
 
-def make_app(target: str = "blobs", bugs: tuple[str, ...] = (), twin: bool = False, in_process: bool = True) -> LoopscopeApp:
+def make_app(
+    target: str = "blobs", bugs: tuple[str, ...] = (), twin: bool = False, in_process: bool = True
+) -> LoopscopeApp:
     return LoopscopeApp(SessionSpec(target, "cpu", 0, bugs, twin), in_process=in_process)
 
 

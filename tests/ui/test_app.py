@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 import time
 
 import pytest
@@ -20,12 +22,31 @@ def state(app):
     return app.model.state
 
 
-async def test_first_frame_appears_before_the_engine_is_ready():
-    app = make_app()
+def screen_text(app) -> str:
+    """The whole screen as the compositor draws it (the text of an SVG screenshot)."""
+    fragments = re.findall(r"<text[^>]*>(.*?)</text>", app.export_screenshot(), re.S)
+    return html.unescape("".join(fragments)).replace("\xa0", " ")
+
+
+async def test_first_frame_appears_before_the_engine_is_ready(fixture_modules):
+    import gated_experiment  # the engine thread imports this same module: the events are shared
+
+    app = make_app("gated_experiment:experiment")
     async with app.run_test(size=SIZE) as pilot:
-        assert "starting the engine" in text_of(app, "#pipeline") or app.model.info is not None
+        try:
+            # The engine is held inside the experiment's factory, so it cannot be ready yet:
+            # whatever the screen shows now was drawn before the engine was ready.
+            await wait_until(pilot, gated_experiment.entered.is_set)
+            assert app.model.info is None
+            screen = screen_text(app)
+            assert "starting the engine (loading torch)..." in screen and "Loop code" in screen, screen
+        finally:
+            gated_experiment.release.set()
         await ready(pilot)
         await expect_text(pilot, "#pipeline", "epoch 1  iter 0")
+        assert "starting the engine" not in screen_text(app)
+
+
 async def test_space_n_and_e_step_a_stage_an_iteration_and_an_epoch():
     app = make_app("spirals")
     async with app.run_test(size=SIZE) as pilot:
@@ -67,6 +88,8 @@ async def test_r_runs_and_pauses_and_plus_minus_change_speed():
         assert all("loss" in line for line in text_of(app, "#epochs").splitlines()[2:])  # epochs 2-5 observed
         await pilot.press("n")
         await expect_text(pilot, "#status", "the run is over")
+
+
 async def test_t_twin_c_checks_l_log_and_help():
     app = make_app("spirals", bugs=("lr_too_high",))
     async with app.run_test(size=SIZE) as pilot:
@@ -201,6 +224,8 @@ async def test_s_saves_the_screen_as_svg(tmp_path, monkeypatch):
         saved = list(tmp_path.glob("loopscope-*.svg"))
         assert len(saved) == 1 and "<svg" in saved[0].read_text()[:500]
         await expect_text(pilot, "#status", "saved")
+
+
 async def test_b_steps_back_and_the_replay_shows_the_same_values():
     app = make_app("spirals")
     async with app.run_test(size=SIZE) as pilot:
@@ -328,9 +353,14 @@ async def test_a_frame_tick_while_the_app_shuts_down_draws_nothing():
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        app.model.version += 1
+        app.redraw()
+        assert app._drawn_version == app.model.version  # while the app is up, something new is drawn at once
+    assert not app.is_running and not app.query("#pipeline")  # shut down: the panels are gone
     app.model.version += 1  # something new to draw
     app.redraw()
     app.redraw(force=True)
+    assert app._drawn_version == app.model.version - 1  # the ticks drew nothing (and raised nothing)
 
 
 async def test_a_gradient_that_is_zero_but_for_round_off_shows_as_zero():

@@ -30,16 +30,24 @@ def test_at_least_six_valid_demos_two_with_questions(capsys):
 BAD = {
     "no title": ('scenario = "blobs"\n[[step]]\ndo = "stage"\nsay = "x"\n', ":1: the demo needs a title"),
     "bad toml": ('title = "x"\nscenario = blobs\n', ":2: not valid TOML"),
-    "unknown action": ('title = "x"\nscenario = "blobs"\n\n[[step]]\ndo = "stage"\nsay = "a"\n\n[[step]]\n'
-                       'do = "jump"\nsay = "b"\n', ":8: step 2: cannot do 'jump'"),
-    "bug not for scenario": ('title = "x"\nscenario = "blobs"\n[[step]]\ndo = "bug on double_softmax"\nsay = "a"\n',
-                             ":3: bug 'double_softmax' does not apply to scenario 'blobs'"),
-    "answer not an option": ('title = "x"\nscenario = "blobs"\n[[step]]\ndo = "stage"\nsay = "a"\nask = "?"\n'
-                             'options = ["a", "b"]\nanswer = "c"\n', "answer must be one of the options"),
-    "typo in a key": ('title = "x"\nscenario = "blobs"\n[[step]]\ndo = "stage"\nsya = "a"\n',
-                      "unknown key(s) sya"),
-    "run out of range": ('title = "x"\nscenario = "blobs"\n[[step]]\ndo = "run 0"\nsay = "a"\n',
-                         "`run N` needs N between 1"),
+    "unknown action": (
+        'title = "x"\nscenario = "blobs"\n\n[[step]]\ndo = "stage"\nsay = "a"\n\n[[step]]\ndo = "jump"\nsay = "b"\n',
+        ":8: step 2: cannot do 'jump'",
+    ),
+    "bug not for scenario": (
+        'title = "x"\nscenario = "blobs"\n[[step]]\ndo = "bug on double_softmax"\nsay = "a"\n',
+        ":3: bug 'double_softmax' does not apply to scenario 'blobs'",
+    ),
+    "answer not an option": (
+        'title = "x"\nscenario = "blobs"\n[[step]]\ndo = "stage"\nsay = "a"\nask = "?"\n'
+        'options = ["a", "b"]\nanswer = "c"\n',
+        "answer must be one of the options",
+    ),
+    "typo in a key": ('title = "x"\nscenario = "blobs"\n[[step]]\ndo = "stage"\nsya = "a"\n', "unknown key(s) sya"),
+    "run out of range": (
+        'title = "x"\nscenario = "blobs"\n[[step]]\ndo = "run 0"\nsay = "a"\n',
+        "`run N` needs N between 1",
+    ),
     "no steps": ('title = "x"\nscenario = "blobs"\n', "needs at least one [[step]]"),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -87,18 +88,56 @@ def test_the_ui_process_never_imports_torch(tmp_path):
     assert result.stdout.split() == ["False", "1"], result.stderr[-2000:]
 
 
-def _engine_pids() -> set[str]:
-    return set(subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout.split())
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """{pid: (parent pid, start time, command line)} of the running processes (a zombie has ended)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # what follows "pid (name)"
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # it ended while we looked
+        if fields[0] != "Z":
+            table[int(stat.parent.name)] = (int(fields[1]), fields[19], cmdline)
+    return table
+
+
+def _descendants(pid: int, table: dict[int, tuple[int, str, str]]) -> set[int]:
+    children = {child for child, (parent, _, _) in table.items() if parent == pid}
+    return children.union(*(_descendants(child, table) for child in children))
+
+
+def _app_and_engines(session: str) -> tuple[int, dict[int, str]]:
+    """The app the pane's shell started, and the engines in its process tree as {pid: start time} (a
+    pid used again later has another start time). Only this app's: another test's or another run's
+    engines elsewhere on the machine are none of this test's business."""
+    shell = int(tmux("display", "-p", "-t", session, "#{pane_pid}"))
+    table = _processes()
+    apps = [pid for pid, (parent, _, cmdline) in table.items() if parent == shell and LOOPSCOPE in cmdline]
+    assert len(apps) == 1, f"not one app under the pane's shell: {apps}"
+    engines = {pid: table[pid][1] for pid in _descendants(apps[0], table) if "multiprocessing.spawn" in table[pid][2]}
+    return apps[0], engines
+
+
+def _still_running(processes: dict[int, str], timeout: float = 10.0) -> dict[int, str]:
+    """Those of `processes` (pid: start time) still running after up to `timeout` seconds to end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        table = _processes()
+        running = {pid: start for pid, start in processes.items() if pid in table and table[pid][1] == start}
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)
 
 
 def test_sigterm_quits_the_app_and_restores_the_terminal(tmux_session):
-    engines_before = _engine_pids()  # an earlier test's engine may still be on its way out
     tmux("send-keys", "-t", tmux_session, f"{LOOPSCOPE} blobs --seed 7; echo EXIT=$?", "Enter")
     wait_for_pane(tmux_session, "iter 0")
     tmux("send-keys", "-t", tmux_session, "r")
     wait_for_pane(tmux_session, "running")
-    subprocess.run(["pkill", "-TERM", "-f", "loopscope blobs --seed 7"], check=True)
+    app, engines = _app_and_engines(tmux_session)
+    assert engines, "the app's engine process was not found"
+    os.kill(app, signal.SIGTERM)  # this app only: not any process on the machine named alike
     screen = wait_for_pane(tmux_session, "EXIT=0")
     assert "Loop code" not in screen  # the app's screen is gone: the terminal is back to the shell
-    time.sleep(1.0)
-    assert not _engine_pids() - engines_before  # and the app's engine process went with it
+    assert not _still_running(engines)  # and the app's engine process went with it

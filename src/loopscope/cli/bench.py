@@ -23,57 +23,9 @@ from typing import Any
 from loopscope.engine.allocator import tune_allocator
 from loopscope.engine.plainloop import PlainLoop
 from loopscope.engine.probe_schedule import ProbeSchedule
+from loopscope.scenarios.bench_models import BATCH, GPU_BATCH, MODELS
+from loopscope.scenarios.bench_models import reference_experiment as _experiment
 from loopscope.shared.protocol import DEFAULT_HISTORY
-
-BATCH = 64  # the CPU reference; on a GPU the reference is batch 256 (`--batch`)
-GPU_BATCH = 256
-
-
-# ----- reference models (synthetic data, generated locally) ---------------------------------
-def _experiment(name: str, batch: int = BATCH):
-    import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from loopscope.engine.experiment import Experiment
-
-    g = torch.Generator().manual_seed(0)
-    if name == "cnn":
-        x = torch.randn(4096, 3, 32, 32, generator=g)
-        model = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
-        )
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    elif name == "wide_mlp":
-        x = torch.randn(4096, 512, generator=g)
-        model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                              nn.Linear(1024, 10))
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    else:
-        x = torch.randn(4096, 64, generator=g)
-        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    y = torch.randint(0, 10, (x.shape[0],), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True)
-    return Experiment(model=model, loss_fn=nn.CrossEntropyLoss(), optimizer=optimizer, train_loader=loader,
-                      epochs=10_000, name=name)
-
-
-def mlp_experiment():
-    return _experiment("mlp")
-
-
-def wide_mlp_experiment():
-    return _experiment("wide_mlp")
-
-
-def cnn_experiment():
-    return _experiment("cnn")
-
-
-MODELS = {"mlp": mlp_experiment, "wide_mlp": wide_mlp_experiment, "cnn": cnn_experiment}
 
 
 # ----- stepper vs plain loop -----------------------------------------------------------------
@@ -113,7 +65,9 @@ def _stepper_iteration(stepper, schedule, clock: Callable[[], float]) -> float:
     return elapsed
 
 
-def compare(name: str, iterations: int = 600, rounds: int = 10, device: str = "cpu", batch: int = BATCH) -> dict[str, Any]:
+def compare(
+    name: str, iterations: int = 600, rounds: int = 10, device: str = "cpu", batch: int = BATCH
+) -> dict[str, Any]:
     """Per-iteration time of each: they take turns iteration by iteration, so machine noise and
     training's own drift hit both alike.
 
@@ -150,12 +104,17 @@ def compare(name: str, iterations: int = 600, rounds: int = 10, device: str = "c
         our_times.append(_stepper_iteration(stepper, schedule, clock))
     rounds = max(1, min(rounds, iterations))
     size = iterations // rounds
-    chunks = [(sum(our_times[i:i + size]), sum(plain_times[i:i + size]), len(plain_times[i:i + size]))
-              for i in range(0, size * rounds, size)]
-    return {"name": name, "batch": batch,
-            "plain_ms": round(statistics.median(p / n for _, p, n in chunks) * 1000, 3),
-            "stepper_ms": round(statistics.median(o / n for o, _, n in chunks) * 1000, 3),
-            "ratio": round(statistics.median(o / p for o, p, _ in chunks), 3)}
+    chunks = [
+        (sum(our_times[i : i + size]), sum(plain_times[i : i + size]), len(plain_times[i : i + size]))
+        for i in range(0, size * rounds, size)
+    ]
+    return {
+        "name": name,
+        "batch": batch,
+        "plain_ms": round(statistics.median(p / n for _, p, n in chunks) * 1000, 3),
+        "stepper_ms": round(statistics.median(o / n for o, _, n in chunks) * 1000, 3),
+        "ratio": round(statistics.median(o / p for o, p, _ in chunks), 3),
+    }
 
 
 # ----- plot and history --------------------------------------------------------------------
@@ -184,11 +143,12 @@ def plot_render_ms(points: int, width: int = 60, height: int = 15) -> float:
 def history_memory_mb(iterations: int = 1_000_000) -> float:
     from loopscope.shared.events import StageEvent
     from loopscope.shared.history import History
+    from loopscope.shared.vocab import Stage
 
     tracemalloc.start()
     history = History()
     for i in range(1, iterations + 1):
-        history.add(StageEvent(iteration=i, epoch=1, stage="loss", loss=1.0 / i))
+        history.add(StageEvent(iteration=i, epoch=1, stage=Stage.LOSS, loss=1.0 / i))
     current, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return current / 2**20
@@ -230,7 +190,7 @@ async def plain_rate(app, pilot, seconds):
     return Timed.plain.iterations / Timed.plain.seconds
 
 async def main(name, seconds, rounds, device_name):
-    app = Timed(SessionSpec(f"loopscope.cli.bench:{name}_experiment", device=device_name))
+    app = Timed(SessionSpec(f"loopscope.scenarios.bench_models:{name}_experiment", device=device_name))
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app.model.info is not None)
         state = lambda: app.model.state
@@ -252,15 +212,21 @@ asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 """
 
 
-def app_throughput(name: str = "wide_mlp", seconds: float = 8.0, rounds: int = 8, device: str = "cpu") -> dict[str, Any]:
+def app_throughput(
+    name: str = "wide_mlp", seconds: float = 8.0, rounds: int = 8, device: str = "cpu"
+) -> dict[str, Any]:
     """Iterations a second inside the running app against the plain loop, `seconds` each in all.
 
     They take turns in short rounds, the plain loop first and last; the ratio is the median of each
     round's rate against the plain rounds on either side of it, so a burst of load from elsewhere
     on the machine spoils one round, not the figure.
     """
-    result = subprocess.run([sys.executable, "-c", _APP_PROBE, name, str(seconds / rounds), str(rounds), device],
-                            capture_output=True, text=True, timeout=2 * seconds + 120)
+    result = subprocess.run(
+        [sys.executable, "-c", _APP_PROBE, name, str(seconds / rounds), str(rounds), device],
+        capture_output=True,
+        text=True,
+        timeout=2 * seconds + 120,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"the app probe failed: {result.stderr.strip()[-2000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
@@ -269,29 +235,44 @@ def app_throughput(name: str = "wide_mlp", seconds: float = 8.0, rounds: int = 8
     # changes the speed as it goes (the wide MLP's Adam slows by half after ~800 iterations, from
     # subnormal floats in its state), and bracketed, a steady drift cancels.
     ratios = [app * (1 / before + 1 / after) / 2 for app, before, after in zip(app_rates, plain_rates, plain_rates[1:])]
-    return {"plain_its": round(statistics.median(plain_rates), 1), "app_its": round(statistics.median(app_rates), 1),
-            "ratio": round(statistics.median(ratios), 3), "rounds": [round(r, 3) for r in ratios],
-            "first_frame_ms": round(measured["first_frame_ms"], 1)}
+    return {
+        "plain_its": round(statistics.median(plain_rates), 1),
+        "app_its": round(statistics.median(app_rates), 1),
+        "ratio": round(statistics.median(ratios), 3),
+        "rounds": [round(r, 3) for r in ratios],
+        "first_frame_ms": round(measured["first_frame_ms"], 1),
+    }
 
 
-def run(device: str = "cpu", quick: bool = False, batch: int | None = None,
-        progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+def run(
+    device: str = "cpu",
+    quick: bool = False,
+    batch: int | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
     """Every figure, measured in this one run; `progress` hears what is being measured."""
     batch = batch or (GPU_BATCH if device.startswith("cuda") else BATCH)
     models = []
     for name in MODELS:
         progress(f"stepper vs plain loop: {name} at batch {batch} on {device}")
-        models.append(compare(name, iterations=100 if quick else 600, rounds=4 if quick else 10, device=device,
-                              batch=batch))
+        models.append(
+            compare(name, iterations=100 if quick else 600, rounds=4 if quick else 10, device=device, batch=batch)
+        )
     progress("loss-plot render time at 1e3, 1e5 and 1e6 points")
     plot = {str(n): round(plot_render_ms(n), 2) for n in (1_000, 100_000, 1_000_000)}
     progress("memory of a 1e6-iteration history")
     memory = round(history_memory_mb(), 2)
     progress("throughput inside the app (engine process, live plot) vs the plain loop, taking turns")
     app = app_throughput(seconds=6.0 if quick else 16.0, rounds=4 if quick else 8, device=device)
-    return {"device": device, "quick": quick, "models": models, "plot_render_ms": plot, "history_memory_mb": memory,
-            "app": {k: app[k] for k in ("plain_its", "app_its", "ratio", "rounds")},
-            "first_frame_ms": app["first_frame_ms"]}
+    return {
+        "device": device,
+        "quick": quick,
+        "models": models,
+        "plot_render_ms": plot,
+        "history_memory_mb": memory,
+        "app": {k: app[k] for k in ("plain_its", "app_its", "ratio", "rounds")},
+        "first_frame_ms": app["first_frame_ms"],
+    }
 
 
 TARGETS = {"wide_mlp": 1.10, "cnn": 1.10}  # stepper/plain, from the issue; the tiny MLP has none
@@ -302,22 +283,39 @@ def _verdict(ok: bool) -> str:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"on {result['device']}" + ("  (--quick: few short rounds, so the ratios are rough; judge the targets on "
-                                      "a full run)" if result.get("quick") else ""))
+    print(
+        f"on {result['device']}"
+        + (
+            "  (--quick: few short rounds, so the ratios are rough; judge the targets on a full run)"
+            if result.get("quick")
+            else ""
+        )
+    )
     print(f"{'model':<10} {'batch':>6} {'plain ms/it':>12} {'stepper ms/it':>14} {'ratio':>7}  target")
     for row in result["models"]:
         target = TARGETS.get(row["name"])
         judged = f"<= {target:.2f} {_verdict(row['ratio'] <= target)}" if target else "-"
-        print(f"{row['name']:<10} {row['batch']:>6} {row['plain_ms']:>12.3f} {row['stepper_ms']:>14.3f} "
-              f"{row['ratio']:>7.3f}  {judged}")
+        print(
+            f"{row['name']:<10} {row['batch']:>6} {row['plain_ms']:>12.3f} {row['stepper_ms']:>14.3f} "
+            f"{row['ratio']:>7.3f}  {judged}"
+        )
     worst_plot = max(result["plot_render_ms"].values())
-    print("loss plot render: " + ", ".join(f"{k} points {v:.1f} ms" for k, v in result["plot_render_ms"].items())
-          + f"  (target < 20 ms: {_verdict(worst_plot < 20)})")
-    print(f"history of 1e6 iterations: {result['history_memory_mb']:.2f} MB  "
-          f"(target < 50 MB: {_verdict(result['history_memory_mb'] < 50)})")
+    print(
+        "loss plot render: "
+        + ", ".join(f"{k} points {v:.1f} ms" for k, v in result["plot_render_ms"].items())
+        + f"  (target < 20 ms: {_verdict(worst_plot < 20)})"
+    )
+    print(
+        f"history of 1e6 iterations: {result['history_memory_mb']:.2f} MB  "
+        f"(target < 50 MB: {_verdict(result['history_memory_mb'] < 50)})"
+    )
     app = result["app"]
-    print(f"in the app (wide_mlp, engine process, live plot): {app['ratio']:.2f}x the plain loop's rate, the median "
-          f"of {len(app['rounds'])} rounds ({', '.join(f'{r:.2f}' for r in app['rounds'])}; about {app['app_its']:.0f} "
-          f"vs {app['plain_its']:.0f} it/s)  (target >= 0.90x: {_verdict(app['ratio'] >= 0.9)})")
-    print(f"first frame of the app: {result['first_frame_ms']:.0f} ms  "
-          f"(target < 500 ms: {_verdict(result['first_frame_ms'] < 500)})")
+    print(
+        f"in the app (wide_mlp, engine process, live plot): {app['ratio']:.2f}x the plain loop's rate, the median "
+        f"of {len(app['rounds'])} rounds ({', '.join(f'{r:.2f}' for r in app['rounds'])}; about {app['app_its']:.0f} "
+        f"vs {app['plain_its']:.0f} it/s)  (target >= 0.90x: {_verdict(app['ratio'] >= 0.9)})"
+    )
+    print(
+        f"first frame of the app: {result['first_frame_ms']:.0f} ms  "
+        f"(target < 500 ms: {_verdict(result['first_frame_ms'] < 500)})"
+    )

@@ -9,15 +9,17 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import NoReturn, TextIO
+from typing import NoReturn
 
 from loopscope import __version__
+from loopscope.cli.codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
+from loopscope.cli.headless import check_command, trace_command
 from loopscope.shared.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_message
-from loopscope.shared.catalog import DEFAULT_SCENARIO, SCENARIOS, STAGE_DESCRIPTIONS
+from loopscope.shared.catalog import DEFAULT_SCENARIO, SCENARIOS
 from loopscope.shared.errors import UserError
 from loopscope.shared.protocol import DEFAULT_HISTORY
+from loopscope.shared.vocab import STAGE_DESCRIPTIONS
 
-EXIT_OK, EXIT_STAGE_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 COMMANDS = ("run", "trace", "scenarios", "check", "bugs", "demo", "serve", "bench")
 
 TARGET_HELP = (
@@ -66,19 +68,29 @@ def _bug_id(text: str) -> str:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", default=DEFAULT_SCENARIO, help=TARGET_HELP)
     parser.add_argument(
-        "--bug", action="append", type=_bug_id, default=[], metavar="ID",
+        "--bug",
+        action="append",
+        type=_bug_id,
+        default=[],
+        metavar="ID",
         help="start with this bug injected (repeatable; `loopscope bugs` lists them)",
     )
     parser.add_argument(
-        "--twin", action="store_true",
+        "--twin",
+        action="store_true",
         help="while a bug is on, train a clean twin on the same batches and record its loss",
     )
     parser.add_argument(
-        "--device", default="auto", metavar="D",
+        "--device",
+        default="auto",
+        metavar="D",
         help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)",
     )
     parser.add_argument(
-        "--seed", type=_seed, default=0, metavar="N",
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="N",
         help="seeds torch, random and numpy once, before the experiment is built (default: 0)",
     )
 
@@ -97,55 +109,70 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run_parser = commands.add_parser(
-        "run", help="step through a training loop in the terminal app (the default command)",
+        "run",
+        help="step through a training loop in the terminal app (the default command)",
         description="Open the app on a training loop: step it stage by stage, run it, break it.",
-        epilog="Keys: space stage, n iteration, e epoch, r run/pause, +/- speed, t twin, c checks, "
-        "? help, q quit.",
+        epilog="Keys: space stage, n iteration, e epoch, r run/pause, +/- speed, t twin, c checks, ? help, q quit.",
     )
     _add_run_arguments(run_parser)
-    run_parser.add_argument("--history", type=_non_negative_int, default=DEFAULT_HISTORY, metavar="N",
-                            help=f"iterations that b can step back through (default: {DEFAULT_HISTORY})")
+    run_parser.add_argument(
+        "--history",
+        type=_non_negative_int,
+        default=DEFAULT_HISTORY,
+        metavar="N",
+        help=f"iterations that b can step back through (default: {DEFAULT_HISTORY})",
+    )
 
     trace = commands.add_parser(
-        "trace", help="run headless and write one record per stage (table or JSON lines)",
+        "trace",
+        help="run headless and write one record per stage (table or JSON lines)",
         description="Run a training loop headless and write what every stage did.",
         epilog="Exit status: 0 when the run completes, 1 when a stage raised (the trace ends "
         "with that stage's error), 2 for bad arguments or targets, 130 when interrupted.",
     )
     _add_run_arguments(trace)
     trace.add_argument(
-        "--iterations", "-n", type=_positive_int, default=None, metavar="N",
+        "--iterations",
+        "-n",
+        type=_positive_int,
+        default=None,
+        metavar="N",
         help="training iterations to run (default: the experiment's whole run)",
     )
     trace.add_argument("--format", choices=("jsonl", "table"), default="table", help="output format (default: table)")
     trace.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
     trace.add_argument(
-        "--fast", action="store_true",
+        "--fast",
+        action="store_true",
         help="skip the full statistics (tensor stats, per-layer norms); losses and errors are still recorded",
     )
 
     scenarios = commands.add_parser(
-        "scenarios", help="list the built-in scenarios and the bugs that apply to each",
+        "scenarios",
+        help="list the built-in scenarios and the bugs that apply to each",
         description="List the built-in scenarios and the bugs that apply to each.",
     )
     scenarios.add_argument("--json", action="store_true", help="print JSON for machines")
 
     check = commands.add_parser(
-        "check", help="run Karpathy's four sanity checks on copies of the model (pass/fail with numbers)",
+        "check",
+        help="run Karpathy's four sanity checks on copies of the model (pass/fail with numbers)",
         description="Sanity checks from Karpathy's recipe, each on a copy of the model and optimizer: "
         "loss at initialisation vs -ln(1/C), overfitting a single batch, an input-independent "
         "baseline (zeroed inputs must do worse), and the batch-mixing probe.",
         epilog="Exit status: 0 when every check passes, 1 when one fails, 2 for bad arguments.",
     )
     check.add_argument("target", nargs="?", default=DEFAULT_SCENARIO, help=TARGET_HELP)
-    check.add_argument("--bug", action="append", type=_bug_id, default=[], metavar="ID",
-                       help="inject this bug first (repeatable)")
+    check.add_argument(
+        "--bug", action="append", type=_bug_id, default=[], metavar="ID", help="inject this bug first (repeatable)"
+    )
     check.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
     check.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed (default: 0)")
     check.add_argument("--json", action="store_true", help="print JSON for machines")
 
     demo = commands.add_parser(
-        "demo", help="play a scripted lecture demo (demos/*.toml) in the app",
+        "demo",
+        help="play a scripted lecture demo (demos/*.toml) in the app",
         description="Play a scripted demo: right arrow or space runs the next step, left arrow goes back, "
         "escape leaves the script to explore freely.",
     )
@@ -154,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
 
     serve = commands.add_parser(
-        "serve", help="serve the app in a web browser (for a projector), on 127.0.0.1",
+        "serve",
+        help="serve the app in a web browser (for a projector), on 127.0.0.1",
         description="Serve `loopscope run` (or a demo) in the browser with textual-serve, on 127.0.0.1 only.",
     )
     _add_run_arguments(serve)
@@ -162,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", metavar="FILE", help="serve this demo instead of a free run")
 
     bench = commands.add_parser(
-        "bench", help="measure loopscope's overhead against a plain loop, in one run",
+        "bench",
+        help="measure loopscope's overhead against a plain loop, in one run",
         description="Measure, side by side in one run: the stepper vs a plain PyTorch loop on three models, "
         "loss-plot render time at 1e3/1e5/1e6 points, the memory of a 1e6-iteration history, "
         "throughput inside the app, and the app's first frame.",
@@ -170,13 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON for machines")
     bench.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda, cuda:N or mps")
     bench.add_argument("--quick", action="store_true", help="fewer iterations (a rough look)")
-    bench.add_argument("--batch", type=_positive_int, metavar="N",
-                       help="batch size of the reference models (default: 64 on CPU, 256 on a GPU)")
+    bench.add_argument(
+        "--batch",
+        type=_positive_int,
+        metavar="N",
+        help="batch size of the reference models (default: 64 on CPU, 256 on a GPU)",
+    )
 
     bugs = commands.add_parser(
-        "bugs", help="list the bugs loopscope can inject, or explain one",
-        description="The catalog of classic training-loop bugs: what changes, what you will see, why, "
-        "and the fix.",
+        "bugs",
+        help="list the bugs loopscope can inject, or explain one",
+        description="The catalog of classic training-loop bugs: what changes, what you will see, why, and the fix.",
     )
     bugs.add_argument("bug", nargs="?", type=_bug_id, metavar="ID", help="explain this bug in full")
     bugs.add_argument("--json", action="store_true", help="print JSON for machines")
@@ -215,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bugs":
             return _bugs(args.bug, args.json)
         if args.command == "check":
-            return _check(args)
+            return check_command(args)
         if args.command == "demo":
             return _demo(args)
         if args.command == "serve":
@@ -223,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args)
         if args.command == "trace":
-            return _trace(args)
+            return trace_command(args)
         if args.command == "run":
             return _run_app(args)
         raise AssertionError(f"unhandled command {args.command}")
@@ -246,8 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _scenarios(as_json: bool) -> int:
     if as_json:
         rows = [
-            {"name": s.name, "description": s.description, "task": s.task, "bugs": s.bugs}
-            for s in SCENARIOS.values()
+            {"name": s.name, "description": s.description, "task": s.task, "bugs": s.bugs} for s in SCENARIOS.values()
         ]
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -272,7 +304,7 @@ def _bugs(bug_id: str | None, as_json: bool) -> int:
         print(f"{bug.id}: {bug.title}  (stage {bug.stage})\n")
         for line in bug.correct.splitlines():
             print(f"  - {line}")
-        for line in (bug.buggy.splitlines() or ["(line removed)"]):
+        for line in bug.buggy.splitlines() or ["(line removed)"]:
             print(f"  + {line}")
         print(f"\nWhat you will see: {bug.symptom}\nWhy: {bug.why}\nFix: {bug.fix}")
         print(f"Needs: {requirement_text(bug)}; built-in scenarios: {', '.join(scenarios) or 'none'}")
@@ -312,8 +344,9 @@ def _demo(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     if args.check:
         questions = sum(1 for step in demo.steps if step.ask)
-        print(f"{args.file}: ok: {demo.title!r}, {len(demo.steps)} steps, {questions} question(s), "
-              f"scenario {demo.target}")
+        print(
+            f"{args.file}: ok: {demo.title!r}, {len(demo.steps)} steps, {questions} question(s), scenario {demo.target}"
+        )
         return EXIT_OK
     from loopscope.shared.protocol import SessionSpec
     from loopscope.ui.app import LoopscopeApp
@@ -339,8 +372,19 @@ def _serve(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "loopscope", "demo", args.demo, "--device", args.device]
     else:
         check_target(args.target)
-        command = [sys.executable, "-m", "loopscope", "run", args.target, "--device", args.device,
-                   "--seed", str(args.seed), *[f"--bug={b}" for b in args.bug], *(["--twin"] if args.twin else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "loopscope",
+            "run",
+            args.target,
+            "--device",
+            args.device,
+            "--seed",
+            str(args.seed),
+            *[f"--bug={b}" for b in args.bug],
+            *(["--twin"] if args.twin else []),
+        ]
     from textual_serve.server import Server
 
     print(f"loopscope: serving on http://127.0.0.1:{args.port} (ctrl+c stops)", flush=True)
@@ -354,131 +398,14 @@ def _bench(args: argparse.Namespace) -> int:
     from loopscope.engine.devices import resolve_device
 
     device = str(resolve_device(args.device))
-    result = bench.run(device=device, quick=args.quick, batch=args.batch,
-                       progress=lambda line: print(f"measuring {line}...", file=sys.stderr, flush=True))
+    result = bench.run(
+        device=device,
+        quick=args.quick,
+        batch=args.batch,
+        progress=lambda line: print(f"measuring {line}...", file=sys.stderr, flush=True),
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         bench.print_table(result)
     return EXIT_OK
-
-
-def _check(args: argparse.Namespace) -> int:
-    from loopscope.engine.checks import run_checks
-    from loopscope.engine.devices import resolve_device
-    from loopscope.engine.stepper import Stepper
-    from loopscope.engine.experiment import load_experiment
-
-    device = resolve_device(args.device)
-    stepper = Stepper(load_experiment(args.target, args.seed), device, bugs=args.bug, diagnose=False)
-    results = run_checks(stepper)
-    if args.json:
-        print(json.dumps([r.__dict__ for r in results], indent=2))
-    else:
-        width = max(len(r.title) for r in results)
-        for r in results:
-            verdict = "SKIP" if r.skipped else ("PASS" if r.passed else "FAIL")
-            print(f"{verdict}  {r.title:<{width}}  {r.message}")
-    return EXIT_OK if all(r.passed for r in results) else EXIT_STAGE_ERROR
-
-
-def _trace(args: argparse.Namespace, note: str | None = None) -> int:
-    # Imported here so `--help`, `scenarios` and argument errors answer before torch loads.
-    from loopscope.engine.devices import resolve_device
-    from loopscope.engine.stepper import Stepper
-    from loopscope.engine.experiment import load_experiment
-    from loopscope.cli.trace import TraceWriter
-
-    device = resolve_device(args.device)
-    experiment = load_experiment(args.target, args.seed)
-    stepper = Stepper(experiment, device, probe=not args.fast, sync_cuda=True, bugs=args.bug, twin=args.twin)
-    if note:
-        sys.stderr.write(f"loopscope: {note}\n")
-    out: TextIO
-    try:
-        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    except OSError as exc:
-        raise UserError(f"cannot write {args.output}: {exc.strerror}") from exc
-    writer = TraceWriter(out, args.format)
-    progress = _Progress(enabled=bool(args.output) and sys.stderr.isatty(), total=args.iterations)
-    stepper.on_event = lambda event: (writer.write(event), progress.update(stepper))
-    try:
-        stepper.run(args.iterations)
-    finally:
-        out.flush()
-        if out is not sys.stdout:
-            out.close()
-        progress.close()
-    return _report(stepper, writer, args)
-
-
-def _report(stepper, writer, args: argparse.Namespace) -> int:
-    where = f" to {args.output}" if args.output else ""
-    loss = stepper.history.series["loss"]
-    points = loss.points()
-    first = next((p.mean for p in points if p.count > p.nonfinite), None)
-    last = loss.last()
-    done = stepper.completed_iterations
-    summary = (
-        f"loopscope: {done} iteration{'' if done == 1 else 's'} completed, epoch {stepper.epoch}, "
-        f"{writer.count} stage records{where}"
-    )
-    if first is not None and last is not None:
-        summary += f"; loss {first:.4g} -> {last:.4g}"
-    val = stepper.history.series["val_accuracy"].last()
-    if val is not None:
-        summary += f", val accuracy {val:.1%}"
-    if stepper.stop_reason:
-        summary += f" ({stepper.stop_reason})"
-    sys.stderr.write(summary + "\n")
-    _report_findings(stepper)
-    if stepper.halted is not None:
-        err = stepper.halted
-        last_event = stepper.history.last()
-        stage = last_event.stage if last_event else "?"
-        message = f"loopscope: stage {stage} failed at iteration {stepper.iteration}: {err.type}: {err.message}"
-        if err.location:
-            message += f" ({err.location})"
-        sys.stderr.write(message + "\n")
-        if err.hint:
-            sys.stderr.write(f"loopscope: hint: {err.hint}\n")
-        return EXIT_STAGE_ERROR
-    return EXIT_OK
-
-
-def _report_findings(stepper) -> None:
-    """Each finding once, with the iteration it first appeared, so a long trace ends with its verdict."""
-    if stepper.diagnostics is None:
-        return
-    first: dict[str, tuple[int, object]] = {}
-    for iteration, finding in stepper.diagnostics.all_findings:
-        # Stage errors are reported on their own below.
-        if finding.severity != "info" and finding.id != "stage_error" and finding.id not in first:
-            first[finding.id] = (iteration, finding)
-    for iteration, finding in sorted(first.values(), key=lambda item: item[0]):
-        suspects = f" [suspects: {', '.join(finding.suspects)}]" if finding.suspects else ""
-        sys.stderr.write(f"loopscope: {finding.severity} at iteration {iteration}: {finding.message}{suspects}\n")
-
-
-class _Progress:
-    """A one-line progress report on a terminal's stderr while a trace goes to a file."""
-
-    def __init__(self, enabled: bool, total: int | None) -> None:
-        self.enabled = enabled
-        self.total = total
-        self._last = -1
-
-    def update(self, stepper) -> None:
-        done = stepper.completed_iterations
-        if not self.enabled or done == self._last or done % 10:
-            return
-        self._last = done
-        total = f"/{self.total}" if self.total else ""
-        loss = stepper.history.series["loss"].last()
-        loss_text = f"  loss {loss:.4g}" if loss is not None else ""
-        sys.stderr.write(f"\r  iteration {done}{total}  epoch {stepper.epoch}{loss_text}   ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self._last >= 0:
-            sys.stderr.write("\n")

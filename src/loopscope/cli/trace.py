@@ -70,7 +70,7 @@ def describe(event: StageEvent) -> str:
     if stage == "backward":
         if event.grad_norm is None and not event.layers:
             return "loss.backward()"
-        return f"grad norm {_num(event.grad_norm)} over {sum(1 for l in event.layers if l.grad_norm is not None)} tensors"
+        return f"grad norm {_num(event.grad_norm)} over {sum(1 for layer in event.layers if layer.grad_norm is not None)} tensors"
     if stage == "clip_grad":
         return f"norm {_num(m.get('norm_before'))} -> {_num(event.grad_norm)} (max {m.get('max_norm')}, clipped: {m.get('clipped')})"
     if stage == "step":

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sized
 from dataclasses import dataclass
+from typing import cast
 
 
 @dataclass
@@ -27,8 +29,8 @@ class RecallRow:
 
 
 def recall_run(bug: str, scenario: str, budget: int, seed: int = 0) -> RecallRow:
-    from loopscope.engine.stepper import Stepper
     from loopscope.engine.experiment import load_experiment
+    from loopscope.engine.stepper import Stepper
 
     stepper = Stepper(load_experiment(scenario, seed), bugs=[bug])
     while stepper.completed_iterations < budget and not stepper.finished:
@@ -39,23 +41,29 @@ def recall_run(bug: str, scenario: str, budget: int, seed: int = 0) -> RecallRow
             if bug in finding.suspects:
                 return RecallRow(bug, scenario, True, event.iteration, finding.id, finding.message)
         if event.error is not None:
-            return RecallRow(bug, scenario, True, event.iteration, f"error at {event.stage}",
-                             f"{event.error.type}: {event.error.message}")
+            return RecallRow(
+                bug,
+                scenario,
+                True,
+                event.iteration,
+                f"error at {event.stage}",
+                f"{event.error.type}: {event.error.message}",
+            )
     return RecallRow(bug, scenario, False, None, None, "not named within the budget")
 
 
 def clean_run(scenario: str, iterations: int, seed: int = 0) -> list[tuple[int, str, str, str]]:
     """(iteration, severity, id, message) of every warning/error finding in a clean run."""
-    from loopscope.engine.stepper import Stepper
     from loopscope.engine.experiment import load_experiment
+    from loopscope.engine.stepper import Stepper
 
     experiment = load_experiment(scenario, seed)
     # Long enough for `iterations`, and no early stop: detectors must stay quiet through
     # convergence and overfitting alike.
-    experiment.epochs = iterations // max(len(experiment.train_loader), 1) + 1
+    experiment.epochs = iterations // max(len(cast(Sized, experiment.train_loader)), 1) + 1
     experiment.early_stopping_patience = None
     stepper = Stepper(experiment)
-    alarms = []
+    alarms: list[tuple[int, str, str, str]] = []
     while stepper.completed_iterations < iterations and not stepper.finished:
         event = stepper.step_stage()
         if event is None:
@@ -91,16 +99,22 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(recall_run(bug.id, info.name, args.budget, args.seed))
                 if not args.json:
                     r = rows[-1]
-                    print(f"{r.bug:<32} {r.scenario:<11} {'caught' if r.caught else 'MISSED':<7} "
-                          f"{r.iteration if r.iteration is not None else '-':>5}  {r.finding or ''}", flush=True)
+                    print(
+                        f"{r.bug:<32} {r.scenario:<11} {'caught' if r.caught else 'MISSED':<7} "
+                        f"{r.iteration if r.iteration is not None else '-':>5}  {r.finding or ''}",
+                        flush=True,
+                    )
     alarms = {}
     if args.clean_iterations > 0:
         for info in scenarios:
             alarms[info.name] = clean_run(info.name, args.clean_iterations, args.seed)
             if not args.json:
                 found = alarms[info.name]
-                print(f"clean {info.name:<11} {len(found)} false alarm(s) in {args.clean_iterations} iterations"
-                      + "".join(f"\n    it {a[0]} {a[1]} {a[2]}: {a[3]}" for a in found), flush=True)
+                print(
+                    f"clean {info.name:<11} {len(found)} false alarm(s) in {args.clean_iterations} iterations"
+                    + "".join(f"\n    it {a[0]} {a[1]} {a[2]}: {a[3]}" for a in found),
+                    flush=True,
+                )
     caught = sum(r.caught for r in rows)
     false_alarms = sum(len(v) for v in alarms.values())
     if args.json:

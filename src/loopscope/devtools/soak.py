@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sized
+from typing import cast
 
 
 def resident_mb() -> float:
@@ -22,17 +24,22 @@ def resident_mb() -> float:
     return float("nan")
 
 
-def soak(iterations: int = 100_000, checkpoints: tuple[int, ...] = (1_000, 10_000, 100_000),
-         target: str = "blobs", probe_every: int = 100, report=None) -> dict[int, float]:
+def soak(
+    iterations: int = 100_000,
+    checkpoints: tuple[int, ...] = (1_000, 10_000, 100_000),
+    target: str = "blobs",
+    probe_every: int = 100,
+    report=None,
+) -> dict[int, float]:
     """Resident MB after each checkpoint's number of iterations."""
     import torch
 
-    from loopscope.engine.stepper import Stepper
     from loopscope.engine.experiment import load_experiment
+    from loopscope.engine.stepper import Stepper
 
     torch.set_num_threads(1)
     experiment = load_experiment(target, 0)
-    experiment.epochs = iterations // max(len(experiment.train_loader), 1) + 1
+    experiment.epochs = iterations // max(len(cast(Sized, experiment.train_loader)), 1) + 1
     experiment.early_stopping_patience = None
     stepper = Stepper(experiment)
     readings: dict[int, float] = {}
@@ -57,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = tuple(c for c in (1_000, 10_000, 100_000, 1_000_000) if c <= args.iterations)
 
     def report(done: int, readings: dict[int, float]) -> None:
-        print(f"{done:>9} iterations  {readings[max(readings)]:8.1f} MB resident  "
-              f"({time.monotonic() - started:.0f} s)", flush=True)
+        print(
+            f"{done:>9} iterations  {readings[max(readings)]:8.1f} MB resident  ({time.monotonic() - started:.0f} s)",
+            flush=True,
+        )
 
     readings = soak(args.iterations, checkpoints, args.target, report=report)
     first, last = readings[min(readings)], readings[max(readings)]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from loopscope.engine.batches import call_model, primary_output, split_batch, to_device
-from loopscope.engine.copies import copy_optimizer, forked_rng
+from loopscope.engine.copies import forked_rng
 from loopscope.shared.events import CheckResult
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ class Stepper(Protocol):
     def halted(self) -> StageError | None: ...
     def step_stage(self) -> StageEvent | None: ...
     def trial_copy(self, batches: list[Any], steps: int) -> Stepper: ...
+
 
 OVERFIT_STEPS = 300
 BASELINE_STEPS = 150
@@ -78,9 +79,13 @@ def _losses(copy_stepper: Stepper) -> list[float]:
 def check_initial_loss(stepper: Stepper, batches: list[Any]) -> CheckResult:
     title = "loss at initialisation"
     if stepper.completed_iterations > 0:
-        return CheckResult("init_loss", title, True,
-                           f"the model has already trained {stepper.completed_iterations} iterations",
-                           skipped=True)
+        return CheckResult(
+            "init_loss",
+            title,
+            True,
+            f"the model has already trained {stepper.completed_iterations} iterations",
+            skipped=True,
+        )
     losses = _losses(stepper.trial_copy(batches[:1], 1))
     loss = losses[0]
     name = type(stepper.experiment.loss_fn).__name__
@@ -99,7 +104,9 @@ def check_initial_loss(stepper: Stepper, batches: list[Any]) -> CheckResult:
     ratio = loss / expected if expected else math.inf
     passed = math.isfinite(loss) and 0.5 <= ratio <= 1.5 if name != "MSELoss" else loss <= 2 * expected
     return CheckResult(
-        "init_loss", title, passed,
+        "init_loss",
+        title,
+        passed,
         f"loss {loss:.4g} vs {expected:.4g} expected ({what}): {ratio:.2f}x",
         {"loss": loss, "expected": expected, "ratio": ratio},
     )
@@ -111,7 +118,9 @@ def check_overfit_one_batch(stepper: Stepper, batches: list[Any]) -> CheckResult
     first, last = losses[0], min(losses[-10:])
     passed = math.isfinite(last) and (last <= 0.05 or last <= 0.02 * first)
     return CheckResult(
-        "overfit_batch", title, passed,
+        "overfit_batch",
+        title,
+        passed,
         f"loss {first:.4g} -> {last:.4g} after {len(losses)} steps on one batch "
         f"({'reached' if passed else 'did not reach'} ~0)",
         {"first": first, "last": last, "steps": len(losses)},
@@ -127,7 +136,9 @@ def check_input_independent(stepper: Stepper, batches: list[Any]) -> CheckResult
     real_end, zero_end = sum(real[-window:]) / window, sum(zeroed[-window:]) / window
     passed = math.isfinite(real_end) and real_end < 0.9 * zero_end
     return CheckResult(
-        "input_baseline", title, passed,
+        "input_baseline",
+        title,
+        passed,
         f"after {BASELINE_STEPS} steps: loss {real_end:.4g} with the real inputs vs {zero_end:.4g} with "
         f"zeroed inputs ({'the inputs help' if passed else 'the inputs do not help'})",
         {"real": real_end, "zeroed": zero_end},
@@ -149,13 +160,15 @@ def check_batch_mixing(stepper: Stepper, batches: list[Any]) -> CheckResult:
     inputs, targets = batches[0]
     mixed = batch_mixing_rows(stepper.model, inputs, targets, stepper.injector.prepare_batch, stepper.device)
     if mixed is None:
-        return CheckResult("batch_mixing", title, True,
-                           "the gradient of output row 1 reaches input row 1 only", {"rows_mixed": 0})
+        return CheckResult(
+            "batch_mixing", title, True, "the gradient of output row 1 reaches input row 1 only", {"rows_mixed": 0}
+        )
     row, others = mixed
     return CheckResult(
-        "batch_mixing", title, False,
-        f"the gradient of output row {row} reaches {others} other input row(s): examples are mixed "
-        "across the batch",
+        "batch_mixing",
+        title,
+        False,
+        f"the gradient of output row {row} reaches {others} other input row(s): examples are mixed across the batch",
         {"rows_mixed": others},
     )
 
@@ -172,7 +185,9 @@ def run_checks(stepper: Stepper) -> list[CheckResult]:
             results.append(check(stepper, batches))
         except Exception as exc:  # a check that cannot run is a failed check, with the reason
             name = check.__name__.removeprefix("check_")
-            results.append(CheckResult(name, name.replace("_", " "), False, f"could not run: {type(exc).__name__}: {exc}"))
+            results.append(
+                CheckResult(name, name.replace("_", " "), False, f"could not run: {type(exc).__name__}: {exc}")
+            )
     return results
 
 

@@ -107,7 +107,8 @@ class EpochEndStages:
             if isinstance(path, str):
                 torch.save(self.best_state, path)
                 record.metrics["path"] = path
-        record.metrics.update(saved=improved, best_val_loss=state.best_val_loss)
+        record.metrics["saved"] = improved
+        record.metrics["best_val_loss"] = state.best_val_loss
 
     def early_stop(self, record: StageRecord) -> None:
         state = self.state
@@ -118,7 +119,9 @@ class EpochEndStages:
         else:
             state.validations_without_improvement += 1
         stop = state.validations_without_improvement >= patience
-        record.metrics.update(without_improvement=state.validations_without_improvement, patience=patience, stop=stop)
+        record.metrics["without_improvement"] = state.validations_without_improvement
+        record.metrics["patience"] = patience
+        record.metrics["stop"] = stop
         if stop:
             state.finish(f"early stop: no better validation loss in {patience} validations")
 

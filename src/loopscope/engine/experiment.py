@@ -59,12 +59,16 @@ class Experiment:
             problems.append(f"train_loader must be iterable, got {type(self.train_loader).__name__}")
         if self.val_loader is not None and not hasattr(self.val_loader, "__iter__"):
             problems.append(f"val_loader must be iterable, got {type(self.val_loader).__name__}")
-        if self.clip_grad_norm is not None and not (isinstance(self.clip_grad_norm, (int, float)) and self.clip_grad_norm > 0):
+        if self.clip_grad_norm is not None and not (
+            isinstance(self.clip_grad_norm, (int, float)) and self.clip_grad_norm > 0
+        ):
             problems.append(f"clip_grad_norm must be a number above 0, got {self.clip_grad_norm!r}")
         if self.early_stopping_patience is not None and (
             not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1
         ):
-            problems.append(f"early_stopping_patience must be a whole number >= 1, got {self.early_stopping_patience!r}")
+            problems.append(
+                f"early_stopping_patience must be a whole number >= 1, got {self.early_stopping_patience!r}"
+            )
         if not isinstance(self.epochs, int) or self.epochs < 1:
             problems.append(f"epochs must be a whole number >= 1, got {self.epochs!r}")
         if self.scheduler_interval not in ("epoch", "iteration"):
@@ -100,9 +104,7 @@ def load_experiment(target: str, seed: int) -> Experiment:
     except Exception as exc:  # the user's factory failing is a user error, shown in one line
         raise UserError(f"{origin} raised {type(exc).__name__}: {exc}{_where(exc)}") from exc
     if not isinstance(experiment, Experiment):
-        raise UserError(
-            f"{origin} must return a loopscope.Experiment, got {type(experiment).__name__}"
-        )
+        raise UserError(f"{origin} must return a loopscope.Experiment, got {type(experiment).__name__}")
     if experiment.name == "experiment":
         experiment.name = target
     return experiment
@@ -142,8 +144,10 @@ def _unknown_target(target: str) -> str:
     known = ", ".join(SCENARIOS)
     close = difflib.get_close_matches(target, [*SCENARIOS, "run", "trace", "scenarios", "check", "bugs"], n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return (f"unknown target {target!r}{hint}: expected a scenario ({known}), a file.py defining "
-            "experiment(), or package.module:factory")
+    return (
+        f"unknown target {target!r}{hint}: expected a scenario ({known}), a file.py defining "
+        "experiment(), or package.module:factory"
+    )
 
 
 def _factory_from_file(path: Path, as_given: str) -> tuple[Callable[[], Any], str]:

@@ -70,7 +70,7 @@ class LoopError(Exception):
 # When no message pattern matches: what failing at this stage usually means.
 _STAGE_HINTS = {
     "load_batch": "the data loader raised while producing this batch (your Dataset's __getitem__, "
-                  "its transform, or the collate function)",
+    "its transform, or the collate function)",
     "forward": "the model raised during its forward pass",
     "loss": "the loss function raised: check the shapes and dtypes of outputs and targets",
     "validate": "validation raised: the validation data or the model's eval-mode path failed",

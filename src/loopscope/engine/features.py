@@ -1,7 +1,9 @@
-"""What an experiment is made of, read without running it: decides which bugs apply."""
+"""What an experiment is made of, read without running it: its task, its features (which decide
+which bugs apply) and the facts the screen shows about it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -10,6 +12,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from loopscope.engine.batches import split_batch
 from loopscope.engine.experiment import Experiment
+from loopscope.shared.protocol import SessionInfo
+from loopscope.shared.vocab import Stage, Task
 
 
 def first_example(loader: Any) -> Any:
@@ -79,3 +83,55 @@ def experiment_features(experiment: Experiment, task: str | None) -> frozenset[s
         ):
             found.add("regression_column")
     return frozenset(found)
+
+
+def infer_task(experiment: Experiment) -> Task | None:
+    """The task implied by the loss function when the experiment does not say."""
+    if experiment.task:
+        return Task(experiment.task)
+    loss = experiment.loss_fn
+    if isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return Task.CLASSIFICATION
+    if isinstance(loss, (nn.BCEWithLogitsLoss, nn.BCELoss)):
+        return Task.BINARY
+    if isinstance(loss, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)):
+        return Task.REGRESSION
+    return None
+
+
+def experiment_info(
+    experiment: Experiment,
+    device: torch.device,
+    task: Task | None,
+    iteration_stages: Sequence[Stage],
+    epoch_end_stages: Sequence[Stage],
+    applicable_bugs: Sequence[str],
+) -> SessionInfo:
+    """Facts about the run that do not change while it runs."""
+    exp = experiment
+    try:
+        batches: int | None = len(exp.train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        batches = None
+    options = {
+        "clip_grad_norm": exp.clip_grad_norm,
+        "scheduler": type(exp.scheduler).__name__ if exp.scheduler is not None else None,
+        "scheduler_interval": exp.scheduler_interval,
+        "validation": exp.val_loader is not None,
+        "checkpoint": bool(exp.checkpoint),
+        "early_stopping_patience": exp.early_stopping_patience,
+        "optimizer": type(exp.optimizer).__name__,
+        "loss_fn": type(exp.loss_fn).__name__,
+        "lr": exp.optimizer.param_groups[0].get("lr"),
+    }
+    return SessionInfo(
+        name=exp.name,
+        device=str(device),
+        task=task,
+        epochs=exp.epochs,
+        batches_per_epoch=batches,
+        iteration_stages=tuple(iteration_stages),
+        epoch_end_stages=tuple(epoch_end_stages),
+        applicable_bugs=tuple(applicable_bugs),
+        options=options,
+    )

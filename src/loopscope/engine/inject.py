@@ -7,14 +7,15 @@ global random generators.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Sized
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from loopscope.shared.bugs import BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.engine.batches import split_batch
+from loopscope.shared.bugs import BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.shared.errors import UserError
 
 LR_TOO_HIGH, LR_TOO_LOW = 100.0, 1e-3
@@ -64,7 +65,7 @@ class BugInjector:
     def ids(self) -> tuple[str, ...]:
         return self._ids
 
-    def adopt(self, active: set[str]) -> None:
+    def adopt(self, active: Iterable[str]) -> None:
         """These bugs on, without switching them (a copy that already carries their effects)."""
         self.active = set(active)
         self._ids = tuple(sorted(self.active))
@@ -94,7 +95,7 @@ class BugInjector:
     def _switch_lr_too_low(self, on: bool) -> None:
         self._scale_lr("lr_too_low", LR_TOO_LOW, on)
 
-    def _hidden_layers(self) -> list[nn.Module]:
+    def _hidden_layers(self) -> list[nn.Linear | nn.modules.conv._ConvNd]:
         layers = [m for m in self.experiment.model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
         return layers[:-1]  # every layer but the output layer
 
@@ -174,13 +175,16 @@ class BugInjector:
         flat = inputs.detach().reshape(inputs.shape[0], -1).to(torch.float64)
         key = tuple(flat.shape[1:])
         if key not in self._label_weights:
-            self._label_weights[key] = torch.rand(flat.shape[1], generator=torch.Generator().manual_seed(99),
-                                                  dtype=torch.float64)
+            self._label_weights[key] = torch.rand(
+                flat.shape[1], generator=torch.Generator().manual_seed(99), dtype=torch.float64
+            )
         code = torch.frac((flat.cpu() @ self._label_weights[key]).abs() * 997.0)
         classes = self.experiment_classes(targets)
         shift = (code * classes).floor().to(torch.int64).to(targets.device)
         if targets.is_floating_point():
-            return ((targets.round().to(torch.int64) + shift.view(-1, *[1] * (targets.dim() - 1))) % 2).to(targets.dtype)
+            return ((targets.round().to(torch.int64) + shift.view(-1, *[1] * (targets.dim() - 1))) % 2).to(
+                targets.dtype
+            )
         return (targets + shift) % classes
 
     def experiment_classes(self, targets: torch.Tensor) -> int:
@@ -208,9 +212,14 @@ def sorted_loader(loader: Any) -> Any:
         return loader
     dataset = loader.dataset
     labels = []
-    for i in range(len(dataset)):
+    for i in range(len(cast(Sized, dataset))):
         _, target = split_batch(dataset[i])
         labels.append(float(torch.as_tensor(target).reshape(-1)[0]))
     order = sorted(range(len(labels)), key=lambda i: labels[i])
-    return DataLoader(Subset(dataset, order), batch_size=loader.batch_size, shuffle=False,
-                      drop_last=loader.drop_last, collate_fn=loader.collate_fn)
+    return DataLoader(
+        Subset(dataset, order),
+        batch_size=loader.batch_size,
+        shuffle=False,
+        drop_last=loader.drop_last,
+        collate_fn=loader.collate_fn,
+    )

@@ -74,6 +74,7 @@ class PictureMaker:
     def _run(self, model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         prepared, _ = self.prepare_batch(inputs.to(self.device), None)
         return primary_output(call_model(model, prepared)).detach().float().cpu()
+
     @staticmethod
     def _padded(values: tuple[float, ...]) -> tuple[float, float]:
         low, high = min(values), max(values)
@@ -89,7 +90,7 @@ class PictureMaker:
         out = self._run(model, inputs)
         classes = out.argmax(dim=1) if out.dim() == 2 and out.shape[1] > 1 else (out.reshape(-1) > 0).long()
         grid = tuple(tuple(row) for row in classes.reshape(GRID_ROWS, GRID_COLUMNS).tolist())
-        points = tuple((a, b, int(round(c))) for a, b, c in zip(*columns))
+        points = tuple((a, b, round(c)) for a, b, c in zip(*columns))
         return Picture(PictureKind.BOUNDARY, self.iteration(), x_range, y_range, grid=grid, points=points)
 
     def _curve(self, model: torch.nn.Module, columns: list[tuple[float, ...]]) -> Picture:
@@ -98,5 +99,11 @@ class PictureMaker:
         predictions = self._run(model, xs).reshape(-1).tolist()
         y_range = self._padded(tuple(columns[1]) + tuple(predictions))
         curve = tuple(zip(xs.reshape(-1).tolist(), predictions))
-        return Picture(PictureKind.CURVE, self.iteration(), x_range, y_range, curve=curve,
-                       points=tuple(zip(columns[0], columns[1])))
+        return Picture(
+            PictureKind.CURVE,
+            self.iteration(),
+            x_range,
+            y_range,
+            curve=curve,
+            points=tuple(zip(columns[0], columns[1])),
+        )

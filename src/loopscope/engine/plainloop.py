@@ -8,9 +8,11 @@ engine never depends on the command-line tools.
 from __future__ import annotations
 
 import time
+
 import torch
 
 from loopscope.engine.experiment import Experiment
+
 
 class PlainLoop:
     """The loop a user writes by hand, one timed iteration per `step()`, keeping its place in the data."""
@@ -46,5 +48,3 @@ def plain_iterations_for(experiment: Experiment, device: torch.device, seconds: 
         loop.step()
         done += 1
     return done
-
-

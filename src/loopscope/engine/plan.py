@@ -15,8 +15,7 @@ def iteration_stages(experiment: Experiment, bugs: BugInjector) -> list[Stage]:
     if experiment.clip_grad_norm is not None:
         stages.append(Stage.CLIP_GRAD)
     if "step_before_backward" in bugs:
-        stages = [Stage.LOAD_BATCH, Stage.FORWARD, Stage.LOSS, Stage.STEP, Stage.ZERO_GRAD, Stage.BACKWARD,
-                  *stages[5:]]
+        stages = [Stage.LOAD_BATCH, Stage.FORWARD, Stage.LOSS, Stage.STEP, Stage.ZERO_GRAD, Stage.BACKWARD, *stages[5:]]
     else:
         stages.append(Stage.STEP)
     if per_iteration_scheduler:
@@ -39,8 +38,11 @@ def validation_stages(experiment: Experiment) -> list[Stage]:
 def epoch_end_stages(experiment: Experiment, bugs: BugInjector) -> list[Stage]:
     validate_now = experiment.val_loader is not None and experiment.validate_every is None
     stages = [Stage.VALIDATE] if validate_now else []
-    if (experiment.scheduler is not None and experiment.scheduler_interval == "epoch"
-            and "scheduler_before_step" not in bugs):
+    if (
+        experiment.scheduler is not None
+        and experiment.scheduler_interval == "epoch"
+        and "scheduler_before_step" not in bugs
+    ):
         stages.append(Stage.SCHEDULER)
     if validate_now:
         stages.extend(validation_stages(experiment)[1:])
@@ -49,5 +51,8 @@ def epoch_end_stages(experiment: Experiment, bugs: BugInjector) -> list[Stage]:
 
 def epoch_scheduler_first(experiment: Experiment, bugs: BugInjector) -> bool:
     """The `scheduler_before_step` bug with a per-epoch scheduler: it runs at the top of the epoch."""
-    return (experiment.scheduler is not None and experiment.scheduler_interval == "epoch"
-            and "scheduler_before_step" in bugs)
+    return (
+        experiment.scheduler is not None
+        and experiment.scheduler_interval == "epoch"
+        and "scheduler_before_step" in bugs
+    )

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from loopscope.shared.events import LayerStat, TensorStat
+from loopscope.shared.metrics import GradPresence
 
 # Below this size, statistics are computed in float64 from the tensor itself: exact enough even
 # for raw-scale inputs (mean 1e4, std 1) where sum-of-squares in float32 would cancel badly.
@@ -56,7 +57,7 @@ def _quick_stats(tensor: torch.Tensor) -> torch.Tensor:
     counting them (isfinite, isnan and two boolean sums) took over half a probe's time on a CNN.
     """
     flat = _prepared(tensor)
-    return _as_row(_moments(flat) + [flat.numel() - torch.count_nonzero(flat)])
+    return _as_row([*_moments(flat), flat.numel() - torch.count_nonzero(flat)])
 
 
 def _full_stats(tensor: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def _full_stats(tensor: torch.Tensor) -> torch.Tensor:
     flat = _prepared(tensor)
     nan_count = torch.isnan(flat).sum()
     inf_count = flat.numel() - torch.isfinite(flat).sum() - nan_count
-    return _as_row(_moments(flat) + [nan_count, inf_count, flat.numel() - torch.count_nonzero(flat)])
+    return _as_row([*_moments(flat), nan_count, inf_count, flat.numel() - torch.count_nonzero(flat)])
 
 
 def _read(tensors: list[torch.Tensor], stats: Callable[[torch.Tensor], torch.Tensor]) -> list[list[float]]:
@@ -84,7 +85,9 @@ def tensor_stats(named: Sequence[tuple[str, torch.Tensor, str | None]]) -> list[
             pending.setdefault(tensor.device, []).append(index)
     for indices in pending.values():
         rows = {}
-        for index, (total, sum_sq, low, high, zeros) in zip(indices, _read([named[i][1] for i in indices], _quick_stats)):
+        for index, (total, sum_sq, low, high, zeros) in zip(
+            indices, _read([named[i][1] for i in indices], _quick_stats)
+        ):
             if math.isfinite(total) and math.isfinite(sum_sq):
                 rows[index] = [total, sum_sq, low, high, 0.0, 0.0, zeros]
         unsure = [i for i in indices if i not in rows]
@@ -102,11 +105,13 @@ def describe(name: str, tensor: torch.Tensor, module_type: str | None) -> Tensor
 
 
 @functools.lru_cache(maxsize=1024)
-def _described(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
-               module_type: str | None) -> TensorStat:
+def _described(
+    name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device, module_type: str | None
+) -> TensorStat:
     # The same few descriptions repeat every iteration: one immutable copy of each serves them all.
-    return TensorStat(name=name, shape=tuple(shape), dtype=short_dtype(dtype), device=str(device),
-                      module_type=module_type)
+    return TensorStat(
+        name=name, shape=tuple(shape), dtype=short_dtype(dtype), device=str(device), module_type=module_type
+    )
 
 
 def _from_row(name: str, tensor: torch.Tensor, module_type: str | None, row: list[float]) -> TensorStat:
@@ -181,7 +186,9 @@ def global_norm(norms: Iterable[float]) -> float:
 def grad_layers(named_params: Sequence[tuple[str, nn.Parameter]]) -> tuple[list[LayerStat], float | None, int]:
     """Per-parameter gradient norms, the global norm and how many gradients are not finite."""
     with_grad = [(name, p) for name, p in named_params if p.grad is not None]
-    norms = dict(zip((name for name, _ in with_grad), tensor_norms([p.grad for _, p in with_grad])))
+    norms = dict(
+        zip((name for name, _ in with_grad), tensor_norms([p.grad for _, p in with_grad if p.grad is not None]))
+    )
     layers = [
         LayerStat(name=name, shape=tuple(p.shape), trainable=p.requires_grad, grad_norm=norms.get(name))
         for name, p in named_params
@@ -192,7 +199,7 @@ def grad_layers(named_params: Sequence[tuple[str, nn.Parameter]]) -> tuple[list[
     return layers, total, nonfinite
 
 
-def grad_presence(params: Sequence[nn.Parameter]) -> dict[str, Any]:
+def grad_presence(params: Sequence[nn.Parameter]) -> GradPresence:
     """How many gradients are None, all zero, or hold values (stale, if before backward)."""
     grads = [p.grad for p in params if p.grad is not None]
     norms = tensor_norms(grads)
@@ -229,10 +236,12 @@ class UpdateMeter:
     def _fit(self, params: Sequence[torch.Tensor]) -> bool:
         return len(params) == len(self._buffers) and all(
             b.shape == p.shape and b.dtype == p.dtype and b.device == p.device and b.stride() == p.stride()
-            for b, p in zip(self._buffers, params))
+            for b, p in zip(self._buffers, params)
+        )
 
-    def layers(self, named_params: Sequence[tuple[str, nn.Parameter]],
-               grad_norms: dict[str, float | None]) -> list[LayerStat]:
+    def layers(
+        self, named_params: Sequence[tuple[str, nn.Parameter]], grad_norms: dict[str, float | None]
+    ) -> list[LayerStat]:
         """After the step: one LayerStat per parameter, read in one transfer."""
         before = self._buffers
         if not before:
@@ -240,7 +249,7 @@ class UpdateMeter:
         weight_norms = _norm_tensors(before)
         torch._foreach_sub_(before, [p.detach() for _, p in named_params])  # the update, negated
         norms = _read_norms(weight_norms + _norm_tensors(before))
-        weights, updates = norms[: len(before)], norms[len(before):]
+        weights, updates = norms[: len(before)], norms[len(before) :]
         if any(b.is_cuda for b in before):
             # CUDA's caching allocator reuses memory without faults, and a copy of the model kept
             # between probes would show in the screen's "memory allocated" as if the loop used it.
@@ -249,9 +258,17 @@ class UpdateMeter:
         for (name, p), update, weight in zip(named_params, updates, weights):
             # cs231n: the update/weight ratio should be around 1e-3 per parameter tensor.
             ratio = update / weight if weight > 0 else None  # a zero tensor (a fresh bias) has no scale yet
-            layers.append(LayerStat(name=name, shape=tuple(p.shape), trainable=p.requires_grad,
-                                    grad_norm=grad_norms.get(name), weight_norm=weight, update_norm=update,
-                                    update_ratio=ratio))
+            layers.append(
+                LayerStat(
+                    name=name,
+                    shape=tuple(p.shape),
+                    trainable=p.requires_grad,
+                    grad_norm=grad_norms.get(name),
+                    weight_norm=weight,
+                    update_norm=update,
+                    update_ratio=ratio,
+                )
+            )
         return layers
 
 
@@ -269,7 +286,9 @@ class ForwardRecorder:
         for name, module in self._model.named_modules():
             if name and not any(True for _ in module.children()):
                 label = f"{name} ({type(module).__name__})"
-                self._handles.append(module.register_forward_pre_hook(lambda m, a, label=label: self._running.append(label)))
+                self._handles.append(
+                    module.register_forward_pre_hook(lambda m, a, label=label: self._running.append(label))
+                )
                 self._handles.append(module.register_forward_hook(self._hook_for(name)))
         return self
 

@@ -14,12 +14,17 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from loopscope.shared.events import StageEvent
+from loopscope.shared.history import History
+from loopscope.shared.vocab import Stage
 
 
 def capture_rng(device: torch.device) -> tuple[Any, ...]:
@@ -48,9 +53,19 @@ class Rewindable(Protocol):
     @property
     def halted(self) -> object | None: ...
     @property
+    def finished(self) -> bool: ...
+    @property
     def active_bugs(self) -> tuple[str, ...]: ...
+
+    history: History
+    probe: bool
+
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def iteration_stages(self) -> list[Stage]: ...
+    def run_iteration(self) -> list[StageEvent]: ...
+    def switch_bugs(self, bugs: Iterable[str]) -> None: ...
+    def quietly(self) -> AbstractContextManager[None]: ...
 
 
 @dataclass
@@ -81,7 +96,7 @@ class Rewinder:
         self.bug_log: dict[int, frozenset[str]] = {}  # completed iterations -> bugs active then
         self._cost = 0.0  # seconds a snapshot costs, smoothed
         self._unpaid: float | None = None  # the last snapshot's copy time, until its aftermath is known
-        self._training = None  # seconds of training between boundaries, smoothed (none after a snapshot)
+        self._training: float | None = None  # seconds of training between boundaries, smoothed (none after a snapshot)
         self._last_boundary_time: float | None = None
         self.furthest = 0  # the most iterations ever completed: the window is the last `keep` of them
 
@@ -96,8 +111,10 @@ class Rewinder:
         if self.keep <= 0:
             return
         now = self.clock()
-        waited = (self._last_boundary_time is None
-                  or now - self._last_boundary_time > 2 * training_seconds + self.WAIT_SECONDS)
+        waited = (
+            self._last_boundary_time is None
+            or now - self._last_boundary_time > 2 * training_seconds + self.WAIT_SECONDS
+        )
         self._last_boundary_time = now
         if self._unpaid is not None:
             # The iteration after a snapshot runs slower: the copy pushed the model and optimizer
@@ -108,8 +125,9 @@ class Rewinder:
             self._cost = cost if not self._cost else 0.8 * self._cost + 0.2 * cost
             self._unpaid = None
         elif not waited:  # only iterations without a snapshot before them say what one normally takes
-            self._training = (training_seconds if self._training is None
-                              else 0.8 * self._training + 0.2 * training_seconds)
+            self._training = (
+                training_seconds if self._training is None else 0.8 * self._training + 0.2 * training_seconds
+            )
         done = stepper.completed_iterations
         self.furthest = max(self.furthest, done)
         self._log_bugs(done, frozenset(stepper.active_bugs))
@@ -163,24 +181,63 @@ class Rewinder:
             self.snapshots.pop()
         self._last_boundary_time = None
 
-    def bugs_at(self, completed: int) -> frozenset[str] | None:
-        """During a replay: the bugs that were on when this iteration began the first time."""
-        return self.bug_log.get(completed)
+    def step_back(self, driver: Rewindable) -> tuple[StageEvent, ...] | None:
+        """One iteration back: restore the snapshot before it and replay up to it. Returns the
+        training stages of the iteration the loop is back at the end of (None beyond the window):
+        as first recorded when those were probed, else as the replay probed them."""
+        found = self.target(driver)
+        if found is None:
+            return None
+        snapshot, wanted = found
+        stages = set(driver.iteration_stages())
+        recorded = tuple(e for e in driver.history.recent() if e.iteration == wanted and e.stage in stages)
+        self.restore(driver, snapshot)
+        driver.history.truncate(snapshot.completed_iterations)
+        replayed: list[StageEvent] = []
+        if wanted > snapshot.completed_iterations:
+            replayed = [e for e in self._replay(driver, wanted) if e.stage in stages]
+        # Run mode records most iterations without statistics; the replay probes the last one.
+        probed = any(e.layers for e in recorded)
+        return recorded if probed or not replayed else tuple(replayed)
+
+    def _replay(self, driver: Rewindable, completed: int) -> list[StageEvent]:
+        """Run again, quietly, from a snapshot to the boundary wanted: same code, same numbers.
+        Returns the events of the last block run, probed (probes never change the numbers)."""
+        last: list[StageEvent] = []
+        with driver.quietly():
+            while driver.completed_iterations < completed and not driver.finished and driver.halted is None:
+                if driver.at_boundary:
+                    self._switch_bugs_as_at(driver, driver.completed_iterations)
+                driver.probe = driver.completed_iterations == completed - 1
+                last = driver.run_iteration()
+            # The bugs that were on when the next iteration began the first time, as a snapshot
+            # taken at this boundary would have restored them.
+            self._switch_bugs_as_at(driver, driver.completed_iterations)
+        return last
+
+    def _switch_bugs_as_at(self, driver: Rewindable, completed: int) -> None:
+        bugs = self.bug_log.get(completed)
+        if bugs is not None:
+            driver.switch_bugs(bugs)
 
 
 def copy_into(value: Any, old: Any) -> Any:
     """A deep copy of `value` that copies each tensor into the matching tensor of `old` (same place
     in the structure, same shape, dtype and device) instead of allocating it afresh."""
     if isinstance(value, torch.Tensor):
-        if (isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype
-                and old.device == value.device and old.layout == value.layout == torch.strided):
+        if (
+            isinstance(old, torch.Tensor)
+            and old.shape == value.shape
+            and old.dtype == value.dtype
+            and old.device == value.device
+            and old.layout == value.layout == torch.strided
+        ):
             return old.copy_(value.detach())
         return value.detach().clone()
     if isinstance(value, dict):  # a state_dict's OrderedDict too: load_state_dict takes a plain dict
-        olds = old if isinstance(old, dict) else {}
-        return {key: copy_into(item, olds.get(key)) for key, item in value.items()}
+        old_items = old if isinstance(old, dict) else {}
+        return {key: copy_into(item, old_items.get(key)) for key, item in value.items()}
     if type(value) in (list, tuple):
-        olds = old if type(old) is type(value) and len(old) == len(value) else [None] * len(value)
-        return type(value)(copy_into(item, previous) for item, previous in zip(value, olds))
+        old_values = old if type(old) is type(value) and len(old) == len(value) else [None] * len(value)
+        return type(value)(copy_into(item, previous) for item, previous in zip(value, old_values))
     return copy.deepcopy(value)
-

@@ -14,12 +14,29 @@ from loopscope.engine.driver import Driver
 from loopscope.engine.pictures import PictureMaker
 from loopscope.engine.probe_schedule import ProbeSchedule
 from loopscope.shared.errors import UserError
-from loopscope.shared.vocab import Stage, StepKind
 from loopscope.shared.protocol import (
-    FRAME_SECONDS, Checks, EngineState, Failed, Ready, RunChecks, RunIterations, SessionInfo, SessionSpec, SetBug,
-    PlainLoopTimed, Rewind, Rewound, SetPicture, SetRunning, SetSpeed, SetTwin, Shutdown, Step, TimePlainLoop,
+    FRAME_SECONDS,
+    Checks,
+    EngineState,
+    Failed,
+    PlainLoopTimed,
+    Ready,
+    Rewind,
+    Rewound,
+    RunChecks,
+    RunIterations,
+    SessionSpec,
+    SetBug,
+    SetPicture,
+    SetRunning,
+    SetSpeed,
+    SetTwin,
+    Shutdown,
+    Step,
+    TimePlainLoop,
     Update,
 )
+from loopscope.shared.vocab import Stage, StepKind
 
 PICTURE_SECONDS = 0.5  # a picture costs a forward pass over a grid: at most two a second
 
@@ -46,13 +63,19 @@ class EngineServer:
     def start(self) -> bool:
         try:
             from loopscope.engine.devices import resolve_device
-            from loopscope.engine.stepper import Stepper
             from loopscope.engine.experiment import load_experiment
+            from loopscope.engine.stepper import Stepper
 
             device = resolve_device(self.spec.device)
             experiment = load_experiment(self.spec.target, self.spec.seed)
-            self.stepper = Stepper(experiment, device, bugs=self.spec.bugs, twin=self.spec.twin,
-                                   on_event=self._collect, keep_snapshots=self.spec.history)
+            self.stepper = Stepper(
+                experiment,
+                device,
+                bugs=self.spec.bugs,
+                twin=self.spec.twin,
+                on_event=self._collect,
+                keep_snapshots=self.spec.history,
+            )
         except UserError as exc:
             self.conn.send(Failed(str(exc)))
             return False
@@ -65,10 +88,18 @@ class EngineServer:
     def _state(self) -> EngineState:
         s = self.stepper
         return EngineState(
-            iteration=s.iteration, epoch=s.epoch, completed_iterations=s.completed_iterations,
-            next_stage=s.next_stage(), running=self.running, finished=s.finished, stop_reason=s.stop_reason,
-            halted=s.halted, active_bugs=s.active_bugs, twin=s.twin_enabled,
-            iteration_stages=tuple(s.iteration_stages()), speed=self.speed,
+            iteration=s.iteration,
+            epoch=s.epoch,
+            completed_iterations=s.completed_iterations,
+            next_stage=s.next_stage(),
+            running=self.running,
+            finished=s.finished,
+            stop_reason=s.stop_reason,
+            halted=s.halted,
+            active_bugs=s.active_bugs,
+            twin=s.twin_enabled,
+            iteration_stages=tuple(s.iteration_stages()),
+            speed=self.speed,
             iterations_per_second=self._rate(),
         )
 
@@ -159,15 +190,22 @@ class EngineServer:
                 case SetPicture(on=on):
                     self.pictures = s.picture_maker() if on else None
                 case RunChecks():
-                    from loopscope.engine.checks import run_checks
-
-                    self.conn.send(Checks(tuple(run_checks(s))))
+                    self._run_checks()
                 case TimePlainLoop(seconds=seconds):
                     self.running, self.run_until = False, None
                     self.conn.send(self._time_plain_loop(seconds))
         except UserError as exc:
             self.conn.send(Failed(str(exc), fatal=False))
         self._flush()
+
+    def _run_checks(self) -> None:
+        from loopscope.engine.checks import run_checks
+        from loopscope.engine.stepper import Stepper
+
+        if not isinstance(self.stepper, Stepper):
+            self.conn.send(Failed("the sanity checks need an experiment() factory", fatal=False))
+            return
+        self.conn.send(Checks(tuple(run_checks(self.stepper))))
 
     def _rewind(self) -> None:
         s = self.stepper
@@ -176,8 +214,13 @@ class EngineServer:
             self._events, self._losses = [], []
             self.conn.send(Rewound(s.completed_iterations, s.epoch, s.rewound_events))
         else:
-            self.conn.send(Failed(f"cannot step back further: only the last {s.rewind_window} iterations are kept "
-                                  "(loopscope run --history N keeps more)", fatal=False))
+            self.conn.send(
+                Failed(
+                    f"cannot step back further: only the last {s.rewind_window} iterations are kept "
+                    "(loopscope run --history N keeps more)",
+                    fatal=False,
+                )
+            )
 
     def _set_running(self, on: bool, until: int | None = None) -> None:
         """Run (until that many completed iterations, or on) or pause; running on after an error
@@ -203,8 +246,7 @@ class EngineServer:
             started = time.monotonic()
             probed = False
             if s.at_boundary:
-                probed = s.probe = (self.speed is not None or self._last_of_run()
-                                    or self.schedule.should_probe(started))
+                probed = s.probe = self.speed is not None or self._last_of_run() or self.schedule.should_probe(started)
             s.run_iteration()
             elapsed = time.monotonic() - started
             if self.speed is None:
@@ -223,8 +265,13 @@ class EngineServer:
                 break
             if time.monotonic() >= frame_due or self.conn.poll():
                 break
-        if (time.monotonic() >= frame_due or self.speed is not None or s.finished or s.halted is not None
-                or not self.running):
+        if (
+            time.monotonic() >= frame_due
+            or self.speed is not None
+            or s.finished
+            or s.halted is not None
+            or not self.running
+        ):
             self._flush()
 
 

@@ -46,8 +46,9 @@ class IterationValues:
 class LoopBody(EpochEndStages):
     """Runs the code of one stage on the experiment's objects."""
 
-    def __init__(self, experiment: Experiment, device: torch.device, task: Task | None, injector: BugInjector,
-                 state: LoopState) -> None:
+    def __init__(
+        self, experiment: Experiment, device: torch.device, task: Task | None, injector: BugInjector, state: LoopState
+    ) -> None:
         self.experiment = experiment
         self.device = device
         self.task = task
@@ -210,11 +211,14 @@ class LoopBody(EpochEndStages):
         max_norm = self.experiment.clip_grad_norm
         assert max_norm is not None
         if "clip_loss_not_grad" in self.injector:
-            record.metrics.update(skipped=True, max_norm=max_norm)
+            record.metrics["skipped"] = True
+            record.metrics["max_norm"] = max_norm
             return
         total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         norm_before = float(total)
-        record.metrics.update(max_norm=max_norm, norm_before=norm_before, clipped=norm_before > max_norm)
+        record.metrics["max_norm"] = max_norm
+        record.metrics["norm_before"] = norm_before
+        record.metrics["clipped"] = norm_before > max_norm
         if self.probe:
             layers, after, _ = probes.grad_layers(self.named_params)
             record.layers = layers

@@ -62,7 +62,8 @@ class LoopState:
         state = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("live")}
         state["queue"] = list(self.queue)
         # Under `loss_accumulates_graph` it is a tensor holding a graph: its value is what counts.
-        state["running_loss"] = float(self.running_loss)
+        running = self.running_loss
+        state["running_loss"] = float(running.detach()) if hasattr(running, "detach") else float(running)
         if not self.loader_open:  # between epochs: the next epoch makes a fresh iterator
             state["batches_this_epoch"], state["epoch_rng"] = 0, None
         return state

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,9 +21,10 @@ from loopscope.engine import plan
 from loopscope.engine.checks import batch_mixing_rows
 from loopscope.engine.copies import copy_optimizer
 from loopscope.engine.diagnostics import DiagnosticContext, Diagnostics
+from loopscope.engine.driver import DriverBase
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.explain import LoopError, explain
-from loopscope.engine.features import experiment_features
+from loopscope.engine.features import experiment_features, experiment_info, infer_task
 from loopscope.engine.inject import BugInjector
 from loopscope.engine.pictures import PictureMaker
 from loopscope.engine.recorder import EventRecorder, StageRecord
@@ -33,34 +33,20 @@ from loopscope.engine.stages import LoopBody
 from loopscope.engine.state import LoopState
 from loopscope.engine.twin import CleanTwin
 from loopscope.shared.bugs import applicable
-from loopscope.shared.events import StageError, StageEvent
+from loopscope.shared.events import StageEvent
 from loopscope.shared.history import History
 from loopscope.shared.protocol import SessionInfo
-from loopscope.shared.vocab import Stage, Task
+from loopscope.shared.vocab import Stage
 
 
 class LoopHalted(RuntimeError):
     """A stage raised; call `resume()` to abandon that iteration and start the next one."""
 
 
-def infer_task(experiment: Experiment) -> Task | None:
-    """The task implied by the loss function when the experiment does not say."""
-    if experiment.task:
-        return Task(experiment.task)
-    loss = experiment.loss_fn
-    if isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss)):
-        return Task.CLASSIFICATION
-    if isinstance(loss, (nn.BCEWithLogitsLoss, nn.BCELoss)):
-        return Task.BINARY
-    if isinstance(loss, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)):
-        return Task.REGRESSION
-    return None
-
-
 _END = object()
 
 
-class Stepper:
+class Stepper(DriverBase):
     """Runs an Experiment stage by stage and reports each stage as a StageEvent (a `Driver`)."""
 
     def __init__(
@@ -93,26 +79,30 @@ class Stepper:
         self.twin_enabled = twin
         for bug_id in bugs:
             self.set_bug(bug_id, True)
-        self.recorder = EventRecorder(self.device, self.history, self._diagnostics() if diagnose else None,
-                                      on_event, sync_cuda)
+        self.recorder = EventRecorder(
+            self.device, self.history, self._diagnostics() if diagnose else None, on_event, sync_cuda
+        )
         self.rewound_events: tuple[StageEvent, ...] = ()  # see rewind()
+        self._caught = None
         self._block_seconds = 0.0  # training time since the last iteration boundary
-        self._caught: list[warnings.WarningMessage] | None = None  # see _warnings_recorded
 
     def _diagnostics(self) -> Diagnostics:
         linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         exp = self.experiment
-        return Diagnostics(DiagnosticContext(
-            loss_name=type(exp.loss_fn).__name__,
-            features=self.features,
-            scheduler_interval=exp.scheduler_interval,
-            classes=linears[-1].out_features if linears else None,
-            has_trainable_params=lambda: any(p.requires_grad for _, p in self.body.named_params),
-            batch_mixing=lambda: batch_mixing_rows(self.model, *self.current_batch, self.injector.prepare_batch,
-                                                   self.device),
-        ))
+        return Diagnostics(
+            DiagnosticContext(
+                loss_name=type(exp.loss_fn).__name__,
+                features=self.features,
+                scheduler_interval=exp.scheduler_interval,
+                classes=linears[-1].out_features if linears else None,
+                has_trainable_params=lambda: any(p.requires_grad for _, p in self.body.named_params),
+                batch_mixing=lambda: batch_mixing_rows(
+                    self.model, *self.current_batch, self.injector.prepare_batch, self.device
+                ),
+            )
+        )
 
-    # ----- the driver's settings, kept where they act -----------------------------------------
+    # ----- the driver's settings, kept where they act ------------------------------------------
     @property
     def probe(self) -> bool:
         return self.body.probe
@@ -120,56 +110,6 @@ class Stepper:
     @probe.setter
     def probe(self, on: bool) -> None:
         self.body.probe = on
-
-    @property
-    def sync_cuda(self) -> bool:
-        return self.recorder.sync_cuda
-
-    @sync_cuda.setter
-    def sync_cuda(self, on: bool) -> None:
-        self.recorder.sync_cuda = on and self.device.type == "cuda"
-
-    @property
-    def on_event(self) -> Callable[[StageEvent], None] | None:
-        return self.recorder.on_event
-
-    @on_event.setter
-    def on_event(self, callback: Callable[[StageEvent], None] | None) -> None:
-        self.recorder.on_event = callback
-
-    @property
-    def diagnostics(self) -> Diagnostics | None:
-        return self.recorder.diagnostics
-
-    # ----- where the loop is (read-only: the state changes only by running) -----------------------
-    @property
-    def iteration(self) -> int:
-        return self.state.iteration
-
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
-
-    @property
-    def completed_iterations(self) -> int:
-        return self.state.completed_iterations
-
-    @property
-    def finished(self) -> bool:
-        return self.state.finished
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self.state.stop_reason
-
-    @property
-    def halted(self) -> StageError | None:
-        return self.state.halted
-
-    @property
-    def at_boundary(self) -> bool:
-        """True between blocks: the next stage starts an iteration (or ends the epoch)."""
-        return self.state.at_boundary
 
     @property
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -212,30 +152,6 @@ class Stepper:
         except TypeError:
             return False
         return self.state.batches_this_epoch + 1 >= batches
-
-    def info(self) -> SessionInfo:
-        """Facts about the run that do not change while it runs."""
-        exp = self.experiment
-        try:
-            batches: int | None = len(exp.train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            batches = None
-        options = {
-            "clip_grad_norm": exp.clip_grad_norm,
-            "scheduler": type(exp.scheduler).__name__ if exp.scheduler is not None else None,
-            "scheduler_interval": exp.scheduler_interval,
-            "validation": exp.val_loader is not None,
-            "checkpoint": bool(exp.checkpoint),
-            "early_stopping_patience": exp.early_stopping_patience,
-            "optimizer": type(exp.optimizer).__name__,
-            "loss_fn": type(exp.loss_fn).__name__,
-            "lr": exp.optimizer.param_groups[0].get("lr"),
-        }
-        return SessionInfo(
-            name=exp.name, device=str(self.device), task=self.task, epochs=exp.epochs, batches_per_epoch=batches,
-            iteration_stages=tuple(self.iteration_stages()), epoch_end_stages=tuple(self.epoch_end_stages()),
-            applicable_bugs=tuple(self.injector.applicable), options=options,
-        )
 
     # ----- bugs and the twin ---------------------------------------------------------------------
     @property
@@ -282,8 +198,15 @@ class Stepper:
         model = copy.deepcopy(self.model)
         optimizer = copy_optimizer(exp.optimizer, model)
         loader = [batches[i % len(batches)] for i in range(steps)]
-        trial = Experiment(model=model, loss_fn=exp.loss_fn, optimizer=optimizer, train_loader=loader,
-                           epochs=1, task=self.task, clip_grad_norm=exp.clip_grad_norm)
+        trial = Experiment(
+            model=model,
+            loss_fn=exp.loss_fn,
+            optimizer=optimizer,
+            train_loader=loader,
+            epochs=1,
+            task=self.task,
+            clip_grad_norm=exp.clip_grad_norm,
+        )
         copied = Stepper(trial, self.device, probe=False, diagnose=False)
         # The copies already carry the bugs' switch effects (scaled lr, swapped modules): only the
         # in-loop effects need turning on, without switching again.
@@ -291,30 +214,16 @@ class Stepper:
         return copied
 
     def picture_maker(self) -> PictureMaker | None:
-        return PictureMaker(self.model, self.device, self.task, self.injector.prepare_batch,
-                            current_batch=lambda: self.current_batch, iteration=lambda: self.state.iteration)
+        return PictureMaker(
+            self.model,
+            self.device,
+            self.task,
+            self.injector.prepare_batch,
+            current_batch=lambda: self.current_batch,
+            iteration=lambda: self.state.iteration,
+        )
 
     # ----- running --------------------------------------------------------------------------
-    @contextmanager
-    def _warnings_recorded(self) -> Iterator[None]:
-        """Record the warnings user code raises, for `_run` to show at the stage that raised them.
-        One recorder serves every stage of a call: entering one per stage cost ~40 us an iteration."""
-        if self._caught is not None:
-            yield
-            return
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # a warning repeated every iteration shows every time
-            self._caught = caught
-            try:
-                yield
-            finally:
-                self._caught = None
-
-    def step_stage(self) -> StageEvent | None:
-        """Run one stage; None once training is over."""
-        with self._warnings_recorded():
-            return self._step_stage()
-
     def _step_stage(self) -> StageEvent | None:
         if self.state.halted is not None:
             raise LoopHalted(f"the loop stopped at an error ({self.state.halted.type}); call resume()")
@@ -323,19 +232,6 @@ class Stepper:
         if not self.state.queue:
             return self._start_block()
         return self._run(self.state.queue.popleft())
-
-    def run_iteration(self) -> list[StageEvent]:
-        """Run to the end of the current block: the rest of this iteration, or the epoch's end."""
-        events = []
-        with self._warnings_recorded():
-            while True:
-                event = self._step_stage()
-                if event is None:
-                    break
-                events.append(event)
-                if event.error is not None or self.at_boundary:
-                    break
-        return events
 
     def run_epoch(self) -> list[StageEvent]:
         """Run to the end of the current epoch, its validation and bookkeeping stages included."""
@@ -355,23 +251,6 @@ class Stepper:
                 break
             events.append(event)
         return events
-
-    def run(self, iterations: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
-        """Run `iterations` more training iterations (None: to the end); returns events produced.
-
-        Events go to `on_event` and the history; `should_stop` is checked between stages.
-        """
-        target = None if iterations is None else self.state.completed_iterations + iterations
-        produced = 0
-        while not self.state.finished and self.state.halted is None:
-            if target is not None and self.state.completed_iterations >= target and self.at_boundary:
-                break
-            if should_stop is not None and should_stop():
-                break
-            if self.step_stage() is None:
-                break
-            produced += 1
-        return produced
 
     def resume(self) -> None:
         """After an error: drop the broken iteration; the next stage starts a fresh one."""
@@ -417,47 +296,22 @@ class Stepper:
 
         Afterwards `rewound_events` are the training stages of the iteration the loop is back at
         the end of, with full statistics where they can be had, for the panels to show."""
-        found = self.rewinder.target(self)
-        if found is None:
+        events = self.rewinder.step_back(self)
+        if events is None:
             return False
-        snapshot, wanted = found
-        stages = set(self.iteration_stages())
-        recorded = tuple(e for e in self.history.recent() if e.iteration == wanted and e.stage in stages)
-        self.rewinder.restore(self, snapshot)
-        self.history.truncate(snapshot.completed_iterations)
-        replayed: list[StageEvent] = []
-        if wanted > snapshot.completed_iterations:
-            replayed = [e for e in self._replay_to(wanted) if e.stage in stages]
-        # Run mode records most iterations without statistics; the replay probes the last one.
-        probed = any(e.layers for e in recorded)
-        self.rewound_events = recorded if probed or not replayed else tuple(replayed)
+        self.rewound_events = events
         return True
 
-    def _replay_to(self, completed: int) -> list[StageEvent]:
-        """Run again, quietly, from a snapshot to the boundary wanted: same code, same numbers.
-        Returns the events of the last block run, probed (probes never change the numbers)."""
+    @contextmanager
+    def quietly(self) -> Iterator[None]:
+        """Stages run without telling anyone (no events out, no diagnostics): a replay."""
         recorder = self.recorder
         saved = recorder.on_event, recorder.diagnostics, self.probe
-        recorder.on_event, recorder.diagnostics, self.probe = None, None, False
-        last: list[StageEvent] = []
+        recorder.on_event, recorder.diagnostics = None, None
         try:
-            while (self.state.completed_iterations < completed and not self.state.finished
-                   and self.state.halted is None):
-                if self.at_boundary:
-                    self._switch_bugs_as_at(self.state.completed_iterations)
-                self.probe = self.state.completed_iterations == completed - 1
-                last = self.run_iteration()
-            # The bugs that were on when the next iteration began the first time, as a snapshot
-            # taken at this boundary would have restored them.
-            self._switch_bugs_as_at(self.state.completed_iterations)
+            yield
         finally:
             recorder.on_event, recorder.diagnostics, self.probe = saved
-        return last
-
-    def _switch_bugs_as_at(self, completed: int) -> None:
-        bugs = self.rewinder.bugs_at(completed)
-        if bugs is not None:
-            self.switch_bugs(bugs)
 
     # ----- blocks ---------------------------------------------------------------------------
     def _start_block(self) -> StageEvent | None:
@@ -548,6 +402,16 @@ class Stepper:
         self.state.epoch += 1
         return True
 
+    def info(self) -> SessionInfo:
+        return experiment_info(
+            self.experiment,
+            self.device,
+            self.task,
+            self.iteration_stages(),
+            self.epoch_end_stages(),
+            self.injector.applicable,
+        )
+
     def _run(self, stage: Stage, batch: Any = None, start: float | None = None) -> StageEvent | None:
         start = start or time.perf_counter()
         state = self.state
@@ -577,8 +441,14 @@ class Stepper:
         if every and self.experiment.val_loader is not None and self.state.completed_iterations % every == 0:
             self.state.queue.extend(plan.validation_stages(self.experiment))
 
-    def _finish(self, stage: Stage, record: StageRecord, start: float, exc: BaseException | None,
-                bugs: tuple[str, ...] | None = None) -> StageEvent:
+    def _finish(
+        self,
+        stage: Stage,
+        record: StageRecord,
+        start: float,
+        exc: BaseException | None,
+        bugs: tuple[str, ...] | None = None,
+    ) -> StageEvent:
         duration_ms = self.recorder.elapsed_ms(start)
         self._block_seconds += duration_ms / 1000.0
         error = None
@@ -586,6 +456,12 @@ class Stepper:
             error = explain(exc, module=self.body.failing_module, stage=stage)
             self.body.failing_module = None
             self.state.halt(error)
-        return self.recorder.emit(stage, record, iteration=self.state.iteration, epoch=self.state.epoch,
-                                  bugs=self.active_bugs if bugs is None else bugs, duration_ms=duration_ms,
-                                  error=error)
+        return self.recorder.emit(
+            stage,
+            record,
+            iteration=self.state.iteration,
+            epoch=self.state.epoch,
+            bugs=self.active_bugs if bugs is None else bugs,
+            duration_ms=duration_ms,
+            error=error,
+        )

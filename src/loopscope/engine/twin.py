@@ -24,8 +24,14 @@ def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
 class CleanTwin:
     """A correct loop running beside the buggy one."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any,
-                 clip_grad_norm: float | None, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Any,
+        clip_grad_norm: float | None,
+        device: torch.device,
+    ) -> None:
         self.model = copy.deepcopy(model)
         self.optimizer = copy_optimizer(optimizer, self.model)
         self.loss_fn = loss_fn

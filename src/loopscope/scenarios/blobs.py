@@ -26,8 +26,10 @@ def experiment() -> Experiment:
     x_train, y_train, x_val, y_val = make_data()
     train_loader, val_loader = loaders(x_train, y_train, x_val, y_val, batch_size=BATCH)
     model = nn.Sequential(
-        nn.Linear(FEATURES, 16), nn.ReLU(),
-        nn.Linear(16, 8), nn.ReLU(),
+        nn.Linear(FEATURES, 16),
+        nn.ReLU(),
+        nn.Linear(16, 8),
+        nn.ReLU(),
         nn.Linear(8, 1),
     )
     return Experiment(

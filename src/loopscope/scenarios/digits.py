@@ -39,7 +39,7 @@ def make_data():
     ink = 0.6 + 0.4 * torch.rand(IMAGES, generator=gen)
     for i in range(IMAGES):
         y0, x0 = int(dy[i]), int(dx[i])
-        images[i, 0, y0:y0 + 7, x0:x0 + 5] = font[labels[i]] * ink[i]
+        images[i, 0, y0 : y0 + 7, x0 : x0 + 5] = font[labels[i]] * ink[i]
     images += torch.randn(images.shape, generator=gen) * NOISE
     images = (images - 0.3) / 0.5  # roughly mean 0, std 1
     return split(images, labels, 2000, gen)
@@ -49,9 +49,16 @@ def experiment() -> Experiment:
     x_train, y_train, x_val, y_val = make_data()
     train_loader, val_loader = loaders(x_train, y_train, x_val, y_val, batch_size=BATCH)
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 2 * 2, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 2 * 2, 10),
     )
     return Experiment(
         name="digits",

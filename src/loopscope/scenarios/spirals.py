@@ -31,8 +31,12 @@ def experiment() -> Experiment:
     x_train, y_train, x_val, y_val = make_data()
     train_loader, val_loader = loaders(x_train, y_train, x_val, y_val, batch_size=BATCH)
     model = nn.Sequential(
-        nn.Linear(2, 64), nn.ReLU(), nn.Dropout(0.1),
-        nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.1),
+        nn.Linear(2, 64),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Dropout(0.1),
         nn.Linear(64, CLASSES),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from loopscope.shared.vocab import Stage
+
 
 @dataclass(frozen=True)
 class Bug:
@@ -17,7 +19,7 @@ class Bug:
 
     id: str
     title: str
-    stage: str
+    stage: Stage
     correct: str  # the line(s) a careful loop has
     buggy: str  # what the mistake puts there ("" when the line is simply missing)
     symptom: str
@@ -33,41 +35,53 @@ class Bug:
 
 BUGS: tuple[Bug, ...] = (
     Bug(
-        "skip_zero_grad", "zero_grad() is never called", "zero_grad",
-        "optimizer.zero_grad()", "",
+        "skip_zero_grad",
+        "zero_grad() is never called",
+        Stage.ZERO_GRAD,
+        "optimizer.zero_grad()",
+        "",
         "The gradient norm climbs step after step; the loss oscillates or diverges.",
         "PyTorch adds new gradients to the ones already stored in .grad. Without zero_grad() each "
         "step uses the sum of every gradient so far, so the steps keep getting bigger.",
         "Call optimizer.zero_grad() once per iteration, before loss.backward().",
     ),
     Bug(
-        "zero_grad_after_backward", "zero_grad() between backward() and step()", "step",
-        "optimizer.step()", "optimizer.zero_grad()\noptimizer.step()",
+        "zero_grad_after_backward",
+        "zero_grad() between backward() and step()",
+        Stage.STEP,
+        "optimizer.step()",
+        "optimizer.zero_grad()\noptimizer.step()",
         "The gradients are gone when step() runs; the parameters never move and the loss stays flat.",
-        "zero_grad() throws away the gradients backward() just computed, so step() has nothing to "
-        "follow.",
-        "Clear gradients at the start of the iteration (or after step()), never between backward() "
-        "and step().",
+        "zero_grad() throws away the gradients backward() just computed, so step() has nothing to follow.",
+        "Clear gradients at the start of the iteration (or after step()), never between backward() and step().",
     ),
     Bug(
-        "missing_backward", "loss.backward() is missing", "backward",
-        "loss.backward()", "",
+        "missing_backward",
+        "loss.backward() is missing",
+        Stage.BACKWARD,
+        "loss.backward()",
+        "",
         "Every gradient is None; the parameters never move and the loss stays flat.",
         "Gradients are only computed by backward(). Without it the optimizer has no gradient to use "
         "and skips every parameter.",
         "Call loss.backward() after computing the loss and before optimizer.step().",
     ),
     Bug(
-        "missing_step", "optimizer.step() is missing", "step",
-        "optimizer.step()", "",
+        "missing_step",
+        "optimizer.step() is missing",
+        Stage.STEP,
+        "optimizer.step()",
+        "",
         "Gradients are computed every iteration but the parameters never change; the loss stays flat.",
-        "backward() only computes gradients. The parameters change only when the optimizer's step() "
-        "applies them.",
+        "backward() only computes gradients. The parameters change only when the optimizer's step() applies them.",
         "Call optimizer.step() after loss.backward().",
     ),
     Bug(
-        "step_before_backward", "step() runs before backward()", "step",
-        "loss.backward()\noptimizer.step()", "optimizer.step()\noptimizer.zero_grad()\nloss.backward()",
+        "step_before_backward",
+        "step() runs before backward()",
+        Stage.STEP,
+        "loss.backward()\noptimizer.step()",
+        "optimizer.step()\noptimizer.zero_grad()\nloss.backward()",
         "The first step uses no gradient; from the second iteration on, backward() raises: a weight "
         "it needs was changed in place.",
         "The forward pass saved the weights it used for backward(). step() changes those weights in "
@@ -75,8 +89,11 @@ BUGS: tuple[Bug, ...] = (
         "Order the calls: zero_grad(), forward, loss, backward(), step().",
     ),
     Bug(
-        "double_softmax", "softmax before CrossEntropyLoss", "forward",
-        "out = model(x)", "out = model(x).softmax(dim=1)",
+        "double_softmax",
+        "softmax before CrossEntropyLoss",
+        Stage.FORWARD,
+        "out = model(x)",
+        "out = model(x).softmax(dim=1)",
         "The loss input's rows sum to 1; gradients are tiny, learning is slow, and the loss cannot "
         "go below ln(1 + (C-1)/e) (1.46 for 10 classes).",
         "CrossEntropyLoss applies log-softmax itself and expects raw scores (logits). A softmax "
@@ -85,8 +102,11 @@ BUGS: tuple[Bug, ...] = (
         requires=("classification",),
     ),
     Bug(
-        "sigmoid_before_bce_with_logits", "sigmoid before BCEWithLogitsLoss", "forward",
-        "out = model(x)", "out = torch.sigmoid(model(x))",
+        "sigmoid_before_bce_with_logits",
+        "sigmoid before BCEWithLogitsLoss",
+        Stage.FORWARD,
+        "out = model(x)",
+        "out = torch.sigmoid(model(x))",
         "The loss input stays inside [0, 1]; gradients are squashed and the loss stays high.",
         "BCEWithLogitsLoss applies the sigmoid itself. A second sigmoid means the model can never "
         "output a confident score: its largest 'logit' is 1.",
@@ -94,24 +114,32 @@ BUGS: tuple[Bug, ...] = (
         requires=("binary_logits",),
     ),
     Bug(
-        "lr_too_high", "learning rate 100x too high", "step",
-        "optimizer = SGD(model.parameters(), lr=lr)", "optimizer = SGD(model.parameters(), lr=lr * 100)",
+        "lr_too_high",
+        "learning rate 100x too high",
+        Stage.STEP,
+        "optimizer = SGD(model.parameters(), lr=lr)",
+        "optimizer = SGD(model.parameters(), lr=lr * 100)",
         "The update/weight ratio is far above 1e-3; the loss jumps around, explodes or becomes NaN.",
-        "Each step moves the weights by a big fraction of their size, overshooting the minimum "
-        "every time.",
+        "Each step moves the weights by a big fraction of their size, overshooting the minimum every time.",
         "Lower the learning rate until updates are about 1e-3 of the weights.",
     ),
     Bug(
-        "lr_too_low", "learning rate 1000x too low", "step",
-        "optimizer = SGD(model.parameters(), lr=lr)", "optimizer = SGD(model.parameters(), lr=lr / 1000)",
+        "lr_too_low",
+        "learning rate 1000x too low",
+        Stage.STEP,
+        "optimizer = SGD(model.parameters(), lr=lr)",
+        "optimizer = SGD(model.parameters(), lr=lr / 1000)",
         "The update/weight ratio is far below 1e-3; the loss barely moves.",
         "Each step moves the weights by a tiny fraction of their size, so training needs thousands "
         "of times more steps.",
         "Raise the learning rate until updates are about 1e-3 of the weights.",
     ),
     Bug(
-        "validate_in_train_mode", "model.eval() forgotten before validation", "validate",
-        "model.eval()", "",
+        "validate_in_train_mode",
+        "model.eval() forgotten before validation",
+        Stage.VALIDATE,
+        "model.eval()",
+        "",
         "Dropout stays on (and batch norm uses batch statistics) during validation: val loss is "
         "noisier and worse than it should be.",
         "model.eval() switches dropout and batch norm to their inference behaviour. Without it, "
@@ -120,27 +148,33 @@ BUGS: tuple[Bug, ...] = (
         requires=("validation", "train_eval_differs"),
     ),
     Bug(
-        "train_in_eval_mode", "model.train() forgotten after validation", "validate",
-        "model.train()", "",
-        "After the first validation, dropout is off and batch norm statistics are frozen during "
-        "training.",
-        "model.eval() stays in force until model.train() is called, so training continues in "
-        "inference mode.",
+        "train_in_eval_mode",
+        "model.train() forgotten after validation",
+        Stage.VALIDATE,
+        "model.train()",
+        "",
+        "After the first validation, dropout is off and batch norm statistics are frozen during training.",
+        "model.eval() stays in force until model.train() is called, so training continues in inference mode.",
         "Call model.train() after validating (or at the start of every epoch).",
         requires=("validation", "train_eval_differs"),
     ),
     Bug(
-        "validate_with_grad", "validation without torch.no_grad()", "validate",
-        "with torch.no_grad():", "",
+        "validate_with_grad",
+        "validation without torch.no_grad()",
+        Stage.VALIDATE,
+        "with torch.no_grad():",
+        "",
         "Validation builds an autograd graph for nothing: it uses more memory and time.",
-        "Outside torch.no_grad(), every operation records how to compute gradients, even when no "
-        "backward() follows.",
+        "Outside torch.no_grad(), every operation records how to compute gradients, even when no backward() follows.",
         "Wrap validation in `with torch.no_grad():` (or torch.inference_mode()).",
         requires=("validation",),
     ),
     Bug(
-        "shuffled_labels", "labels do not match their inputs", "load_batch",
-        "train_set = TensorDataset(inputs, labels)", "train_set = TensorDataset(inputs, scrambled(labels))",
+        "shuffled_labels",
+        "labels do not match their inputs",
+        Stage.LOAD_BATCH,
+        "train_set = TensorDataset(inputs, labels)",
+        "train_set = TensorDataset(inputs, scrambled(labels))",
         "Train loss creeps down slowly (the model memorises), while val accuracy stays at chance.",
         "If labels are not those of their inputs there is nothing to learn that generalises; the "
         "model can only memorise the training pairs.",
@@ -148,8 +182,11 @@ BUGS: tuple[Bug, ...] = (
         requires=("labels", "validation"),
     ),
     Bug(
-        "unnormalized_inputs", "inputs left in raw scale", "load_batch",
-        "x = (x_raw - mean) / std", "x = x_raw  # about 100x larger, offset by 50",
+        "unnormalized_inputs",
+        "inputs left in raw scale",
+        Stage.LOAD_BATCH,
+        "x = (x_raw - mean) / std",
+        "x = x_raw  # about 100x larger, offset by 50",
         "Huge activations and gradients: training is unstable or very slow.",
         "Weights are initialised for inputs around mean 0, std 1. Inputs 100x larger make every "
         "layer's output 100x larger too.",
@@ -157,8 +194,11 @@ BUGS: tuple[Bug, ...] = (
         requires=("float_inputs",),
     ),
     Bug(
-        "target_shape_broadcast", "MSE between [N, 1] outputs and [N] targets", "loss",
-        "loss = loss_fn(out, y)  # y: [N, 1]", "loss = loss_fn(out, y.squeeze(1))  # y: [N]",
+        "target_shape_broadcast",
+        "MSE between [N, 1] outputs and [N] targets",
+        Stage.LOSS,
+        "loss = loss_fn(out, y)  # y: [N, 1]",
+        "loss = loss_fn(out, y.squeeze(1))  # y: [N]",
         "The loss broadcasts to an [N, N] matrix; the model learns the mean of the targets only.",
         "Subtracting an [N] tensor from an [N, 1] one broadcasts to [N, N]: every output is "
         "compared with every target. PyTorch only warns.",
@@ -166,43 +206,54 @@ BUGS: tuple[Bug, ...] = (
         requires=("regression_column",),
     ),
     Bug(
-        "loss_accumulates_graph", "running_loss += loss (no .item())", "loss",
-        "running_loss += loss.item()", "running_loss += loss",
+        "loss_accumulates_graph",
+        "running_loss += loss (no .item())",
+        Stage.LOSS,
+        "running_loss += loss.item()",
+        "running_loss += loss",
         "Every iteration's autograd graph is kept alive: memory grows step after step.",
-        "Adding the loss tensor (not its number) links every iteration's graph into one chain that "
-        "can never be freed.",
+        "Adding the loss tensor (not its number) links every iteration's graph into one chain that can never be freed.",
         "Accumulate numbers: running_loss += loss.item().",
     ),
     Bug(
-        "inputs_wrong_dtype", "inputs left as float64", "load_batch",
-        "x, y = x.to(device), y.to(device)", "x, y = x.to(device).double(), y.to(device)",
+        "inputs_wrong_dtype",
+        "inputs left as float64",
+        Stage.LOAD_BATCH,
+        "x, y = x.to(device), y.to(device)",
+        "x, y = x.to(device).double(), y.to(device)",
         "The forward pass raises a dtype error at the first layer.",
-        "NumPy arrays default to float64 while PyTorch weights are float32; matrix multiplication "
-        "needs both to match.",
+        "NumPy arrays default to float64 while PyTorch weights are float32; matrix multiplication needs both to match.",
         "Convert inputs with x.float() (or build tensors with dtype=torch.float32).",
         requires=("float_inputs",),
     ),
     Bug(
-        "forward_under_no_grad", "forward pass inside torch.no_grad()", "forward",
-        "out = model(x)", "with torch.no_grad():\n    out = model(x)",
+        "forward_under_no_grad",
+        "forward pass inside torch.no_grad()",
+        Stage.FORWARD,
+        "out = model(x)",
+        "with torch.no_grad():\n    out = model(x)",
         "loss.backward() raises: the loss does not require grad.",
-        "Under torch.no_grad() no autograd graph is recorded, so there is nothing to "
-        "backpropagate through.",
+        "Under torch.no_grad() no autograd graph is recorded, so there is nothing to backpropagate through.",
         "Only use torch.no_grad() for evaluation, never around the training forward pass.",
     ),
     Bug(
-        "dead_relu_init", "biases initialised very negative", "forward",
-        "nn.init defaults", "layer.bias.data.fill_(-5.0)  # hidden layers",
+        "dead_relu_init",
+        "biases initialised very negative",
+        Stage.FORWARD,
+        "nn.init defaults",
+        "layer.bias.data.fill_(-5.0)  # hidden layers",
         "Most ReLU units output 0 for every input; gradients vanish and learning stalls.",
         "A ReLU with a very negative input outputs 0 and passes back zero gradient: the unit is "
         "dead and cannot recover.",
-        "Keep PyTorch's default initialisation (or small biases); check the fraction of zeros "
-        "after each ReLU.",
+        "Keep PyTorch's default initialisation (or small biases); check the fraction of zeros after each ReLU.",
         requires=("relu", "no_batchnorm"),  # batch norm re-centres, cancelling the bias
     ),
     Bug(
-        "exploding_init", "weights initialised 10x too large", "forward",
-        "nn.init defaults", "layer.weight.data *= 10",
+        "exploding_init",
+        "weights initialised 10x too large",
+        Stage.FORWARD,
+        "nn.init defaults",
+        "layer.weight.data *= 10",
         "Activations and gradients grow layer by layer; the loss is huge or NaN.",
         "Each layer multiplies its input by its weights; weights 10x too big make every layer's "
         "output 10x bigger than the last.",
@@ -210,18 +261,22 @@ BUGS: tuple[Bug, ...] = (
         requires=("no_batchnorm",),
     ),
     Bug(
-        "no_shuffle_sorted_data", "data sorted by label and never shuffled", "load_batch",
+        "no_shuffle_sorted_data",
+        "data sorted by label and never shuffled",
+        Stage.LOAD_BATCH,
         "DataLoader(train_set, batch_size=B, shuffle=True)",
         "DataLoader(sorted_by_label(train_set), batch_size=B, shuffle=False)",
         "Each batch holds a single class; the loss saw-tooths within every epoch.",
-        "The model is pushed towards one class, then the next: each batch undoes what the last "
-        "taught.",
+        "The model is pushed towards one class, then the next: each batch undoes what the last taught.",
         "Shuffle the training data every epoch (shuffle=True).",
         requires=("labels", "map_dataset"),
     ),
     Bug(
-        "zero_init", "all weights initialised to 0", "forward",
-        "nn.init defaults", "nn.init.zeros_(layer.weight); nn.init.zeros_(layer.bias)",
+        "zero_init",
+        "all weights initialised to 0",
+        Stage.FORWARD,
+        "nn.init defaults",
+        "nn.init.zeros_(layer.weight); nn.init.zeros_(layer.bias)",
         "Hidden units stay identical (here: all zero); only the output bias learns.",
         "With identical weights every hidden unit computes the same thing and gets the same "
         "gradient, so they never become different (and ReLU(0) passes no gradient at all).",
@@ -229,33 +284,44 @@ BUGS: tuple[Bug, ...] = (
         requires=("hidden_layers",),
     ),
     Bug(
-        "missing_activation", "ReLU replaced by nothing", "forward",
-        "nn.Linear(a, b), nn.ReLU(), nn.Linear(b, c)", "nn.Linear(a, b), nn.Linear(b, c)",
+        "missing_activation",
+        "ReLU replaced by nothing",
+        Stage.FORWARD,
+        "nn.Linear(a, b), nn.ReLU(), nn.Linear(b, c)",
+        "nn.Linear(a, b), nn.Linear(b, c)",
         "A stack of linear layers is one linear layer: it cannot fit curved boundaries.",
         "Without a non-linearity between them, Linear(Linear(x)) is just another Linear(x).",
         "Put an activation (ReLU, GELU, Tanh) between layers.",
         requires=("relu", "mlp"),  # in a CNN, max-pooling still bends the function
     ),
     Bug(
-        "dropout_too_high", "dropout p=0.8", "forward",
-        "nn.Dropout(p=0.1)", "nn.Dropout(p=0.8)",
+        "dropout_too_high",
+        "dropout p=0.8",
+        Stage.FORWARD,
+        "nn.Dropout(p=0.1)",
+        "nn.Dropout(p=0.8)",
         "Train loss is high and noisy; val loss is better than train loss.",
-        "Dropout zeroes a fraction p of the units in training: at p=0.8 the network only ever sees "
-        "a fifth of itself.",
+        "Dropout zeroes a fraction p of the units in training: at p=0.8 the network only ever sees a fifth of itself.",
         "Use modest dropout (0.1-0.5) and watch train vs val loss.",
         requires=("dropout",),
     ),
     Bug(
-        "val_is_train", "validation on the training data", "validate",
-        "for x, y in val_loader:", "for x, y in train_loader:",
+        "val_is_train",
+        "validation on the training data",
+        Stage.VALIDATE,
+        "for x, y in val_loader:",
+        "for x, y in train_loader:",
         "Val loss tracks train loss exactly and looks too good.",
         "Data the model was trained on says nothing about data it has never seen.",
         "Hold out a validation set that the model never trains on.",
         requires=("validation",),
     ),
     Bug(
-        "clip_loss_not_grad", "loss clamped instead of gradients clipped", "clip_grad",
-        "clip_grad_norm_(model.parameters(), max_norm)", "loss = loss.clamp(max=max_norm)",
+        "clip_loss_not_grad",
+        "loss clamped instead of gradients clipped",
+        Stage.CLIP_GRAD,
+        "clip_grad_norm_(model.parameters(), max_norm)",
+        "loss = loss.clamp(max=max_norm)",
         "The loss is flat-topped at the limit and the gradient is exactly zero on hard batches.",
         "clamp() passes no gradient where it cuts: the batches with the largest loss, the ones "
         "with the most to teach, teach nothing.",
@@ -263,22 +329,25 @@ BUGS: tuple[Bug, ...] = (
         requires=("clip_grad",),
     ),
     Bug(
-        "scheduler_before_step", "scheduler.step() before optimizer.step()", "scheduler",
-        "optimizer.step()\nscheduler.step()", "scheduler.step()\noptimizer.step()",
+        "scheduler_before_step",
+        "scheduler.step() before optimizer.step()",
+        Stage.SCHEDULER,
+        "optimizer.step()\nscheduler.step()",
+        "scheduler.step()\noptimizer.step()",
         "The learning-rate schedule is one step early (PyTorch warns about the order).",
-        "The scheduler counts its own calls; calling it first skips the first value of the "
-        "schedule.",
+        "The scheduler counts its own calls; calling it first skips the first value of the schedule.",
         "Call scheduler.step() after optimizer.step().",
         requires=("scheduler",),
     ),
     Bug(
-        "view_instead_of_permute", "x.view(...) where x.permute(...) was meant", "load_batch",
-        "x = x_features_first.permute(1, 0)", "x = x_features_first.view(N, F)",
+        "view_instead_of_permute",
+        "x.view(...) where x.permute(...) was meant",
+        Stage.LOAD_BATCH,
+        "x = x_features_first.permute(1, 0)",
+        "x = x_features_first.view(N, F)",
         "Shapes look right, but each input row mixes values from several examples.",
-        "view() reinterprets memory in order; it does not move dimensions. Only permute() (or "
-        "transpose) swaps axes.",
-        "Use permute()/transpose() to reorder dimensions; use view()/reshape() only to regroup "
-        "them.",
+        "view() reinterprets memory in order; it does not move dimensions. Only permute() (or transpose) swaps axes.",
+        "Use permute()/transpose() to reorder dimensions; use view()/reshape() only to regroup them.",
         requires=("tensor_inputs", "multi_feature_inputs"),  # one feature per row: nothing to mix
     ),
 )
@@ -291,6 +360,7 @@ ORDER_BUGS = frozenset({"step_before_backward", "scheduler_before_step"})
 def applicable(features: frozenset[str] | set[str]) -> list[str]:
     """Ids of the bugs whose requirements an experiment with these features meets."""
     return [bug.id for bug in BUGS if set(bug.requires) <= set(features)]
+
 
 # Plain words for the features in `Bug.requires`, for error messages and listings.
 FEATURE_WORDS: dict[str, str] = {

@@ -1,19 +1,19 @@
 """Scripted lecture demos: a TOML file of steps, each with a line of narration (torch-free).
 
-    title = "Forgetting zero_grad"
-    scenario = "blobs"              # a built-in scenario, or a .py file next to the demo
-    seed = 0                        # optional
-    bugs = []                       # optional: bugs on from the start
-    twin = false                    # optional
+title = "Forgetting zero_grad"
+scenario = "blobs"              # a built-in scenario, or a .py file next to the demo
+seed = 0                        # optional
+bugs = []                       # optional: bugs on from the start
+twin = false                    # optional
 
-    [[step]]
-    do = "run 20"                   # stage | iteration | epoch | run N | bug on ID | bug off ID
-    say = "A healthy start."        #   | twin on | twin off | pause
-    ask = "Bigger or smaller?"      # optional: predict, then reveal
-    options = ["bigger", "smaller"]
-    answer = "bigger"
-    reveal = "grad_norm"            # optional: loss | grad_norm | val_loss | val_accuracy | lr | max_update_ratio
-    explain = "Stale gradients add up."
+[[step]]
+do = "run 20"                   # stage | iteration | epoch | run N | bug on ID | bug off ID
+say = "A healthy start."        #   | twin on | twin off | pause
+ask = "Bigger or smaller?"      # optional: predict, then reveal
+options = ["bigger", "smaller"]
+answer = "bigger"
+reveal = "grad_norm"            # optional: loss | grad_norm | val_loss | val_accuracy | lr | max_update_ratio
+explain = "Stale gradients add up."
 """
 
 from __future__ import annotations
@@ -84,12 +84,12 @@ def load_demo(path: str | Path) -> Demo:
         raise fail(f"unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(TOP_KEYS))}")
     title = data.get("title")
     if not isinstance(title, str) or not title.strip():
-        raise fail("the demo needs a title = \"...\"")
+        raise fail('the demo needs a title = "..."')
     target = data.get("scenario")
     if not isinstance(target, str) or not target:
-        raise fail("the demo needs a scenario = \"blobs\" (a built-in scenario or a .py file)")
+        raise fail('the demo needs a scenario = "blobs" (a built-in scenario or a .py file)')
     if target not in SCENARIOS:
-        candidate = (path.parent / target)
+        candidate = path.parent / target
         if not candidate.is_file():
             raise fail(f"scenario {target!r} is neither a built-in scenario ({', '.join(SCENARIOS)}) nor a file")
         target = str(candidate)
@@ -111,8 +111,9 @@ def load_demo(path: str | Path) -> Demo:
     for index, raw in enumerate(raw_steps):
         line = step_lines[index] if index < len(step_lines) else 1
         steps.append(_parse_step(raw, index + 1, line, target, fail))
-    return Demo(title.strip(), target, seed, tuple(bugs), twin, tuple(steps), str(path),
-                str(data.get("description", "")))
+    return Demo(
+        title.strip(), target, seed, tuple(bugs), twin, tuple(steps), str(path), str(data.get("description", ""))
+    )
 
 
 def _check_bug(bug: str, target: str, fail, line: int) -> None:
@@ -127,16 +128,18 @@ def _parse_step(raw: object, number: int, line: int, target: str, fail) -> DemoS
         raise fail(f"step {number} must be a table", line)
     unknown = set(raw) - STEP_KEYS
     if unknown:
-        raise fail(f"step {number}: unknown key(s) {', '.join(sorted(unknown))}; expected "
-                   f"{', '.join(sorted(STEP_KEYS))}", line)
+        raise fail(
+            f"step {number}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(STEP_KEYS))}", line
+        )
     do = raw.get("do")
     say = raw.get("say")
     if not isinstance(do, str):
-        raise fail(f"step {number}: needs do = \"...\" (one of: {', '.join(ACTIONS)})", line)
+        raise fail(f'step {number}: needs do = "..." (one of: {", ".join(ACTIONS)})', line)
     if not isinstance(say, str) or not say.strip():
-        raise fail(f"step {number}: needs a line of narration, say = \"...\"", line)
+        raise fail(f'step {number}: needs a line of narration, say = "..."', line)
     words = do.split()
-    action, argument = None, None
+    action: str | None = None
+    argument: int | str | None = None
     if len(words) == 1 and words[0] in ("stage", "iteration", "epoch", "pause"):
         action = words[0]
     elif len(words) == 2 and words[0] == "run":
@@ -149,17 +152,20 @@ def _parse_step(raw: object, number: int, line: int, target: str, fail) -> DemoS
     elif len(words) == 2 and words[0] == "twin" and words[1] in ("on", "off"):
         action = f"twin {words[1]}"
     if action is None:
-        raise fail(f"step {number}: cannot do {do!r}; expected one of: stage, iteration, epoch, run N, "
-                   "bug on ID, bug off ID, twin on, twin off, pause", line)
+        raise fail(
+            f"step {number}: cannot do {do!r}; expected one of: stage, iteration, epoch, run N, "
+            "bug on ID, bug off ID, twin on, twin off, pause",
+            line,
+        )
     ask, options, answer = raw.get("ask"), raw.get("options", []), raw.get("answer")
     reveal, explain = raw.get("reveal"), raw.get("explain")
     if ask is not None:
         if not isinstance(options, list) or not 2 <= len(options) <= 4 or not all(isinstance(o, str) for o in options):
-            raise fail(f"step {number}: a question needs 2 to 4 options = [\"...\", ...]", line)
+            raise fail(f'step {number}: a question needs 2 to 4 options = ["...", ...]', line)
         if answer not in options:
             raise fail(f"step {number}: answer must be one of the options, got {answer!r}", line)
     elif options or answer is not None:
-        raise fail(f"step {number}: options and answer need a question, ask = \"...\"", line)
+        raise fail(f'step {number}: options and answer need a question, ask = "..."', line)
     if reveal is not None and reveal not in REVEALS:
         raise fail(f"step {number}: reveal must be one of {', '.join(REVEALS)}, got {reveal!r}", line)
     return DemoStep(action, argument, say.strip(), line, ask, tuple(options), answer, reveal, explain)

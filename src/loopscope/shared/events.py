@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
+
+from loopscope.shared.metrics import StageMetrics
+from loopscope.shared.vocab import Severity, Stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +46,7 @@ class Finding:
     """A diagnostic: what is seen, with numbers, who is suspected and how to fix it."""
 
     id: str
-    severity: str  # "info" | "warning" | "error"
+    severity: Severity
     message: str
     suspects: tuple[str, ...] = ()
     fix: str = ""
@@ -77,13 +80,13 @@ class StageEvent:
 
     iteration: int  # global, 1-based; end-of-epoch stages carry the last finished iteration
     epoch: int  # 1-based
-    stage: str
+    stage: Stage
     bugs: tuple[str, ...] = ()
     tensors: tuple[TensorStat, ...] = ()
     loss: float | None = None
     grad_norm: float | None = None
     layers: tuple[LayerStat, ...] = ()
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: StageMetrics = field(default_factory=lambda: cast(StageMetrics, {}))
     diagnostics: tuple[Finding, ...] = ()
     error: StageError | None = None
     duration_ms: float = 0.0

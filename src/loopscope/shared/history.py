@@ -49,22 +49,23 @@ class Series:
     def add(self, x: float, value: float | None) -> None:
         self.total_points += 1
         finite = value is not None and math.isfinite(value)
+        number = value if value is not None and finite else 0.0
         if not self._count or self._count[-1] >= self.width:
             if len(self._count) == self.capacity:
                 self._merge_pairs()
             self._x.append(x)
-            self._sum.append(value if finite else 0.0)
-            self._low.append(value if finite else math.inf)
-            self._high.append(value if finite else -math.inf)
+            self._sum.append(number)
+            self._low.append(number if finite else math.inf)
+            self._high.append(number if finite else -math.inf)
             self._count.append(1)
             self._finite.append(1 if finite else 0)
             return
         self._x[-1] = x
         self._count[-1] += 1
         if finite:
-            self._sum[-1] += value
-            self._low[-1] = min(self._low[-1], value)
-            self._high[-1] = max(self._high[-1], value)
+            self._sum[-1] += number
+            self._low[-1] = min(self._low[-1], number)
+            self._high[-1] = max(self._high[-1], number)
             self._finite[-1] += 1
 
     def _merge_pairs(self) -> None:
@@ -118,7 +119,10 @@ class Series:
         return self._sum[-1] / self._finite[-1]
 
     def nbytes(self) -> int:
-        return sum(a.itemsize * a.buffer_info()[1] for a in (self._x, self._sum, self._low, self._high, self._count, self._finite))
+        return sum(
+            a.itemsize * a.buffer_info()[1]
+            for a in (self._x, self._sum, self._low, self._high, self._count, self._finite)
+        )
 
 
 SERIES_NAMES = ("loss", "grad_norm", "val_loss", "val_accuracy", "lr", "twin_loss")

@@ -65,14 +65,14 @@ class ClipGradMetrics(TypedDict, total=False):
 
 
 class StepMetrics(TypedDict, total=False):
-    lr: float  # also the scheduler's, after it ran
-    lrs: list[float]  # every parameter group's, when there are several
+    lr: float | None  # also the scheduler's, after it ran
+    lrs: list[float | None]  # every parameter group's, when there are several
     grads_at_step: GradPresence
     max_update_ratio: float
 
 
 class SchedulerMetrics(TypedDict, total=False):
-    lr_before: float
+    lr_before: float | None
 
 
 class ValidateMetrics(TypedDict, total=False):
@@ -97,8 +97,17 @@ class EarlyStopMetrics(TypedDict, total=False):
 
 
 class StageMetrics(
-    CommonMetrics, LoadBatchMetrics, ForwardMetrics, LossMetrics, BackwardMetrics, ClipGradMetrics, StepMetrics,
-    SchedulerMetrics, ValidateMetrics, CheckpointMetrics, EarlyStopMetrics,
+    CommonMetrics,
+    LoadBatchMetrics,
+    ForwardMetrics,
+    LossMetrics,
+    BackwardMetrics,
+    ClipGradMetrics,
+    StepMetrics,
+    SchedulerMetrics,
+    ValidateMetrics,
+    CheckpointMetrics,
+    EarlyStopMetrics,
     total=False,
 ):
     """Every key any stage may write (zero_grad's `grads_after` included)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loopscope.shared.events import CheckResult, StageError, StageEvent
+from loopscope.shared.vocab import PictureKind, Stage, StepKind, Task
 
 # While training runs, the screen's counters move at 10 frames a second and the detail panels
 # (tensors, gradients, plot) at 5: a person cannot read numbers that change faster, and every
@@ -39,7 +40,7 @@ class SessionSpec:
 class Step:
     """Run one stage, the rest of the iteration, or the rest of the epoch."""
 
-    kind: str  # "stage" | "iteration" | "epoch"
+    kind: StepKind
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,11 @@ class SessionInfo:
 
     name: str
     device: str
-    task: str | None
+    task: Task | None
     epochs: int
     batches_per_epoch: int | None
-    iteration_stages: tuple[str, ...]
-    epoch_end_stages: tuple[str, ...]
+    iteration_stages: tuple[Stage, ...]
+    epoch_end_stages: tuple[Stage, ...]
     applicable_bugs: tuple[str, ...]
     options: dict[str, object] = field(default_factory=dict)  # clip_grad_norm, scheduler, ...
 
@@ -138,14 +139,14 @@ class EngineState:
     iteration: int
     epoch: int
     completed_iterations: int
-    next_stage: str | None
+    next_stage: Stage | None
     running: bool
     finished: bool
     stop_reason: str | None
     halted: StageError | None
     active_bugs: tuple[str, ...]
     twin: bool
-    iteration_stages: tuple[str, ...]
+    iteration_stages: tuple[Stage, ...]
     speed: float | None
     iterations_per_second: float | None = None
 
@@ -195,7 +196,7 @@ class Picture:
     (x, y, label) for a boundary, (x, target) for a curve.
     """
 
-    kind: str
+    kind: PictureKind
     iteration: int
     x_range: tuple[float, float]
     y_range: tuple[float, float]

@@ -7,6 +7,7 @@ and code that compares with a string literal keeps working while new code names 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 
 class Stage(StrEnum):
@@ -41,10 +42,7 @@ class Task(StrEnum):
     REGRESSION = "regression"
 
 
-class Severity(StrEnum):
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
+Severity = Literal["info", "warning", "error"]
 
 
 class Change(StrEnum):
@@ -62,14 +60,25 @@ class PictureKind(StrEnum):
 
 # One loop iteration, in order. Optional stages appear only when the experiment enables them.
 CORE_STAGES: tuple[Stage, ...] = (
-    Stage.LOAD_BATCH, Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD, Stage.STEP,
+    Stage.LOAD_BATCH,
+    Stage.ZERO_GRAD,
+    Stage.FORWARD,
+    Stage.LOSS,
+    Stage.BACKWARD,
+    Stage.STEP,
 )
 ITERATION_STAGES: tuple[Stage, ...] = (
-    Stage.LOAD_BATCH, Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD, Stage.CLIP_GRAD, Stage.STEP,
+    Stage.LOAD_BATCH,
+    Stage.ZERO_GRAD,
+    Stage.FORWARD,
+    Stage.LOSS,
+    Stage.BACKWARD,
+    Stage.CLIP_GRAD,
+    Stage.STEP,
     Stage.SCHEDULER,
 )
 EPOCH_END_STAGES: tuple[Stage, ...] = (Stage.VALIDATE, Stage.SCHEDULER, Stage.CHECKPOINT, Stage.EARLY_STOP)
-ALL_STAGES: tuple[Stage, ...] = ITERATION_STAGES + (Stage.VALIDATE, Stage.CHECKPOINT, Stage.EARLY_STOP)
+ALL_STAGES: tuple[Stage, ...] = (*ITERATION_STAGES, Stage.VALIDATE, Stage.CHECKPOINT, Stage.EARLY_STOP)
 
 STAGE_DESCRIPTIONS: dict[Stage, str] = {
     Stage.LOAD_BATCH: "take the next batch from the training loader and move it to the device",

@@ -21,17 +21,37 @@ from textual.widgets.selection_list import Selection
 from loopscope.shared.bugs import BUGS
 from loopscope.shared.demo import Demo
 from loopscope.shared.protocol import (
-    DETAIL_SECONDS, FRAME_SECONDS, Checks, Failed, Rewind, RunChecks, RunIterations, SessionSpec, SetBug,
-    SetPicture, SetRunning, SetSpeed, SetTwin, Step,
+    DETAIL_SECONDS,
+    FRAME_SECONDS,
+    Checks,
+    Failed,
+    Rewind,
+    RunChecks,
+    SessionSpec,
+    SetBug,
+    SetPicture,
+    SetRunning,
+    SetSpeed,
+    SetTwin,
+    Step,
 )
-from loopscope.ui.session import EngineSession
+from loopscope.shared.vocab import StepKind
 from loopscope.ui.commands import LoopCommands
+from loopscope.ui.demo_controller import DemoController
 from loopscope.ui.model import ScreenModel
-from loopscope.ui.narration import NarrationBar, metric
+from loopscope.ui.narration import NarrationBar
 from loopscope.ui.panels import (
-    BugInfo, CodePanel, DiagnosticsPanel, EpochsPanel, GradientsPanel, PipelineBar, StatusLine, TensorsPanel,
+    BugInfo,
+    CodePanel,
+    DiagnosticsPanel,
+    EpochsPanel,
+    GradientsPanel,
+    PipelineBar,
+    StatusLine,
+    TensorsPanel,
 )
 from loopscope.ui.plot import LossPlot, PicturePlot
+from loopscope.ui.session import EngineSession
 
 BUSY_WARNING_SECONDS = 3.0  # silence from the engine this long means a slow or stuck stage
 SPEEDS: tuple[float | None, ...] = (1.0, 2.0, 5.0, 20.0, 100.0, None)  # iterations per second; None: max
@@ -83,12 +103,7 @@ class LoopscopeApp(App[None]):
         super().__init__()
         self.spec = spec
         self.in_process = in_process
-        self.demo = demo
-        self.demo_index = -1  # -1: the title card
-        self.demo_ran: set[int] = set()
-        self.demo_choices: dict[int, int] = {}
-        self.demo_before: dict[int, float | None] = {}
-        self.scripted = demo is not None
+        self.demo = DemoController(demo, self.send) if demo is not None else None
         self.showing_picture = False
         self.model = ScreenModel(self.spec.history)
         self.session: EngineSession | None = None
@@ -124,8 +139,12 @@ class LoopscopeApp(App[None]):
             ("plot-box", "Loss (p: picture)", Vertical, lambda: [LossPlot(id="plot"), PicturePlot(id="picture")]),
             ("diagnostics-box", "Diagnostics", VerticalScroll, lambda: [DiagnosticsPanel(id="diagnostics")]),
             ("epochs-box", "Epochs", Vertical, lambda: [EpochsPanel(id="epochs")]),
-            ("bugs-box", "Bugs (enter: on/off)", Vertical,
-             lambda: [SelectionList[str](id="bug-list"), BugInfo(id="bug-info")]),
+            (
+                "bugs-box",
+                "Bugs (enter: on/off)",
+                Vertical,
+                lambda: [SelectionList[str](id="bug-list"), BugInfo(id="bug-info")],
+            ),
         )
 
     def on_mount(self) -> None:
@@ -155,7 +174,7 @@ class LoopscopeApp(App[None]):
     def _engine_message(self, message: EngineMessage) -> None:
         waiting_notice = self.model.notice
         self.model.apply(message.payload)
-        if isinstance(message.payload, Checks) or isinstance(message.payload, Failed):
+        if isinstance(message.payload, (Checks, Failed)):
             self._checks_pending = False
         running = self.model.state is not None and self.model.state.running
         # The answer is here: no longer waiting, before any redraw counts the wait again (it
@@ -185,8 +204,10 @@ class LoopscopeApp(App[None]):
             if self._checks_pending:
                 self.model.notice = f"running the sanity checks on a copy of the model... {quiet} s"
             else:
-                self.model.notice = (f"the engine has not answered for {quiet} s (a slow or stuck stage in the "
-                                     "experiment's code?): wait, or press ctrl+r to restart it")
+                self.model.notice = (
+                    f"the engine has not answered for {quiet} s (a slow or stuck stage in the "
+                    "experiment's code?): wait, or press ctrl+r to restart it"
+                )
             self.model.version += 1
 
     def _finished(self) -> bool:
@@ -225,23 +246,34 @@ class LoopscopeApp(App[None]):
             self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
             return
         self._last_panels = now
-        if self._changed("code", (event.stage if event else None, state and state.active_bugs,
-                                  state and state.iteration_stages, model.info is None)):
+        if self._changed(
+            "code",
+            (
+                event.stage if event else None,
+                state and state.active_bugs,
+                state and state.iteration_stages,
+                model.info is None,
+            ),
+        ):
             self._show_code()
         if self._changed("tensors", id(event)):
             self.query_one(TensorsPanel).show(model)
         if self._changed("gradients", (id(model.last_by_stage.get("step")), id(model.last_by_stage.get("backward")))):
             self.query_one(GradientsPanel).show(model)
-        diagnostics_key = (len(model.findings), model.findings[0][0] if model.findings else None, model.failure,
-                           id(model.checks), state and state.halted, id(event) if state and state.halted else None)
+        diagnostics_key = (
+            len(model.findings),
+            model.findings[0][0] if model.findings else None,
+            model.failure,
+            id(model.checks),
+            state and state.halted,
+            id(event) if state and state.halted else None,
+        )
         if self._changed("diagnostics", diagnostics_key):
             self.query_one(DiagnosticsPanel).show(model)
         self.query_one(EpochsPanel).show(model)
         self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
         if self.demo is not None:
-            self.query_one(NarrationBar).show(self.demo, self.demo_index, self.demo_ran,
-                                              self.demo_choices.get(self.demo_index), self.demo_before,
-                                              model, self.scripted)
+            self.query_one(NarrationBar).show(self.demo, model)
         if self.showing_picture:
             self.query_one(PicturePlot).show(model)
         else:
@@ -309,7 +341,7 @@ class LoopscopeApp(App[None]):
         self.send(SetBug(bug_id, bug_id not in active))
 
     # ----- actions: one key, one thing ---------------------------------------------------
-    def _step(self, kind: str) -> None:
+    def _step(self, kind: StepKind) -> None:
         if self._finished():
             return
         self.model.notice = None
@@ -317,16 +349,16 @@ class LoopscopeApp(App[None]):
         self.send(Step(kind))
 
     def action_step_stage(self) -> None:
-        if self.scripted:
+        if self.demo is not None and self.demo.scripted:
             self.action_demo_next()  # space advances the script, as the right arrow does
             return
-        self._step("stage")
+        self._step(StepKind.STAGE)
 
     def action_step_iteration(self) -> None:
-        self._step("iteration")
+        self._step(StepKind.ITERATION)
 
     def action_step_epoch(self) -> None:
-        self._step("epoch")
+        self._step(StepKind.EPOCH)
 
     def action_toggle_run(self) -> None:
         running = self.model.state is not None and self.model.state.running
@@ -388,51 +420,25 @@ class LoopscopeApp(App[None]):
         if action.startswith("demo_"):
             if self.demo is None:
                 return False
-            if action != "demo_toggle" and not self.scripted:
+            if action != "demo_toggle" and not self.demo.scripted:
                 return False
         return True
 
     def action_demo_next(self) -> None:
-        demo = self.demo
-        if demo is None or self.model.info is None:
-            return
-        if self.demo_index >= 0 and self.demo_index not in self.demo_ran:
-            self._run_demo_step(self.demo_index)  # a question was on screen: now it runs
-        elif self.demo_index < len(demo.steps) - 1:
-            self.demo_index += 1
-            if not demo.steps[self.demo_index].ask and self.demo_index not in self.demo_ran:
-                self._run_demo_step(self.demo_index)
-        self.model.version += 1
+        if self.demo is not None and self.model.info is not None:
+            self.demo.next(self.model)
 
     def action_demo_back(self) -> None:
-        # Back in the script: the narration, not the loop (what ran stays run).
-        self.demo_index = max(-1, self.demo_index - 1)
-        self.model.version += 1
+        if self.demo is not None:
+            self.demo.back(self.model)
 
     def action_demo_toggle(self) -> None:
-        self.scripted = not self.scripted
-        self.model.version += 1
+        if self.demo is not None:
+            self.demo.toggle(self.model)
 
     def action_demo_choose(self, option: int) -> None:
-        step = self.demo.steps[self.demo_index] if self.demo and self.demo_index >= 0 else None
-        if step is not None and step.ask and option < len(step.options) and self.demo_index not in self.demo_ran:
-            self.demo_choices[self.demo_index] = option
-            self.model.version += 1
-
-    def _run_demo_step(self, index: int) -> None:
-        step = self.demo.steps[index]
-        self.demo_ran.add(index)
-        if step.reveal:
-            self.demo_before[index] = metric(self.model, step.reveal)
-        self.model.notice = None
-        if step.action in ("stage", "iteration", "epoch"):
-            self.send(Step(step.action))
-        elif step.action == "run":
-            self.send(RunIterations(int(step.argument)))
-        elif step.action in ("bug on", "bug off"):
-            self.send(SetBug(str(step.argument), step.action == "bug on"))
-        elif step.action in ("twin on", "twin off"):
-            self.send(SetTwin(step.action == "twin on"))
+        if self.demo is not None:
+            self.demo.choose(option, self.model)
 
     def action_save_svg(self) -> None:
         """The screen as an SVG, for slides."""

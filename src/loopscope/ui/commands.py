@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from loopscope.shared.bugs import BUGS_BY_ID
+
+if TYPE_CHECKING:
+    from loopscope.ui.app import LoopscopeApp
 
 ACTIONS = (
     ("Step one stage", "step_stage", "space"),
@@ -37,7 +41,7 @@ class LoopCommands(Provider):
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        app = self.app
+        app = cast("LoopscopeApp", self.app)
         for title, action, key in ACTIONS:
             score = matcher.match(title)
             if score > 0:
@@ -48,5 +52,6 @@ class LoopCommands(Provider):
             title = f"{'Turn off' if bug_id in active else 'Turn on'} bug: {bug_id} ({BUGS_BY_ID[bug_id].title})"
             score = matcher.match(title)
             if score > 0:
-                yield Hit(score, matcher.highlight(title), partial(app.toggle_bug, bug_id),
-                          help=BUGS_BY_ID[bug_id].symptom)
+                yield Hit(
+                    score, matcher.highlight(title), partial(app.toggle_bug, bug_id), help=BUGS_BY_ID[bug_id].symptom
+                )

@@ -8,7 +8,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Markdown
 
-from loopscope.shared.catalog import STAGE_DESCRIPTIONS
+from loopscope.shared.vocab import STAGE_DESCRIPTIONS
 
 KEYS = (
     ("space", "run one stage"),
@@ -80,5 +80,5 @@ class HelpScreen(ModalScreen[None]):
     def on_mount(self) -> None:
         self.query_one("#help-scroll").focus()  # arrows and page keys scroll at once
 
-    def action_dismiss(self, result: None = None) -> None:
+    async def action_dismiss(self, result: None = None) -> None:
         self.dismiss(None)

@@ -8,8 +8,17 @@ from dataclasses import dataclass
 
 from loopscope.shared.events import CheckResult, Finding, StageEvent
 from loopscope.shared.history import Series
-from loopscope.shared.protocol import DEFAULT_HISTORY, Checks, EngineState, Failed, Picture, Ready, Rewound, SessionInfo, Update
-
+from loopscope.shared.protocol import (
+    DEFAULT_HISTORY,
+    Checks,
+    EngineState,
+    Failed,
+    Picture,
+    Ready,
+    Rewound,
+    SessionInfo,
+    Update,
+)
 
 MAX_EPOCHS_KEPT = 1000
 
@@ -67,22 +76,22 @@ class ScreenModel:
 
     def apply(self, message: object) -> None:
         self.version += 1
-        if isinstance(message, Ready):
-            self.info, self.state, self.failure = message.info, message.state, None
-        elif isinstance(message, Update):
-            self._update(message)
-        elif isinstance(message, Checks):
-            self.checks = message.results
-            self.notice = "sanity checks done: the results are in the Diagnostics panel"
-        elif isinstance(message, Picture):
-            self.picture = message
-        elif isinstance(message, Rewound):
-            self._rewound(message)
-        elif isinstance(message, Failed):
-            if message.fatal:
-                self.failure = message.message
-            else:
-                self.notice = message.message
+        match message:
+            case Ready(info=info, state=state):
+                self.info, self.state, self.failure = info, state, None
+            case Update():
+                self._update(message)
+            case Checks(results=results):
+                self.checks = results
+                self.notice = "sanity checks done: the results are in the Diagnostics panel"
+            case Picture():
+                self.picture = message
+            case Rewound():
+                self._rewound(message)
+            case Failed(message=text, fatal=True):
+                self.failure = text
+            case Failed(message=text):
+                self.notice = text
 
     def _rewound(self, message: Rewound) -> None:
         """Forget what happened after the point the loop stepped back to; the replay rewrites it."""
@@ -143,7 +152,26 @@ def downsample(xs: list[float], ys: list[float], limit: int) -> tuple[list[float
     size = math.ceil(len(xs) / limit)
     out_x, out_y = [], []
     for i in range(0, len(xs), size):
-        chunk_y = ys[i: i + size]
+        chunk_y = ys[i : i + size]
         out_x.append(xs[min(i + size, len(xs)) - 1])
         out_y.append(sum(chunk_y) / len(chunk_y))
     return out_x, out_y
+
+
+def metric(model: ScreenModel, name: str) -> float | None:
+    """The latest value of a revealable quantity."""
+    stage, key = {
+        "loss": ("loss", None),
+        "grad_norm": ("backward", None),
+        "val_loss": ("validate", "val_loss"),
+        "val_accuracy": ("validate", "val_accuracy"),
+        "lr": ("step", "lr"),
+        "max_update_ratio": ("step", "max_update_ratio"),
+    }[name]
+    event = model.last_by_stage.get(stage)
+    if event is None:
+        return None
+    if key is None:
+        return event.loss if name == "loss" else event.grad_norm
+    value = event.metrics.get(key)
+    return value if isinstance(value, (int, float)) else None

@@ -7,30 +7,19 @@ import math
 
 from rich.text import Text
 
-from loopscope.shared.demo import Demo, DemoStep
-from loopscope.ui.model import ScreenModel
+from loopscope.shared.demo import DemoStep
+from loopscope.ui.demo_controller import DemoController
+from loopscope.ui.model import ScreenModel, metric
 from loopscope.ui.panels import TextPanel
 
 REVEAL_LABELS = {
-    "loss": "loss", "grad_norm": "gradient norm", "val_loss": "val loss", "val_accuracy": "val accuracy",
-    "lr": "learning rate", "max_update_ratio": "largest update/weight ratio",
+    "loss": "loss",
+    "grad_norm": "gradient norm",
+    "val_loss": "val loss",
+    "val_accuracy": "val accuracy",
+    "lr": "learning rate",
+    "max_update_ratio": "largest update/weight ratio",
 }
-
-
-def metric(model: ScreenModel, name: str) -> float | None:
-    """The latest value of a revealable quantity."""
-    stage, key = {
-        "loss": ("loss", None), "grad_norm": ("backward", None), "val_loss": ("validate", "val_loss"),
-        "val_accuracy": ("validate", "val_accuracy"), "lr": ("step", "lr"),
-        "max_update_ratio": ("step", "max_update_ratio"),
-    }[name]
-    event = model.last_by_stage.get(stage)
-    if event is None:
-        return None
-    if key is None:
-        return event.loss if name == "loss" else event.grad_norm
-    value = event.metrics.get(key)
-    return value if isinstance(value, (int, float)) else None
 
 
 def _fmt(name: str, value: float | None) -> str:
@@ -44,10 +33,11 @@ def _fmt(name: str, value: float | None) -> str:
 class NarrationBar(TextPanel):
     """Where the presenter's script speaks."""
 
-    def show(self, demo: Demo, index: int, ran: set[int], choice: int | None, before: dict[int, float | None],
-             model: ScreenModel, scripted: bool) -> None:
+    def show(self, script: DemoController, model: ScreenModel) -> None:
+        demo, index, ran, before = script.demo, script.index, script.ran, script.before
+        choice = script.choices.get(index)
         text = Text()
-        if not scripted:
+        if not script.scripted:
             text.append(f"{demo.title}: exploring freely. ", style="bold")
             text.append("escape returns to the script.", style="dim")
             self.update(text)
@@ -57,8 +47,9 @@ class NarrationBar(TextPanel):
             text.append(f"{demo.title}\n", style="bold")
             if demo.description:
                 text.append(demo.description + "\n")
-            text.append(f"{total} steps. right arrow or space: next  left arrow: back  escape: explore freely",
-                        style="dim")
+            text.append(
+                f"{total} steps. right arrow or space: next  left arrow: back  escape: explore freely", style="dim"
+            )
             self.update(text)
             return
         step = demo.steps[index]
@@ -83,8 +74,9 @@ class NarrationBar(TextPanel):
         text.append("\n  Commit to an answer (keys 1-4 record the room's choice), then run the step.\n", style="dim")
 
     @staticmethod
-    def _reveal(text: Text, step: DemoStep, index: int, choice: int | None, before: dict[int, float | None],
-                model: ScreenModel) -> None:
+    def _reveal(
+        text: Text, step: DemoStep, index: int, choice: int | None, before: dict[int, float | None], model: ScreenModel
+    ) -> None:
         if step.ask:
             right = choice is not None and step.options[choice] == step.answer
             verdict = "" if choice is None else (" (the room got it)" if right else " (not what the room said)")

@@ -7,6 +7,7 @@ import math
 from textual_plotext import PlotextPlot
 
 from loopscope.shared.history import Series
+from loopscope.shared.vocab import PictureKind
 from loopscope.ui.model import ScreenModel, downsample
 
 
@@ -33,8 +34,11 @@ class LossPlot(PlotextPlot):
         plt.title(label)
         plt.xlabel("iteration")
         drawn = False
-        for name, series, marker in (("train", model.loss, "braille"), ("clean twin", model.twin_loss, "braille"),
-                                     ("val", model.val_loss, "hd")):
+        for name, series, marker in (
+            ("train", model.loss, "braille"),
+            ("clean twin", model.twin_loss, "braille"),
+            ("val", model.val_loss, "hd"),
+        ):
             xs, ys = plot_points(series, self.size.width, self.log_scale)
             if xs:
                 plt.plot(xs, ys, label=name, marker=marker)
@@ -61,7 +65,7 @@ class PicturePlot(PlotextPlot):
             return
         plt.xlim(*picture.x_range)
         plt.ylim(*picture.y_range)
-        if picture.kind == "boundary":
+        if picture.kind == PictureKind.BOUNDARY:
             plt.title(f"decision boundary at iteration {picture.iteration} (dots: the model, O: examples)")
             self._boundary(picture)
         else:

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from loopscope.shared.launch import run_engine
@@ -65,8 +65,9 @@ class EngineSession:
                 code = getattr(self._worker, "exitcode", None)
             why = f"exit code {code}" if code is not None else "the connection closed"
             last_words = self._last_log_line()
-            self.on_message(Failed(f"the engine process stopped ({why})" + (f": {last_words}" if last_words else ""),
-                                   fatal=True))
+            self.on_message(
+                Failed(f"the engine process stopped ({why})" + (f": {last_words}" if last_words else ""), fatal=True)
+            )
 
     def _last_log_line(self) -> str | None:
         if not self.log_path:
@@ -91,10 +92,8 @@ class EngineSession:
         """Ask the engine to quit; kill it if it does not (a hung user dataset, say)."""
         was_alive, self.alive = self.alive, False
         if was_alive:
-            try:
+            with suppress(OSError, BrokenPipeError):
                 self._conn.send(Shutdown())
-            except (OSError, BrokenPipeError):
-                pass
         if self._worker is not None and self.in_process:
             self._worker.join(timeout)  # a thread cannot be killed: it ends on the Shutdown
         elif self._worker is not None and self._worker.pid is not None:
@@ -108,15 +107,11 @@ class EngineSession:
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout)
         if self._reader is None or not self._reader.is_alive():
-            try:
+            with suppress(OSError):
                 self._conn.close()
-            except OSError:
-                pass
         if self.log_path:
-            try:
+            with suppress(OSError):
                 os.remove(self.log_path)
-            except OSError:
-                pass
             self.log_path = None
 
 

@@ -27,7 +27,7 @@ class Diagnostics:
         self.symptoms = SymptomChecks(context, self.log)
 
     @property
-    def all_findings(self):  # noqa: ANN201 - the log's deque, newest last
+    def all_findings(self):
         return self.log.all_findings
 
     def observe(self, event: StageEvent) -> list[Finding]:

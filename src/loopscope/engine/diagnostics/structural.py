@@ -40,15 +40,23 @@ class StructuralChecks:
             suspects = ("forward_under_no_grad",)
         elif "modified by an inplace operation" in err.message:
             suspects = ("step_before_backward",)
-        elif "dtype" in err.message or "Double" in err.message or "scalar type" in err.message:
+        elif (
+            "dtype" in err.message
+            or "Double" in err.message
+            or "scalar type" in err.message
+            or "same device" in err.message
+        ):
             suspects = ("inputs_wrong_dtype",)
-        elif "same device" in err.message:
-            suspects = ("inputs_wrong_dtype",)
-        self.fire(event.iteration, Finding(
-            "stage_error", "error",
-            f"{event.stage} raised {text}" + (f" -- {err.hint}" if err.hint else ""),
-            suspects, err.hint or "Read the message and the line it points at.",
-        ))
+        self.fire(
+            event.iteration,
+            Finding(
+                "stage_error",
+                "error",
+                f"{event.stage} raised {text}" + (f" -- {err.hint}" if err.hint else ""),
+                suspects,
+                err.hint or "Read the message and the line it points at.",
+            ),
+        )
 
     # ----- load_batch ------------------------------------------------------------------
     def batch_mixing(self, event: StageEvent) -> None:
@@ -61,47 +69,63 @@ class StructuralChecks:
         mixed = self.context.batch_mixing()
         if mixed:
             row, others = mixed
-            self.fire(event.iteration, Finding(
-                "batch_rows_mixed", "error",
-                f"the output for example {row} changes with the inputs of {others} other example(s) in "
-                "the batch: something reshapes across the batch dimension.",
-                ("view_instead_of_permute",),
-                "Use permute()/transpose() to reorder axes; view()/reshape() only regroup memory.",
-            ))
+            self.fire(
+                event.iteration,
+                Finding(
+                    "batch_rows_mixed",
+                    "error",
+                    f"the output for example {row} changes with the inputs of {others} other example(s) in "
+                    "the batch: something reshapes across the batch dimension.",
+                    ("view_instead_of_permute",),
+                    "Use permute()/transpose() to reorder axes; view()/reshape() only regroup memory.",
+                ),
+            )
 
     # ----- forward ---------------------------------------------------------------------
     def forward_mode(self, event: StageEvent) -> None:
         it, m = event.iteration, event.metrics
         if m.get("model_training") is False:
             matters = "train_eval_differs" in self.context.features
-            self.fire(it, Finding(
-                "training_in_eval_mode", "warning" if matters else "info",
-                "the model is in eval mode during a training forward pass (model.training is False)"
-                + (": dropout is off and batch norm statistics are frozen." if matters else "."),
-                ("train_in_eval_mode",),
-                "Call model.train() after validation.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "training_in_eval_mode",
+                    "warning" if matters else "info",
+                    "the model is in eval mode during a training forward pass (model.training is False)"
+                    + (": dropout is off and batch norm statistics are frozen." if matters else "."),
+                    ("train_in_eval_mode",),
+                    "Call model.train() after validation.",
+                ),
+            )
         if m.get("output_requires_grad") is False and self.context.has_trainable_params():
-            self.fire(it, Finding(
-                "forward_without_graph", "error",
-                "the training forward pass recorded no autograd graph (the output does not require "
-                "grad): backward() will have nothing to differentiate.",
-                ("forward_under_no_grad",),
-                "Run the training forward pass outside torch.no_grad().",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "forward_without_graph",
+                    "error",
+                    "the training forward pass recorded no autograd graph (the output does not require "
+                    "grad): backward() will have nothing to differentiate.",
+                    ("forward_under_no_grad",),
+                    "Run the training forward pass outside torch.no_grad().",
+                ),
+            )
 
     def linear_stack(self, it: int, modules: list[TensorStat]) -> None:
         previous = None
         for t in modules:
             if t.module_type in WEIGHT_TYPES:
                 if previous is not None:
-                    self.fire(it, Finding(
-                        "no_activation_between_layers", "warning",
-                        f"{previous} feeds {t.name} with no activation between them: two linear layers "
-                        "in a row are one linear map.",
-                        ("missing_activation",),
-                        "Put a non-linearity (ReLU, GELU, Tanh) between the layers.",
-                    ))
+                    self.fire(
+                        it,
+                        Finding(
+                            "no_activation_between_layers",
+                            "warning",
+                            f"{previous} feeds {t.name} with no activation between them: two linear layers "
+                            "in a row are one linear map.",
+                            ("missing_activation",),
+                            "Put a non-linearity (ReLU, GELU, Tanh) between the layers.",
+                        ),
+                    )
                     return
                 previous = t.name
             elif t.module_type not in PASS_THROUGH_TYPES:
@@ -111,21 +135,29 @@ class StructuralChecks:
         last = modules[-1] if modules else None
         loss_name = self.context.loss_name
         if last is not None and last.module_type == "Sigmoid" and loss_name == "BCEWithLogitsLoss":
-            self.fire(it, Finding(
-                "sigmoid_then_bce_with_logits", "error",
-                f"the model ends in a Sigmoid ({last.name}) and feeds BCEWithLogitsLoss, which applies "
-                "its own sigmoid.",
-                ("sigmoid_before_bce_with_logits",),
-                "Remove the final Sigmoid (or use BCELoss).",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "sigmoid_then_bce_with_logits",
+                    "error",
+                    f"the model ends in a Sigmoid ({last.name}) and feeds BCEWithLogitsLoss, which applies "
+                    "its own sigmoid.",
+                    ("sigmoid_before_bce_with_logits",),
+                    "Remove the final Sigmoid (or use BCELoss).",
+                ),
+            )
         if last is not None and last.module_type in ("Softmax", "LogSoftmax") and loss_name == "CrossEntropyLoss":
-            self.fire(it, Finding(
-                "softmax_then_cross_entropy", "error",
-                f"the model ends in {last.module_type} ({last.name}) and feeds CrossEntropyLoss, which "
-                "applies its own log-softmax.",
-                ("double_softmax",),
-                "Remove the final softmax; CrossEntropyLoss wants logits.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "softmax_then_cross_entropy",
+                    "error",
+                    f"the model ends in {last.module_type} ({last.name}) and feeds CrossEntropyLoss, which "
+                    "applies its own log-softmax.",
+                    ("double_softmax",),
+                    "Remove the final softmax; CrossEntropyLoss wants logits.",
+                ),
+            )
 
     # ----- loss ------------------------------------------------------------------------
     def loss_input(self, event: StageEvent) -> None:
@@ -133,20 +165,30 @@ class StructuralChecks:
             return
         classes = next((t.shape[1] for t in event.tensors if t.name == "output" and len(t.shape) >= 2), None)
         floor = math.log(1 + (classes - 1) / math.e) if classes else None
-        self.fire(event.iteration, Finding(
-            "loss_input_is_probabilities", "error",
-            "CrossEntropyLoss received rows that already sum to 1 (probabilities, not logits)"
-            + (f"; the loss can never go below ln(1 + (C-1)/e) = {floor:.2f}." if floor else "."),
-            ("double_softmax",),
-            "Feed raw logits to CrossEntropyLoss; it applies log-softmax itself.",
-        ))
+        self.fire(
+            event.iteration,
+            Finding(
+                "loss_input_is_probabilities",
+                "error",
+                "CrossEntropyLoss received rows that already sum to 1 (probabilities, not logits)"
+                + (f"; the loss can never go below ln(1 + (C-1)/e) = {floor:.2f}." if floor else "."),
+                ("double_softmax",),
+                "Feed raw logits to CrossEntropyLoss; it applies log-softmax itself.",
+            ),
+        )
 
     def loss_shapes(self, event: StageEvent) -> None:
         shapes = {t.name: t.shape for t in event.tensors}
         output, targets = shapes.get("output"), shapes.get("targets")
         warned = any("target size" in w.lower() for w in event.metrics.get("warnings", ()))
-        elementwise = self.context.loss_name in ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss", "BCELoss",
-                                                 "BCEWithLogitsLoss")
+        elementwise = self.context.loss_name in (
+            "MSELoss",
+            "L1Loss",
+            "SmoothL1Loss",
+            "HuberLoss",
+            "BCELoss",
+            "BCEWithLogitsLoss",
+        )
         if output is None or targets is None or output == targets or not (elementwise or warned):
             return
         try:
@@ -154,103 +196,145 @@ class StructuralChecks:
         except RuntimeError:
             return
         if broadcast != output:
-            self.fire(event.iteration, Finding(
-                "loss_shapes_broadcast", "error",
-                f"the loss compares outputs {list(output)} with targets {list(targets)}: they broadcast "
-                f"to {list(broadcast)}, so every output is compared with every target.",
-                ("target_shape_broadcast",),
-                "Make the shapes equal (y.view(-1, 1) or out.squeeze(1)).",
-            ))
+            self.fire(
+                event.iteration,
+                Finding(
+                    "loss_shapes_broadcast",
+                    "error",
+                    f"the loss compares outputs {list(output)} with targets {list(targets)}: they broadcast "
+                    f"to {list(broadcast)}, so every output is compared with every target.",
+                    ("target_shape_broadcast",),
+                    "Make the shapes equal (y.view(-1, 1) or out.squeeze(1)).",
+                ),
+            )
 
     def graph_kept(self, event: StageEvent) -> None:
         if event.metrics.get("running_loss_holds_graph"):
-            self.fire(event.iteration, Finding(
-                "graph_kept_across_iterations", "error",
-                "running_loss is a tensor that still holds the autograd graph: every iteration's graph "
-                "(and its activations) stays in memory.",
-                ("loss_accumulates_graph",),
-                "Accumulate numbers: running_loss += loss.item().",
-            ))
+            self.fire(
+                event.iteration,
+                Finding(
+                    "graph_kept_across_iterations",
+                    "error",
+                    "running_loss is a tensor that still holds the autograd graph: every iteration's graph "
+                    "(and its activations) stays in memory.",
+                    ("loss_accumulates_graph",),
+                    "Accumulate numbers: running_loss += loss.item().",
+                ),
+            )
 
     # ----- backward / step ---------------------------------------------------------------
     def gradients_at_backward(self, event: StageEvent) -> None:
         it, m = event.iteration, event.metrics
         before = m.get("grads_before")
         if before and before["nonzero"] > 0:
-            self.fire(it, Finding(
-                "stale_gradients", "error",
-                f"{before['nonzero']} gradient tensors still held values (norm {fmt(before['norm'])}) "
-                "when backward() ran, so the new gradients were added to the old ones.",
-                ("skip_zero_grad",),
-                "Call optimizer.zero_grad() before loss.backward() in every iteration.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "stale_gradients",
+                    "error",
+                    f"{before['nonzero']} gradient tensors still held values (norm {fmt(before['norm'])}) "
+                    "when backward() ran, so the new gradients were added to the old ones.",
+                    ("skip_zero_grad",),
+                    "Call optimizer.zero_grad() before loss.backward() in every iteration.",
+                ),
+            )
         trainable = [layer for layer in event.layers if layer.trainable]
         if trainable and all(layer.grad_norm is None for layer in trainable):
-            self.fire(it, Finding(
-                "no_gradients", "error",
-                f"after backward every one of the {len(trainable)} trainable parameters has grad None.",
-                ("missing_backward",),
-                "Call loss.backward() before optimizer.step().",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "no_gradients",
+                    "error",
+                    f"after backward every one of the {len(trainable)} trainable parameters has grad None.",
+                    ("missing_backward",),
+                    "Call loss.backward() before optimizer.step().",
+                ),
+            )
         self.backward_had_grads[it] = any(layer.grad_norm for layer in trainable)
         self.backward_had_grads.pop(it - 3, None)
 
     def step_order(self, event: StageEvent) -> None:
         it, m = event.iteration, event.metrics
         if Stage.BACKWARD not in self.iteration_stages.get(it, []):
-            self.fire(it, Finding(
-                "step_before_backward", "warning",
-                f"optimizer.step() ran before loss.backward() in iteration {it}: it used whatever "
-                "gradients were left over, and changed weights the coming backward() needs.",
-                ("step_before_backward",),
-                "Order the calls: zero_grad(), forward, loss, backward(), step().",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "step_before_backward",
+                    "warning",
+                    f"optimizer.step() ran before loss.backward() in iteration {it}: it used whatever "
+                    "gradients were left over, and changed weights the coming backward() needs.",
+                    ("step_before_backward",),
+                    "Order the calls: zero_grad(), forward, loss, backward(), step().",
+                ),
+            )
         at_step = m.get("grads_at_step")
         if at_step and at_step["nonzero"] == 0 and self.backward_had_grads.get(it):
-            self.fire(it, Finding(
-                "gradients_cleared_before_step", "error",
-                "backward() computed gradients, but they were gone (None or zero) when step() ran.",
-                ("zero_grad_after_backward",),
-                "Do not call zero_grad() between backward() and step().",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "gradients_cleared_before_step",
+                    "error",
+                    "backward() computed gradients, but they were gone (None or zero) when step() ran.",
+                    ("zero_grad_after_backward",),
+                    "Do not call zero_grad() between backward() and step().",
+                ),
+            )
 
     def scheduler_order(self, event: StageEvent) -> None:
         stages = self.iteration_stages.get(event.iteration, [])
         warned = any("lr_scheduler.step()" in w for w in event.metrics.get("warnings", ()))
-        if warned or (self.context.scheduler_interval == "iteration" and Stage.STEP not in stages) or (
-            Stage.LOAD_BATCH in stages and Stage.STEP not in stages
+        if (
+            warned
+            or (self.context.scheduler_interval == "iteration" and Stage.STEP not in stages)
+            or (Stage.LOAD_BATCH in stages and Stage.STEP not in stages)
         ):
-            self.fire(event.iteration, Finding(
-                "scheduler_before_optimizer", "warning",
-                "scheduler.step() ran before optimizer.step(): the learning-rate schedule is one step "
-                "early" + (" (PyTorch warned too)." if warned else "."),
-                ("scheduler_before_step",),
-                "Call scheduler.step() after optimizer.step().",
-            ))
+            self.fire(
+                event.iteration,
+                Finding(
+                    "scheduler_before_optimizer",
+                    "warning",
+                    "scheduler.step() ran before optimizer.step(): the learning-rate schedule is one step "
+                    "early" + (" (PyTorch warned too)." if warned else "."),
+                    ("scheduler_before_step",),
+                    "Call scheduler.step() after optimizer.step().",
+                ),
+            )
 
     # ----- validation ------------------------------------------------------------------
     def validation_setup(self, event: StageEvent) -> None:
         it, m = event.iteration, event.metrics
         if m.get("model_training") and "train_eval_differs" in self.context.features:
-            self.fire(it, Finding(
-                "validation_in_train_mode", "warning",
-                "validation ran with the model in training mode: dropout was active (and batch norm "
-                "used batch statistics), so val loss is noisy and pessimistic.",
-                ("validate_in_train_mode",),
-                "Call model.eval() before validating.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "validation_in_train_mode",
+                    "warning",
+                    "validation ran with the model in training mode: dropout was active (and batch norm "
+                    "used batch statistics), so val loss is noisy and pessimistic.",
+                    ("validate_in_train_mode",),
+                    "Call model.eval() before validating.",
+                ),
+            )
         if m.get("builds_graph"):
-            self.fire(it, Finding(
-                "validation_builds_graph", "warning",
-                "validation outputs require grad: an autograd graph was built for every validation "
-                "batch, costing memory and time for nothing.",
-                ("validate_with_grad",),
-                "Wrap validation in torch.no_grad().",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "validation_builds_graph",
+                    "warning",
+                    "validation outputs require grad: an autograd graph was built for every validation "
+                    "batch, costing memory and time for nothing.",
+                    ("validate_with_grad",),
+                    "Wrap validation in torch.no_grad().",
+                ),
+            )
         if m.get("val_loader_is_train_loader"):
-            self.fire(it, Finding(
-                "validation_on_training_data", "warning",
-                "validation reads the training data: val loss will track train loss and look too good.",
-                ("val_is_train",),
-                "Validate on held-out data.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "validation_on_training_data",
+                    "warning",
+                    "validation reads the training data: val loss will track train loss and look too good.",
+                    ("val_is_train",),
+                    "Validate on held-out data.",
+                ),
+            )

@@ -14,10 +14,26 @@ from typing import Any
 
 from loopscope.engine.diagnostics.context import DiagnosticContext
 from loopscope.engine.diagnostics.findings import (
-    ACTIVATION_RMS, DEAD_RELU_FRACTION, DIVERGING_FACTOR, DROPOUT_TYPES, EXPLODING_RATIO, INPUT_ABS_MAX,
-    INPUT_ABS_MEAN, LOSS_NUMERIC_FAILURE, RATIO_WINDOW, RELU_TYPES, SLOW_LOSS_FRACTION, STALLED_FRACTION,
-    UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW, UPDATE_RATIO_SLOW, VANISHING_FIRST_NORM, VANISHING_RATIO,
-    WARMUP_ITERATIONS, FindingLog, fmt,
+    ACTIVATION_RMS,
+    DEAD_RELU_FRACTION,
+    DIVERGING_FACTOR,
+    DROPOUT_TYPES,
+    EXPLODING_RATIO,
+    INPUT_ABS_MAX,
+    INPUT_ABS_MEAN,
+    LOSS_NUMERIC_FAILURE,
+    RATIO_WINDOW,
+    RELU_TYPES,
+    SLOW_LOSS_FRACTION,
+    STALLED_FRACTION,
+    UPDATE_RATIO_HIGH,
+    UPDATE_RATIO_LOW,
+    UPDATE_RATIO_SLOW,
+    VANISHING_FIRST_NORM,
+    VANISHING_RATIO,
+    WARMUP_ITERATIONS,
+    FindingLog,
+    fmt,
 )
 from loopscope.shared.events import Finding, LayerStat, StageEvent, TensorStat
 
@@ -46,13 +62,17 @@ class SymptomChecks:
             assert t.min is not None and t.max is not None
             peak = max(abs(t.min), abs(t.max))
             if peak > INPUT_ABS_MAX or abs(t.mean) > INPUT_ABS_MEAN:
-                self.fire(event.iteration, Finding(
-                    "inputs_not_normalised", "warning",
-                    f"{t.name} range from {fmt(t.min)} to {fmt(t.max)} (mean {fmt(t.mean)}, std "
-                    f"{fmt(t.std)}): features this large make every layer's output large too.",
-                    ("unnormalized_inputs",),
-                    "Standardise each feature: (x - mean) / std with the training set's statistics.",
-                ))
+                self.fire(
+                    event.iteration,
+                    Finding(
+                        "inputs_not_normalised",
+                        "warning",
+                        f"{t.name} range from {fmt(t.min)} to {fmt(t.max)} (mean {fmt(t.mean)}, std "
+                        f"{fmt(t.std)}): features this large make every layer's output large too.",
+                        ("unnormalized_inputs",),
+                        "Standardise each feature: (x - mean) / std with the training set's statistics.",
+                    ),
+                )
 
     def batch_classes(self, event: StageEvent) -> None:
         counts = event.metrics.get("class_counts")
@@ -62,13 +82,17 @@ class SymptomChecks:
         self._single_class.append(len(counts) == 1)
         single = sum(self._single_class)
         if len(self._single_class) == self._single_class.maxlen and single >= 16 and len(self._classes_seen) > 1:
-            self.fire(event.iteration, Finding(
-                "batches_one_class", "warning",
-                f"{single} of the last {len(self._single_class)} batches held a single class: the "
-                "data arrives grouped by label.",
-                ("no_shuffle_sorted_data",),
-                "Shuffle the training data every epoch (DataLoader(..., shuffle=True)).",
-            ))
+            self.fire(
+                event.iteration,
+                Finding(
+                    "batches_one_class",
+                    "warning",
+                    f"{single} of the last {len(self._single_class)} batches held a single class: the "
+                    "data arrives grouped by label.",
+                    ("no_shuffle_sorted_data",),
+                    "Shuffle the training data every epoch (DataLoader(..., shuffle=True)).",
+                ),
+            )
 
     # ----- forward ---------------------------------------------------------------------
     def dead_units(self, it: int, modules: list[TensorStat]) -> None:
@@ -79,13 +103,17 @@ class SymptomChecks:
             window.append(t.zero_fraction)
             mean = sum(window) / len(window)
             if len(window) == window.maxlen and mean >= 0.9:
-                self.fire(it, Finding(
-                    "dead_relu", "warning",
-                    f"{mean:.0%} of {t.name}'s outputs were 0 over the last {len(window)} batches "
-                    f"(>= {DEAD_RELU_FRACTION:.0%} means dying ReLUs): its units pass back no gradient.",
-                    ("dead_relu_init", "zero_init", "lr_too_high"),
-                    "Check the initialisation (biases should not be very negative) and the learning rate.",
-                ))
+                self.fire(
+                    it,
+                    Finding(
+                        "dead_relu",
+                        "warning",
+                        f"{mean:.0%} of {t.name}'s outputs were 0 over the last {len(window)} batches "
+                        f"(>= {DEAD_RELU_FRACTION:.0%} means dying ReLUs): its units pass back no gradient.",
+                        ("dead_relu_init", "zero_init", "lr_too_high"),
+                        "Check the initialisation (biases should not be very negative) and the learning rate.",
+                    ),
+                )
 
     def dropout_rate(self, it: int, modules: list[TensorStat]) -> None:
         previous = None
@@ -95,13 +123,17 @@ class SymptomChecks:
                 given = previous.zero_fraction or 0.0
                 rate = (t.zero_fraction - given) / (1.0 - given) if given < 1.0 else 0.0
                 if rate >= 0.6:
-                    self.fire(it, Finding(
-                        "dropout_heavy", "warning",
-                        f"{t.name} zeroed {rate:.0%} of the units it was given in this batch: the "
-                        "network trains on a small fraction of itself.",
-                        ("dropout_too_high",),
-                        "Use a dropout probability between 0.1 and 0.5.",
-                    ))
+                    self.fire(
+                        it,
+                        Finding(
+                            "dropout_heavy",
+                            "warning",
+                            f"{t.name} zeroed {rate:.0%} of the units it was given in this batch: the "
+                            "network trains on a small fraction of itself.",
+                            ("dropout_too_high",),
+                            "Use a dropout probability between 0.1 and 0.5.",
+                        ),
+                    )
             previous = t
 
     def activation_scale(self, it: int, modules: list[TensorStat]) -> None:
@@ -110,13 +142,17 @@ class SymptomChecks:
                 continue
             rms = math.sqrt(t.mean * t.mean + t.std * t.std)
             if rms >= ACTIVATION_RMS:
-                self.fire(it, Finding(
-                    "activations_large", "warning",
-                    f"{t.name} ({t.module_type}) outputs have RMS {fmt(rms)} (mean {fmt(t.mean)}, std "
-                    f"{fmt(t.std)}); healthy layers stay near 1.",
-                    ("unnormalized_inputs", "exploding_init", "lr_too_high"),
-                    "Normalise the inputs and keep the default initialisation.",
-                ))
+                self.fire(
+                    it,
+                    Finding(
+                        "activations_large",
+                        "warning",
+                        f"{t.name} ({t.module_type}) outputs have RMS {fmt(rms)} (mean {fmt(t.mean)}, std "
+                        f"{fmt(t.std)}); healthy layers stay near 1.",
+                        ("unnormalized_inputs", "exploding_init", "lr_too_high"),
+                        "Normalise the inputs and keep the default initialisation.",
+                    ),
+                )
                 return
 
     # ----- loss ------------------------------------------------------------------------
@@ -127,13 +163,17 @@ class SymptomChecks:
             if len(self.first_losses) < 20:
                 self.first_losses.append(loss)
         if loss is None or not math.isfinite(loss) or loss >= LOSS_NUMERIC_FAILURE:
-            self.fire(it, Finding(
-                "loss_not_finite", "error",
-                f"the loss is {fmt(loss) if loss is None or math.isfinite(loss) else loss} at iteration {it} "
-                f"(>= {LOSS_NUMERIC_FAILURE:g} or NaN is numerical failure).",
-                ("lr_too_high", "exploding_init", "unnormalized_inputs"),
-                "Lower the learning rate, normalise inputs, check the initialisation.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "loss_not_finite",
+                    "error",
+                    f"the loss is {fmt(loss) if loss is None or math.isfinite(loss) else loss} at iteration {it} "
+                    f"(>= {LOSS_NUMERIC_FAILURE:g} or NaN is numerical failure).",
+                    ("lr_too_high", "exploding_init", "unnormalized_inputs"),
+                    "Lower the learning rate, normalise inputs, check the initialisation.",
+                ),
+            )
         if len(self.first_losses) <= 3 and loss is not None and math.isfinite(loss):
             self._initial_loss(event, loss)
 
@@ -149,33 +189,41 @@ class SymptomChecks:
             expected, what = math.log(2), "-ln(1/2)"
         elif loss_name == "MSELoss" and targets is not None and targets.mean is not None:
             assert targets.std is not None
-            expected = max(targets.mean ** 2 + targets.std ** 2, 1e-3)
+            expected = max(targets.mean**2 + targets.std**2, 1e-3)
             what = "mean(target^2), the loss of always predicting 0"
         if expected is None or loss <= 5 * expected:
             return
-        self.fire(event.iteration, Finding(
-            "initial_loss_high", "warning",
-            f"the loss at iteration {event.iteration} is {loss:.4g}, {loss / expected:.0f}x the {expected:.3g} "
-            f"expected at initialisation ({what}): the untrained model is confidently wrong.",
-            ("exploding_init", "unnormalized_inputs", "lr_too_high"),
-            "Check the initialisation scale and the input normalisation.",
-        ))
+        self.fire(
+            event.iteration,
+            Finding(
+                "initial_loss_high",
+                "warning",
+                f"the loss at iteration {event.iteration} is {loss:.4g}, {loss / expected:.0f}x the {expected:.3g} "
+                f"expected at initialisation ({what}): the untrained model is confidently wrong.",
+                ("exploding_init", "unnormalized_inputs", "lr_too_high"),
+                "Check the initialisation scale and the input normalisation.",
+            ),
+        )
 
     def logits_squashed(self, event: StageEvent) -> None:
         output = next((t for t in event.tensors if t.name == "output"), None)
         if self.context.loss_name != "BCEWithLogitsLoss" or output is None or output.min is None:
             return
         assert output.max is not None
-        inside = 0.0 <= output.min and output.max <= 1.0
+        inside = output.min >= 0.0 and output.max <= 1.0
         self._unit_interval_streak = self._unit_interval_streak + 1 if inside else 0
         if self._unit_interval_streak >= 50:
-            self.fire(event.iteration, Finding(
-                "logits_squashed", "warning",
-                f"every input to BCEWithLogitsLoss has stayed inside [0, 1] for "
-                f"{self._unit_interval_streak} iterations: they look like probabilities, not logits.",
-                ("sigmoid_before_bce_with_logits",),
-                "Feed raw scores to BCEWithLogitsLoss; it applies the sigmoid itself.",
-            ))
+            self.fire(
+                event.iteration,
+                Finding(
+                    "logits_squashed",
+                    "warning",
+                    f"every input to BCEWithLogitsLoss has stayed inside [0, 1] for "
+                    f"{self._unit_interval_streak} iterations: they look like probabilities, not logits.",
+                    ("sigmoid_before_bce_with_logits",),
+                    "Feed raw scores to BCEWithLogitsLoss; it applies the sigmoid itself.",
+                ),
+            )
 
     def loss_trend(self, event: StageEvent) -> None:
         it = event.iteration
@@ -183,34 +231,54 @@ class SymptomChecks:
             return
         start, recent = statistics.fmean(self.first_losses), statistics.fmean(self.losses)
         if recent >= DIVERGING_FACTOR * start:
-            self.fire(it, Finding(
-                "loss_diverging", "warning",
-                f"the loss has grown: {start:.4g} over the first {len(self.first_losses)} iterations, "
-                f"{recent:.4g} over the last {len(self.losses)} ({recent / start:.1f}x).",
-                ("lr_too_high", "skip_zero_grad", "exploding_init", "unnormalized_inputs"),
-                "Check that gradients are cleared every iteration and lower the learning rate.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "loss_diverging",
+                    "warning",
+                    f"the loss has grown: {start:.4g} over the first {len(self.first_losses)} iterations, "
+                    f"{recent:.4g} over the last {len(self.losses)} ({recent / start:.1f}x).",
+                    ("lr_too_high", "skip_zero_grad", "exploding_init", "unnormalized_inputs"),
+                    "Check that gradients are cleared every iteration and lower the learning rate.",
+                ),
+            )
         elif recent >= STALLED_FRACTION * start:
-            self.fire(it, Finding(
-                "loss_stalled", "warning",
-                f"the loss has not fallen: {start:.4g} over the first {len(self.first_losses)} "
-                f"iterations, {recent:.4g} over the last {len(self.losses)}.",
-                ("lr_too_low", "missing_step", "missing_backward", "zero_grad_after_backward",
-                 "dead_relu_init", "zero_init", "clip_loss_not_grad", "sigmoid_before_bce_with_logits"),
-                "Check that gradients reach the parameters and that the learning rate is not tiny.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "loss_stalled",
+                    "warning",
+                    f"the loss has not fallen: {start:.4g} over the first {len(self.first_losses)} "
+                    f"iterations, {recent:.4g} over the last {len(self.losses)}.",
+                    (
+                        "lr_too_low",
+                        "missing_step",
+                        "missing_backward",
+                        "zero_grad_after_backward",
+                        "dead_relu_init",
+                        "zero_init",
+                        "clip_loss_not_grad",
+                        "sigmoid_before_bce_with_logits",
+                    ),
+                    "Check that gradients reach the parameters and that the learning rate is not tiny.",
+                ),
+            )
 
     # ----- backward --------------------------------------------------------------------
     def zero_gradient(self, event: StageEvent) -> None:
         loss = self.losses[-1] if self.losses else None
         if event.grad_norm == 0.0 and loss:
-            self.fire(event.iteration, Finding(
-                "zero_gradient_nonzero_loss", "warning",
-                f"the loss is {fmt(loss)} but every gradient is exactly 0: something between the loss "
-                "and the parameters passes no gradient.",
-                ("clip_loss_not_grad", "dead_relu_init", "zero_init"),
-                "Clip gradients (not the loss) and check for dead units.",
-            ))
+            self.fire(
+                event.iteration,
+                Finding(
+                    "zero_gradient_nonzero_loss",
+                    "warning",
+                    f"the loss is {fmt(loss)} but every gradient is exactly 0: something between the loss "
+                    "and the parameters passes no gradient.",
+                    ("clip_loss_not_grad", "dead_relu_init", "zero_init"),
+                    "Clip gradients (not the loss) and check for dead units.",
+                ),
+            )
 
     def zero_weight_grads(self, it: int, trainable: list[LayerStat]) -> None:
         for layer in trainable:
@@ -220,12 +288,16 @@ class SymptomChecks:
                 self._zero_grad_streak.get(layer.name, 0) + 1 if layer.grad_norm == 0.0 else 0
             )
             if streak >= 10:
-                self.fire(it, Finding(
-                    "weights_get_no_gradient", "warning",
-                    f"{layer.name} has had exactly zero gradient for {streak} iterations: it cannot learn.",
-                    ("zero_init", "dead_relu_init", "clip_loss_not_grad"),
-                    "Initialise weights randomly and check the fraction of dead units.",
-                ))
+                self.fire(
+                    it,
+                    Finding(
+                        "weights_get_no_gradient",
+                        "warning",
+                        f"{layer.name} has had exactly zero gradient for {streak} iterations: it cannot learn.",
+                        ("zero_init", "dead_relu_init", "clip_loss_not_grad"),
+                        "Initialise weights randomly and check the fraction of dead units.",
+                    ),
+                )
                 return
 
     def gradient_ratio(self, it: int, trainable: list[LayerStat]) -> None:
@@ -244,21 +316,29 @@ class SymptomChecks:
             self._grad_ratio_streak[1] + 1 if vanishing else 0,
         ]
         if self._grad_ratio_streak[0] >= 5:
-            self.fire(it, Finding(
-                "exploding_gradients", "warning",
-                f"the first layer's gradient ({weights[0].name}, {fmt(first)}) is {ratio:.0f}x the last "
-                f"layer's ({fmt(last)}) for 5 iterations (> {EXPLODING_RATIO:g} is exploding).",
-                ("unnormalized_inputs", "exploding_init", "lr_too_high"),
-                "Normalise inputs, keep default initialisation, lower the learning rate.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "exploding_gradients",
+                    "warning",
+                    f"the first layer's gradient ({weights[0].name}, {fmt(first)}) is {ratio:.0f}x the last "
+                    f"layer's ({fmt(last)}) for 5 iterations (> {EXPLODING_RATIO:g} is exploding).",
+                    ("unnormalized_inputs", "exploding_init", "lr_too_high"),
+                    "Normalise inputs, keep default initialisation, lower the learning rate.",
+                ),
+            )
         if self._grad_ratio_streak[1] >= 5:
-            self.fire(it, Finding(
-                "vanishing_gradients", "warning",
-                f"the first layer's gradient ({weights[0].name}, {fmt(first)}) is {fmt(ratio)} of the "
-                f"last layer's for 5 iterations (< {VANISHING_RATIO:g} and < {VANISHING_FIRST_NORM:g} is vanishing).",
-                ("dead_relu_init", "zero_init", "double_softmax", "sigmoid_before_bce_with_logits"),
-                "Check activations for dead units and the loss input for squashing.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "vanishing_gradients",
+                    "warning",
+                    f"the first layer's gradient ({weights[0].name}, {fmt(first)}) is {fmt(ratio)} of the "
+                    f"last layer's for 5 iterations (< {VANISHING_RATIO:g} and < {VANISHING_FIRST_NORM:g} is vanishing).",
+                    ("dead_relu_init", "zero_init", "double_softmax", "sigmoid_before_bce_with_logits"),
+                    "Check activations for dead units and the loss input for squashing.",
+                ),
+            )
 
     # ----- step ------------------------------------------------------------------------
     def updates(self, event: StageEvent) -> None:
@@ -271,41 +351,55 @@ class SymptomChecks:
         self._unchanged_streak = 0 if moved else self._unchanged_streak + 1
         if self._unchanged_streak >= 3 and (m.get("lr") or 0) > 0:
             had_grads = bool(at_step and at_step["nonzero"])
-            self.fire(it, Finding(
-                "parameters_not_updated", "error",
-                f"step() changed no parameter for {self._unchanged_streak} iterations (lr {fmt(m.get('lr'))}, "
-                f"{at_step['nonzero'] if at_step else '?'} gradients with values at step).",
-                ("missing_step",) if had_grads else ("missing_backward", "zero_grad_after_backward"),
-                "Call loss.backward() then optimizer.step() every iteration.",
-            ))
+            self.fire(
+                it,
+                Finding(
+                    "parameters_not_updated",
+                    "error",
+                    f"step() changed no parameter for {self._unchanged_streak} iterations (lr {fmt(m.get('lr'))}, "
+                    f"{at_step['nonzero'] if at_step else '?'} gradients with values at step).",
+                    ("missing_step",) if had_grads else ("missing_backward", "zero_grad_after_backward"),
+                    "Call loss.backward() then optimizer.step() every iteration.",
+                ),
+            )
         ratio = max(layer.update_ratio for layer in weights if layer.update_ratio is not None)
         if math.isfinite(ratio):
             self._max_ratios.append(ratio)
         if len(self._max_ratios) >= RATIO_WINDOW:
             median = statistics.median(self._max_ratios)
             if median > UPDATE_RATIO_HIGH:
-                self.fire(it, Finding(
-                    "update_ratio_high", "warning",
-                    f"updates are {fmt(median)} of the weights' size (median of the largest layer ratio "
-                    f"over {RATIO_WINDOW} steps; healthy is about 1e-3, above {UPDATE_RATIO_HIGH:g} is too big).",
-                    ("lr_too_high",),
-                    "Lower the learning rate.",
-                ))
+                self.fire(
+                    it,
+                    Finding(
+                        "update_ratio_high",
+                        "warning",
+                        f"updates are {fmt(median)} of the weights' size (median of the largest layer ratio "
+                        f"over {RATIO_WINDOW} steps; healthy is about 1e-3, above {UPDATE_RATIO_HIGH:g} is too big).",
+                        ("lr_too_high",),
+                        "Lower the learning rate.",
+                    ),
+                )
         if len(self._max_ratios) == self._max_ratios.maxlen and moved:
             median = statistics.median(self._max_ratios)
             barely_moved = bool(
-                it >= WARMUP_ITERATIONS and self.first_losses and len(self.losses) == self.losses.maxlen
+                it >= WARMUP_ITERATIONS
+                and self.first_losses
+                and len(self.losses) == self.losses.maxlen
                 and statistics.fmean(self.losses) >= SLOW_LOSS_FRACTION * statistics.fmean(self.first_losses)
             )
             if median < UPDATE_RATIO_LOW or (median < UPDATE_RATIO_SLOW and barely_moved):
-                self.fire(it, Finding(
-                    "update_ratio_low", "warning",
-                    f"updates are only {fmt(median)} of the weights' size (largest layer, median over "
-                    f"{len(self._max_ratios)} steps; healthy is about 1e-3)"
-                    + (" and the loss has barely moved." if barely_moved else "."),
-                    ("lr_too_low",),
-                    "Raise the learning rate.",
-                ))
+                self.fire(
+                    it,
+                    Finding(
+                        "update_ratio_low",
+                        "warning",
+                        f"updates are only {fmt(median)} of the weights' size (largest layer, median over "
+                        f"{len(self._max_ratios)} steps; healthy is about 1e-3)"
+                        + (" and the loss has barely moved." if barely_moved else "."),
+                        ("lr_too_low",),
+                        "Raise the learning rate.",
+                    ),
+                )
 
     # ----- validation ------------------------------------------------------------------
     def chance_accuracy(self, event: StageEvent) -> None:
@@ -321,12 +415,18 @@ class SymptomChecks:
         if max(accuracies[-2:]) <= chance + margin:
             trend = ""
             if self.first_losses and self.losses:
-                trend = (f" while train loss went {statistics.fmean(self.first_losses):.3g} -> "
-                         f"{statistics.fmean(self.losses):.3g}")
-            self.fire(event.iteration, Finding(
-                "validation_at_chance", "warning",
-                f"val accuracy is {accuracies[-1]:.1%} after {len(accuracies)} validations, about chance "
-                f"({chance:.0%}){trend}: what the model learns does not carry over to new data.",
-                ("shuffled_labels", "lr_too_low", "missing_step", "missing_backward", "dead_relu_init"),
-                "Check that labels belong to their inputs, and that the model learns at all.",
-            ))
+                trend = (
+                    f" while train loss went {statistics.fmean(self.first_losses):.3g} -> "
+                    f"{statistics.fmean(self.losses):.3g}"
+                )
+            self.fire(
+                event.iteration,
+                Finding(
+                    "validation_at_chance",
+                    "warning",
+                    f"val accuracy is {accuracies[-1]:.1%} after {len(accuracies)} validations, about chance "
+                    f"({chance:.0%}){trend}: what the model learns does not carry over to new data.",
+                    ("shuffled_labels", "lr_too_low", "missing_step", "missing_backward", "dead_relu_init"),
+                    "Check that labels belong to their inputs, and that the model learns at all.",
+                ),
+            )

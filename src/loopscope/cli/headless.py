@@ -1,0 +1,150 @@
+"""The headless commands: `trace` (every stage as a JSON line or a table row) and `check`
+(the sanity checks). They run the engine in this process; torch loads only when they run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, TextIO
+
+from loopscope.cli.codes import EXIT_OK, EXIT_STAGE_ERROR
+from loopscope.cli.trace import TraceWriter
+from loopscope.shared.errors import UserError
+
+if TYPE_CHECKING:
+    from loopscope.engine.stepper import Stepper
+    from loopscope.shared.events import Finding, StageEvent
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """`loopscope check`: Karpathy's sanity checks, pass/fail with the numbers."""
+    from loopscope.engine.checks import run_checks
+    from loopscope.engine.devices import resolve_device
+    from loopscope.engine.experiment import load_experiment
+    from loopscope.engine.stepper import Stepper
+
+    device = resolve_device(args.device)
+    stepper = Stepper(load_experiment(args.target, args.seed), device, bugs=args.bug, diagnose=False)
+    results = run_checks(stepper)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        width = max(len(r.title) for r in results)
+        for r in results:
+            verdict = "SKIP" if r.skipped else ("PASS" if r.passed else "FAIL")
+            print(f"{verdict}  {r.title:<{width}}  {r.message}")
+    return EXIT_OK if all(r.passed for r in results) else EXIT_STAGE_ERROR
+
+
+def trace_command(args: argparse.Namespace, note: str | None = None) -> int:
+    """`loopscope trace`: run headless and write what every stage did."""
+    # Imported here so `--help`, `scenarios` and argument errors answer before torch loads.
+    from loopscope.engine.devices import resolve_device
+    from loopscope.engine.experiment import load_experiment
+    from loopscope.engine.stepper import Stepper
+
+    device = resolve_device(args.device)
+    experiment = load_experiment(args.target, args.seed)
+    stepper = Stepper(experiment, device, probe=not args.fast, sync_cuda=True, bugs=args.bug, twin=args.twin)
+    if note:
+        sys.stderr.write(f"loopscope: {note}\n")
+    out: TextIO
+    try:
+        out = (
+            open(  # noqa: SIM115 - closed in the finally below, or stdout left open
+                args.output, "w", encoding="utf-8"
+            )
+            if args.output
+            else sys.stdout
+        )
+    except OSError as exc:
+        raise UserError(f"cannot write {args.output}: {exc.strerror}") from exc
+    writer = TraceWriter(out, args.format)
+    progress = _Progress(enabled=bool(args.output) and sys.stderr.isatty(), total=args.iterations)
+
+    def on_event(event: StageEvent) -> None:
+        writer.write(event)
+        progress.update(stepper)
+
+    stepper.on_event = on_event
+    try:
+        stepper.run(args.iterations)
+    finally:
+        out.flush()
+        if out is not sys.stdout:
+            out.close()
+        progress.close()
+    return _report(stepper, writer, args)
+
+
+def _report(stepper: Stepper, writer: TraceWriter, args: argparse.Namespace) -> int:
+    where = f" to {args.output}" if args.output else ""
+    loss = stepper.history.series["loss"]
+    points = loss.points()
+    first = next((p.mean for p in points if p.count > p.nonfinite), None)
+    last = loss.last()
+    done = stepper.completed_iterations
+    summary = (
+        f"loopscope: {done} iteration{'' if done == 1 else 's'} completed, epoch {stepper.epoch}, "
+        f"{writer.count} stage records{where}"
+    )
+    if first is not None and last is not None:
+        summary += f"; loss {first:.4g} -> {last:.4g}"
+    val = stepper.history.series["val_accuracy"].last()
+    if val is not None:
+        summary += f", val accuracy {val:.1%}"
+    if stepper.stop_reason:
+        summary += f" ({stepper.stop_reason})"
+    sys.stderr.write(summary + "\n")
+    _report_findings(stepper)
+    if stepper.halted is not None:
+        err = stepper.halted
+        last_event = stepper.history.last()
+        stage = last_event.stage if last_event else "?"
+        message = f"loopscope: stage {stage} failed at iteration {stepper.iteration}: {err.type}: {err.message}"
+        if err.location:
+            message += f" ({err.location})"
+        sys.stderr.write(message + "\n")
+        if err.hint:
+            sys.stderr.write(f"loopscope: hint: {err.hint}\n")
+        return EXIT_STAGE_ERROR
+    return EXIT_OK
+
+
+def _report_findings(stepper: Stepper) -> None:
+    """Each finding once, with the iteration it first appeared, so a long trace ends with its verdict."""
+    if stepper.diagnostics is None:
+        return
+    first: dict[str, tuple[int, Finding]] = {}
+    for iteration, finding in stepper.diagnostics.all_findings:
+        # Stage errors are reported on their own below.
+        if finding.severity != "info" and finding.id != "stage_error" and finding.id not in first:
+            first[finding.id] = (iteration, finding)
+    for iteration, finding in sorted(first.values(), key=lambda item: item[0]):
+        suspects = f" [suspects: {', '.join(finding.suspects)}]" if finding.suspects else ""
+        sys.stderr.write(f"loopscope: {finding.severity} at iteration {iteration}: {finding.message}{suspects}\n")
+
+
+class _Progress:
+    """A one-line progress report on a terminal's stderr while a trace goes to a file."""
+
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.enabled = enabled
+        self.total = total
+        self._last = -1
+
+    def update(self, stepper: Stepper) -> None:
+        done = stepper.completed_iterations
+        if not self.enabled or done == self._last or done % 10:
+            return
+        self._last = done
+        total = f"/{self.total}" if self.total else ""
+        loss = stepper.history.series["loss"].last()
+        loss_text = f"  loss {loss:.4g}" if loss is not None else ""
+        sys.stderr.write(f"\r  iteration {done}{total}  epoch {stepper.epoch}{loss_text}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._last >= 0:
+            sys.stderr.write("\n")

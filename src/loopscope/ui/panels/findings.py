@@ -1,0 +1,70 @@
+"""The diagnostics' findings, and the highlighted bug's card."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+from loopscope.shared.bugs import BUGS_BY_ID
+from loopscope.ui.model import ScreenModel
+from loopscope.ui.panels.base import TextPanel
+
+
+class DiagnosticsPanel(TextPanel):
+    """Findings, newest first, with the numbers, the suspects and the fix."""
+
+    def show(self, model: ScreenModel) -> None:
+        text = Text()
+        if model.failure:
+            text.append(f"ENGINE STOPPED: {model.failure}\nPress ctrl+r to restart it.\n\n", style="bold red")
+        if model.checks is not None:
+            text.append("Sanity checks:\n", style="bold")
+            for check in model.checks:
+                if check.skipped:
+                    text.append(" SKIP ", style="dim")
+                else:
+                    text.append(" PASS " if check.passed else " FAIL ", style="green" if check.passed else "bold red")
+                text.append(f"{check.title}: {check.message}\n")
+            text.append("\n")
+        state = model.state
+        if state is not None and state.halted is not None:
+            err = state.halted
+            last = model.last_event
+            where = f" in iteration {last.iteration}, stage {last.stage}" if last else ""
+            text.append(f"ERROR{where}: {err.type}: {err.message}\n", style="bold red")
+            if err.location:
+                text.append(f"  {'' if err.location.startswith('in ') else 'at '}{err.location}\n")
+            if err.hint:
+                text.append(f"  {err.hint}\n", style="yellow")
+            text.append("  Step on (space/n) to start the next iteration.\n\n", style="dim")
+        if not model.findings and not text:
+            self.update(Text("no findings yet", style="dim"))
+            return
+        icons = {"error": ("x ", "bold red"), "warning": ("! ", "yellow"), "info": ("i ", "cyan")}
+        rank = {"error": 0, "warning": 1, "info": 2}
+        # Errors first (they are usually the cause), then warnings; newest first within each.
+        ordered = sorted(model.findings, key=lambda item: rank.get(item[1].severity, 3))
+        for iteration, finding in ordered:
+            icon, style = icons.get(finding.severity, ("  ", ""))
+            text.append(icon, style=style)
+            text.append(f"it {iteration}: {finding.message}\n")
+            if finding.suspects:
+                text.append(f"   suspects: {', '.join(finding.suspects)}\n", style="dim")
+            if finding.fix:
+                text.append(f"   fix: {finding.fix}\n", style="green")
+        self.update(text)
+
+
+class BugInfo(TextPanel):
+    """The explanation of the bug under the cursor in the bug list."""
+
+    def show_bug(self, bug_id: str | None) -> None:
+        bug = BUGS_BY_ID.get(bug_id or "")
+        if bug is None:
+            self.update(Text("enter toggles the highlighted bug", style="dim"))
+            return
+        text = Text()
+        text.append(f"{bug.title} (stage {bug.stage})\n", style="bold")
+        text.append(f"You will see: {bug.symptom}\n")
+        text.append(f"Why: {bug.why}\n", style="dim")
+        text.append(f"Fix: {bug.fix}", style="green")
+        self.update(text)

@@ -1,0 +1,81 @@
+"""The tensors the last stage touched, and its facts."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.coordinate import Coordinate
+from textual.widgets import DataTable
+
+from loopscope.shared.events import StageEvent
+from loopscope.ui.model import ScreenModel
+from loopscope.ui.panels.base import fmt, shape
+
+
+class TensorsPanel(DataTable):
+    """Every tensor the stage just run touched."""
+
+    def on_mount(self) -> None:
+        self.cursor_type = "none"
+        self.zebra_stripes = True
+
+    COLUMNS = ("name", "shape", "dtype", "device", "mean", "std", "note")
+
+    _rows: list[tuple] | None = None  # what the table shows; None before the first show
+
+    def show(self, model: ScreenModel) -> None:
+        rows = _tensor_rows(model.last_event)
+        if self._rows is not None and [str(row[0]) for row in rows] == [str(row[0]) for row in self._rows]:
+            # The same rows as last time (running, the same stage): repaint the changed cells only.
+            for index, (row, old) in enumerate(zip(rows, self._rows)):
+                for column in range(len(row)):
+                    if row[column] != old[column]:
+                        self.update_cell_at(Coordinate(index, column), row[column], update_width=True)
+        else:
+            # Columns rebuilt: widths fit this stage's rows, not the widest ever seen.
+            self.clear(columns=True)
+            self.add_columns(*self.COLUMNS)
+            for row in rows:
+                self.add_row(*row)
+        self._rows = rows
+
+
+def _tensor_rows(event: StageEvent | None) -> list[tuple]:
+    if event is None:
+        return []
+    if event.error is not None:
+        return [(Text(f"{event.stage} raised {event.error.type}", style="bold red"), "", "", "", "", "", "")]
+    rows: list[tuple] = []
+    for t in event.tensors:
+        note = Text()
+        if t.nan_count or t.inf_count:
+            note.append(f"{t.nan_count} NaN {t.inf_count} Inf", style="bold red")
+        elif t.module_type in ("ReLU", "ReLU6") and t.zero_fraction is not None:
+            note.append(f"{t.zero_fraction:.0%} zeros", style="yellow" if t.zero_fraction >= 0.7 else "")
+        name = f"{t.name} {t.module_type}" if t.module_type else t.name
+        rows.append((name, shape(t.shape), t.dtype, t.device, fmt(t.mean), fmt(t.std), note))
+    for key, value in _stage_facts(event):
+        rows.append((Text(key, style="dim"), value, "", "", "", "", ""))
+    return rows
+
+
+def _stage_facts(event: StageEvent) -> list[tuple[str, str]]:
+    m = event.metrics
+    facts = []
+    if event.loss is not None:
+        facts.append(("loss", fmt(event.loss, 5)))
+    if event.twin_loss is not None:
+        facts.append(("clean twin loss", fmt(event.twin_loss, 5)))
+    if "grads_before" in m and event.stage == "zero_grad":
+        b, a = m["grads_before"], m["grads_after"]
+        facts.append(("grads before", f"{b['nonzero']} with values, {b['none']} None"))
+        facts.append(("grads after", f"{a['nonzero']} with values, {a['none']} None"))
+    for key in ("lr", "val_loss", "val_accuracy", "norm_before", "best_val_loss", "without_improvement"):
+        if key in m and m[key] is not None:
+            facts.append((key.replace("_", " "), fmt(m[key], 4) if isinstance(m[key], float) else str(m[key])))
+    if m.get("skipped"):
+        facts.append(("skipped", "this line is missing from the loop (a bug)"))
+    return facts
+
+
+# A norm this small beside the largest is float32 round-off of a zero gradient: its digits differ
+# from one CPU to the next, and as a number it would suggest a tiny real gradient.
