@@ -19,7 +19,7 @@ from torch import nn
 
 from loopscope.engine import plan
 from loopscope.engine.checks import batch_mixing_rows
-from loopscope.engine.copies import copy_optimizer
+from loopscope.engine.copies import copy_model_and_optimizer
 from loopscope.engine.diagnostics import DiagnosticContext, Diagnostics
 from loopscope.engine.driver import DriverBase
 from loopscope.engine.experiment import Experiment
@@ -33,6 +33,7 @@ from loopscope.engine.stages import LoopBody
 from loopscope.engine.state import LoopState
 from loopscope.engine.twin import CleanTwin
 from loopscope.shared.bugs import applicable
+from loopscope.shared.errors import UserError
 from loopscope.shared.events import StageEvent
 from loopscope.shared.history import History
 from loopscope.shared.protocol import SessionInfo
@@ -160,11 +161,17 @@ class Stepper(DriverBase):
 
     def set_bug(self, bug_id: str, on: bool) -> bool:
         """Turn a bug on or off; it takes effect from the next stage (stage order: next iteration)."""
+        twin_failure = None
         if on and self.twin_enabled and self.body.twin is None and bug_id not in self.injector:
-            self._start_twin()  # copied before the bug changes anything
+            try:
+                self._start_twin()  # copied before the bug changes anything
+            except UserError as exc:  # the bug still goes on; the twin cannot run beside it
+                twin_failure = exc
         changed = self.injector.set(bug_id, on)
         if not self.injector.active:
             self.body.twin = None
+        if twin_failure is not None:
+            raise UserError(f"the clean twin cannot run: {twin_failure}") from twin_failure
         return changed
 
     def switch_bugs(self, bugs: Iterable[str]) -> None:
@@ -195,8 +202,7 @@ class Stepper(DriverBase):
         """A quiet stepper over copies of the model and optimizer (the bugs' effects included), fed
         `batches` in turn for `steps` iterations: where the sanity checks try things."""
         exp = self.experiment
-        model = copy.deepcopy(self.model)
-        optimizer = copy_optimizer(exp.optimizer, model)
+        model, optimizer = copy_model_and_optimizer(self.model, exp.optimizer)
         loader = [batches[i % len(batches)] for i in range(steps)]
         trial = Experiment(
             model=model,

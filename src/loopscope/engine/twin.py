@@ -7,13 +7,12 @@ same dropout masks, and the main run's random stream is untouched.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 
 from loopscope.engine.batches import call_model, primary_output
-from loopscope.engine.copies import copy_optimizer, forked_rng
+from loopscope.engine.copies import copy_model_and_optimizer, forked_rng
 
 
 def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -32,8 +31,7 @@ class CleanTwin:
         clip_grad_norm: float | None,
         device: torch.device,
     ) -> None:
-        self.model = copy.deepcopy(model)
-        self.optimizer = copy_optimizer(optimizer, self.model)
+        self.model, self.optimizer = copy_model_and_optimizer(model, optimizer)
         self.loss_fn = loss_fn
         self.clip_grad_norm = clip_grad_norm
         self.device = device

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from loopscope.shared.bugs import BUGS_BY_ID
+from loopscope.ui.model import ScreenModel
 
-if TYPE_CHECKING:
-    from loopscope.ui.app import LoopscopeApp
+
+class PaletteHost(Protocol):
+    """What the palette needs of the app: the screen model, and a way to switch a bug."""
+
+    model: ScreenModel
+
+    def toggle_bug(self, bug_id: str) -> None: ...
+
 
 ACTIONS = (
     ("Step one stage", "step_stage", "space"),
@@ -41,11 +48,11 @@ class LoopCommands(Provider):
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        app = cast("LoopscopeApp", self.app)
         for title, action, key in ACTIONS:
             score = matcher.match(title)
             if score > 0:
-                yield Hit(score, matcher.highlight(title), partial(app.run_action, action), help=f"key: {key}")
+                yield Hit(score, matcher.highlight(title), partial(self.app.run_action, action), help=f"key: {key}")
+        app = cast(PaletteHost, self.app)
         active = set(app.model.state.active_bugs) if app.model.state else set()
         applicable = app.model.info.applicable_bugs if app.model.info else ()
         for bug_id in applicable:
