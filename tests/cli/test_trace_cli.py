@@ -169,3 +169,31 @@ def test_console_script_help_and_python_m(tmp_path):
     assert result.returncode == 0
     assert len(result.stdout.splitlines()) == 12
     assert json.loads(result.stdout.splitlines()[0])["tensors"][0]["shape"] == [32, 1, 8, 8]
+
+
+def test_the_users_prints_go_to_stderr_so_jsonl_stays_parseable(fixtures):
+    result = run_cli("trace", str(fixtures / "chatty_experiment.py"), "-n", "3", "--format", "jsonl")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]  # every line is JSON
+    assert len(records) == 18 and records[0]["stage"] == "load_batch"
+    assert "forward on (8, 4)" in result.stderr and "number of parameters: 10" in result.stderr
+
+
+def test_check_json_stays_parseable_when_the_experiment_prints(fixtures):
+    result = run_cli("check", str(fixtures / "chatty_experiment.py"), "--json")
+    assert [r["id"] for r in json.loads(result.stdout)] == [
+        "init_loss",
+        "overfit_batch",
+        "input_baseline",
+        "batch_mixing",
+    ]
+    assert "importing the chatty experiment" in result.stderr
+
+
+def test_the_seed_comes_before_the_users_file_is_imported(fixtures):
+    runs = [
+        run_cli("trace", str(fixtures / "chatty_experiment.py"), "-n", "2", "--format", "jsonl", "--seed", "4")
+        for _ in range(2)
+    ]
+    losses = [[json.loads(line)["loss"] for line in run.stdout.splitlines()] for run in runs]
+    assert losses[0] == losses[1]  # the projection drawn at import is the same both times

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import TYPE_CHECKING, TextIO
@@ -17,6 +18,22 @@ if TYPE_CHECKING:
     from loopscope.shared.events import Finding, StageEvent
 
 
+def _users_prints_to_stderr() -> contextlib.AbstractContextManager[object]:
+    """While the user's code runs, its prints go to stderr: stdout carries the machine-readable
+    output (JSON lines, `check --json`) and must stay parseable line by line."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def _open_output(path: str | None) -> TextIO:
+    """The trace's destination: standard output unless `-o FILE`."""
+    if not path:
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from exc
+
+
 def check_command(args: argparse.Namespace) -> int:
     """`loopscope check`: Karpathy's sanity checks, pass/fail with the numbers."""
     from loopscope.engine.checks import run_checks
@@ -25,8 +42,9 @@ def check_command(args: argparse.Namespace) -> int:
     from loopscope.engine.stepper import Stepper
 
     device = resolve_device(args.device)
-    stepper = Stepper(load_experiment(args.target, args.seed), device, bugs=args.bug, diagnose=False)
-    results = run_checks(stepper)
+    with _users_prints_to_stderr():
+        stepper = Stepper(load_experiment(args.target, args.seed), device, bugs=args.bug, diagnose=False)
+        results = run_checks(stepper)
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     else:
@@ -45,21 +63,12 @@ def trace_command(args: argparse.Namespace, note: str | None = None) -> int:
     from loopscope.engine.stepper import Stepper
 
     device = resolve_device(args.device)
-    experiment = load_experiment(args.target, args.seed)
-    stepper = Stepper(experiment, device, probe=not args.fast, sync_cuda=True, bugs=args.bug, twin=args.twin)
+    with _users_prints_to_stderr():
+        experiment = load_experiment(args.target, args.seed)
+        stepper = Stepper(experiment, device, probe=not args.fast, sync_cuda=True, bugs=args.bug, twin=args.twin)
     if note:
         sys.stderr.write(f"loopscope: {note}\n")
-    out: TextIO
-    try:
-        out = (
-            open(  # noqa: SIM115 - closed in the finally below, or stdout left open
-                args.output, "w", encoding="utf-8"
-            )
-            if args.output
-            else sys.stdout
-        )
-    except OSError as exc:
-        raise UserError(f"cannot write {args.output}: {exc.strerror}") from exc
+    out = _open_output(args.output)
     writer = TraceWriter(out, args.format)
     progress = _Progress(enabled=bool(args.output) and sys.stderr.isatty(), total=args.iterations)
 
@@ -69,7 +78,8 @@ def trace_command(args: argparse.Namespace, note: str | None = None) -> int:
 
     stepper.on_event = on_event
     try:
-        stepper.run(args.iterations)
+        with _users_prints_to_stderr():
+            stepper.run(args.iterations)
     finally:
         out.flush()
         if out is not sys.stdout:

@@ -95,8 +95,8 @@ def seed_everything(seed: int) -> None:
 
 def load_experiment(target: str, seed: int) -> Experiment:
     """Seed, then build the experiment named by `target`: a scenario, a .py file or `module:factory`."""
+    seed_everything(seed)  # before the user's file is imported: its module-level draws are seeded too
     factory, origin = resolve_factory(target)
-    seed_everything(seed)
     try:
         experiment = factory()
     except UserError:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loopscope.engine.diagnostics.context import ForwardFlow
 from loopscope.shared.events import LayerStat, TensorStat
 from loopscope.shared.metrics import GradPresence
 
@@ -281,6 +282,13 @@ class ForwardRecorder:
         self.outputs: list[tuple[str, torch.Tensor, str | None]] = []
         self._calls: dict[str, int] = {}
         self._running: list[str] = []  # leaf modules entered and not yet returned
+        # The data flow between modules, by identity: module outputs seen so far (kept alive, so
+        # an id is not reused), which module's output each module was given, and for dropout the
+        # zeros already in its input. Real models call activations as functions (F.relu), so the
+        # order modules run in says nothing about what feeds what.
+        self._produced: dict[int, tuple[str, torch.Tensor]] = {}
+        self.fed_by: dict[str, str | None] = {}
+        self._input_nonzeros: dict[str, tuple[torch.Tensor, int]] = {}
 
     def __enter__(self) -> ForwardRecorder:
         for name, module in self._model.named_modules():
@@ -300,6 +308,14 @@ class ForwardRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._produced.clear()
+
+    def flow(self) -> ForwardFlow:
+        """Which module fed which, and the zeros dropout layers were given (one host sync)."""
+        zeros = {
+            label: 1.0 - float(nonzero) / total for label, (nonzero, total) in self._input_nonzeros.items() if total
+        }
+        return ForwardFlow(dict(self.fed_by), zeros)
 
     def _hook_for(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -308,7 +324,13 @@ class ForwardRecorder:
             # A module called twice in one forward (shared weights) gets `name#2`.
             count = self._calls[name] = self._calls.get(name, 0) + 1
             label = name if count == 1 else f"{name}#{count}"
+            source = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            producer = self._produced.get(id(source)) if source is not None else None
+            self.fed_by[label] = producer[0] if producer is not None and producer[1] is source else None
+            if isinstance(module, nn.modules.dropout._DropoutNd) and source is not None:
+                self._input_nonzeros[label] = (source.detach().count_nonzero(), source.numel())
             for tensor_name, tensor in flatten_tensors(label, output):
                 self.outputs.append((tensor_name, tensor.detach(), type(module).__name__))
+                self._produced[id(tensor)] = (tensor_name, tensor)
 
         return hook

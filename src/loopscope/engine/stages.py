@@ -18,6 +18,7 @@ from torch import nn
 
 from loopscope.engine import probes
 from loopscope.engine.batches import batch_size, call_model, primary_output, split_batch, to_device
+from loopscope.engine.diagnostics.context import ForwardFlow
 from loopscope.engine.epoch_end import EpochEndStages
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.inject import BugInjector
@@ -41,6 +42,7 @@ class IterationValues:
     loss: torch.Tensor | None = None
     grad_norms: dict[str, float | None] = field(default_factory=dict)
     rng_before_forward: Any = None
+    flow: ForwardFlow | None = None  # what fed what in a probed forward
 
 
 class LoopBody(EpochEndStages):
@@ -146,6 +148,7 @@ class LoopBody(EpochEndStages):
                     raise
                 output = self.injector.transform_output(primary_output(raw))
             record.tensors = probes.tensor_stats([*recorder.outputs, ("output", output.detach(), None)])
+            values.flow = recorder.flow()
         else:
             with grad_mode:
                 raw = call_model(self.model, values.inputs)

@@ -21,6 +21,7 @@ from loopscope.engine import plan
 from loopscope.engine.checks import batch_mixing_rows
 from loopscope.engine.copies import copy_model_and_optimizer
 from loopscope.engine.diagnostics import DiagnosticContext, Diagnostics
+from loopscope.engine.diagnostics.context import ForwardFlow
 from loopscope.engine.driver import DriverBase
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.explain import LoopError, explain
@@ -97,6 +98,7 @@ class Stepper(DriverBase):
                 scheduler_interval=exp.scheduler_interval,
                 classes=linears[-1].out_features if linears else None,
                 has_trainable_params=lambda: any(p.requires_grad for _, p in self.body.named_params),
+                forward_flow=lambda: self.body.values.flow or ForwardFlow(),
                 batch_mixing=lambda: batch_mixing_rows(
                     self.model, *self.current_batch, self.injector.prepare_batch, self.device
                 ),

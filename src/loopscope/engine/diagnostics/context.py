@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ForwardFlow:
+    """The data flow of the last probed forward pass, seen by tensor identity."""
+
+    fed_by: dict[str, str | None] = field(default_factory=dict)  # module -> the module whose output it was given
+    input_zeros: dict[str, float] = field(default_factory=dict)  # dropout module -> zero fraction of its input
 
 
 @dataclass(frozen=True)
@@ -17,3 +25,4 @@ class DiagnosticContext:
     has_trainable_params: Callable[[], bool]
     # Karpathy's batch-mixing probe on the current batch: (row, other rows reached) or None.
     batch_mixing: Callable[[], tuple[int, int] | None]
+    forward_flow: Callable[[], ForwardFlow] = ForwardFlow

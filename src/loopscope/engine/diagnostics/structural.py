@@ -111,25 +111,30 @@ class StructuralChecks:
             )
 
     def linear_stack(self, it: int, modules: list[TensorStat]) -> None:
-        previous = None
+        """A weight layer given another's output, through nothing but pass-through modules. Followed
+        by tensor identity: a function call between them (F.relu, attention) breaks the chain."""
+        fed_by = self.context.forward_flow().fed_by
+        kinds = {t.name: t.module_type for t in modules}
         for t in modules:
-            if t.module_type in WEIGHT_TYPES:
-                if previous is not None:
-                    self.fire(
-                        it,
-                        Finding(
-                            "no_activation_between_layers",
-                            "warning",
-                            f"{previous} feeds {t.name} with no activation between them: two linear layers "
-                            "in a row are one linear map.",
-                            ("missing_activation",),
-                            "Put a non-linearity (ReLU, GELU, Tanh) between the layers.",
-                        ),
-                    )
-                    return
-                previous = t.name
-            elif t.module_type not in PASS_THROUGH_TYPES:
-                previous = None
+            if t.module_type not in WEIGHT_TYPES:
+                continue
+            source, seen = fed_by.get(t.name), {t.name}
+            while source is not None and source not in seen and kinds.get(source) in PASS_THROUGH_TYPES:
+                seen.add(source)
+                source = fed_by.get(source)
+            if source is not None and kinds.get(source) in WEIGHT_TYPES:
+                self.fire(
+                    it,
+                    Finding(
+                        "no_activation_between_layers",
+                        "warning",
+                        f"{source} feeds {t.name} with no activation between them: two linear layers "
+                        "in a row are one linear map.",
+                        ("missing_activation",),
+                        "Put a non-linearity (ReLU, GELU, Tanh) between the layers.",
+                    ),
+                )
+                return
 
     def output_squashed_twice(self, it: int, modules: list[TensorStat]) -> None:
         last = modules[-1] if modules else None

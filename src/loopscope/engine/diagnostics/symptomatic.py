@@ -116,11 +116,13 @@ class SymptomChecks:
                 )
 
     def dropout_rate(self, it: int, modules: list[TensorStat]) -> None:
+        input_zeros = self.context.forward_flow().input_zeros
         previous = None
         for t in modules:
             if t.module_type in DROPOUT_TYPES and t.zero_fraction is not None and previous is not None:
-                # The rate dropout itself added, net of the zeros it was given (e.g. after a ReLU).
-                given = previous.zero_fraction or 0.0
+                # The rate dropout itself added, net of the zeros it was given (after a ReLU, a module
+                # or a function): measured on its input tensor.
+                given = input_zeros.get(t.name, previous.zero_fraction or 0.0)
                 rate = (t.zero_fraction - given) / (1.0 - given) if given < 1.0 else 0.0
                 if rate >= 0.6:
                     self.fire(
