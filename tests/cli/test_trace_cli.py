@@ -197,3 +197,14 @@ def test_the_seed_comes_before_the_users_file_is_imported(fixtures):
     ]
     losses = [[json.loads(line)["loss"] for line in run.stdout.splitlines()] for run in runs]
     assert losses[0] == losses[1]  # the projection drawn at import is the same both times
+
+
+def test_a_model_unrolled_in_python_keeps_trace_lines_small(fixture_modules, capsys):
+    assert main(["trace", "third_party_models:unrolled_lm", "-n", "1", "--format", "jsonl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and max(len(line) for line in lines) < 16_000
+    forward = next(json.loads(line) for line in lines if json.loads(line)["stage"] == "forward")
+    names = [t["name"] for t in forward["tensors"]]
+    assert "cell[0]" in names and "cell#100[0]" in names and "cell#50[0]" not in names  # first and last call
+    batch = next(json.loads(line) for line in lines if json.loads(line)["stage"] == "load_batch")
+    assert len(batch["metrics"]["class_counts"]) == 12 and "others" in batch["metrics"]["class_counts"]

@@ -4,6 +4,7 @@ flow between modules is followed by tensor identity, not by the order modules ru
 from __future__ import annotations
 
 import pytest
+import torch
 
 from loopscope.engine.experiment import load_experiment
 from loopscope.engine.stepper import Stepper
@@ -36,3 +37,43 @@ def test_two_linear_layers_through_an_identity_are_still_found(fixture_modules):
 def test_skip_zero_grad_is_named_at_iteration_2(fixture_modules, factory):
     found = findings_of(f"third_party_models:{factory}", 3, bugs=("skip_zero_grad",))
     assert (2, "error", "stale_gradients") in found
+
+
+def test_functional_losses_have_their_initial_loss_reference(fixture_modules):
+    from loopscope.engine.checks import check_initial_loss, run_checks
+
+    stepper = Stepper(load_experiment("third_party_models:mnist_style", 0), diagnose=False)  # F.nll_loss
+    result = next(r for r in run_checks(stepper) if r.id == "init_loss")
+    assert "-ln(1/4)" in result.message and result.numbers["expected"] > 1.38
+    assert check_initial_loss  # the same check the app's `c` runs
+
+
+def test_a_badly_initialised_model_is_named_with_a_functional_loss(fixture_modules):
+    found = findings_of("third_party_models:mnist_style", 2, bugs=("exploding_init",))
+    assert any(f[2] == "initial_loss_high" for f in found)
+
+
+def test_mse_on_labels_counts_accuracy_at_one_half_and_chance_at_50_percent(fixture_modules):
+    stepper = Stepper(load_experiment("third_party_models:mse_on_labels", 0))
+    stepper.run_epoch()
+    stepper.run_epoch()
+    validate = stepper.history.last("validate")
+    model, loader = stepper.model, stepper.experiment.val_loader
+    with torch.no_grad():
+        hits = [((model.eval()(x) > 0.5).float() == y).float() for x, y in loader]
+        truth = torch.cat(hits).mean().item()
+    model.train()
+    assert validate.metrics["val_accuracy"] == pytest.approx(truth) and truth > 0.75
+    stepper.run(300)
+    assert "validation_at_chance" not in {f.id for _, f in stepper.diagnostics.all_findings}
+
+
+def test_a_learning_rate_far_too_high_is_never_called_too_low():
+    found = findings_of("blobs", 200, bugs=("lr_too_high",))
+    ids = {f[2] for f in found}
+    assert "update_ratio_high" in ids and "update_ratio_low" not in ids
+
+
+def test_a_converged_run_is_not_told_its_step_did_not_run(fixture_modules):
+    found = findings_of("third_party_models:exact_fit", 400)
+    assert [f for f in found if f[2] == "parameters_not_updated"] == []

@@ -15,6 +15,7 @@ import torch
 
 from loopscope.engine.batches import call_model, primary_output, split_batch, to_device
 from loopscope.engine.copies import forked_rng
+from loopscope.engine.losses import loss_kind
 from loopscope.shared.events import CheckResult
 
 if TYPE_CHECKING:
@@ -88,21 +89,22 @@ def check_initial_loss(stepper: Stepper, batches: list[Any]) -> CheckResult:
         )
     losses = _losses(stepper.trial_copy(batches[:1], 1))
     loss = losses[0]
-    name = type(stepper.experiment.loss_fn).__name__
+    kind = loss_kind(stepper.experiment.loss_fn)
+    name = getattr(stepper.experiment.loss_fn, "__name__", type(stepper.experiment.loss_fn).__name__)
     inputs, targets = batches[0]
-    if name == "CrossEntropyLoss":
+    if kind in ("cross_entropy", "nll"):  # NLL of log-probabilities: the same -ln(1/C)
         model_copy = copy.deepcopy(stepper.model).eval()
         with torch.no_grad(), forked_rng(stepper.device):
             classes = primary_output(call_model(model_copy, inputs)).shape[1]
         expected, what = math.log(classes), f"-ln(1/{classes})"
-    elif name in ("BCEWithLogitsLoss", "BCELoss"):
+    elif kind in ("bce_with_logits", "bce"):
         expected, what = math.log(2), "-ln(1/2)"
-    elif name == "MSELoss" and isinstance(targets, torch.Tensor):
+    elif kind == "mse" and isinstance(targets, torch.Tensor):
         expected, what = float((targets.float() ** 2).mean()), "mean(y^2), the loss of predicting 0"
     else:
         return CheckResult("init_loss", title, True, f"loss {loss:.4g} (no reference for {name})", {"loss": loss})
     ratio = loss / expected if expected else math.inf
-    passed = math.isfinite(loss) and 0.5 <= ratio <= 1.5 if name != "MSELoss" else loss <= 2 * expected
+    passed = math.isfinite(loss) and 0.5 <= ratio <= 1.5 if kind != "mse" else loss <= 2 * expected
     return CheckResult(
         "init_loss",
         title,
@@ -158,7 +160,10 @@ def _zeros_like(value: Any) -> Any:
 def check_batch_mixing(stepper: Stepper, batches: list[Any]) -> CheckResult:
     title = "batch-mixing probe"
     inputs, targets = batches[0]
-    mixed = batch_mixing_rows(stepper.model, inputs, targets, stepper.injector.prepare_batch, stepper.device)
+    try:
+        mixed = batch_mixing_rows(stepper.model, inputs, targets, stepper.injector.prepare_batch, stepper.device)
+    except NotTestable as exc:
+        return CheckResult("batch_mixing", title, True, f"skipped: {exc}", skipped=True)
     if mixed is None:
         return CheckResult(
             "batch_mixing", title, True, "the gradient of output row 1 reaches input row 1 only", {"rows_mixed": 0}
@@ -183,12 +188,16 @@ def run_checks(stepper: Stepper) -> list[CheckResult]:
     for check in CHECKS:
         try:
             results.append(check(stepper, batches))
-        except Exception as exc:  # a check that cannot run is a failed check, with the reason
+        except Exception as exc:  # a check that cannot run says so and why; it neither passes nor fails
             name = check.__name__.removeprefix("check_")
             results.append(
-                CheckResult(name, name.replace("_", " "), False, f"could not run: {type(exc).__name__}: {exc}")
+                CheckResult(name, name.replace("_", " "), True, f"skipped: {type(exc).__name__}: {exc}", skipped=True)
             )
     return results
+
+
+class NotTestable(Exception):
+    """The batch-mixing probe cannot run on this batch or model (the reason is the message)."""
 
 
 def batch_mixing_rows(
@@ -199,25 +208,59 @@ def batch_mixing_rows(
     device: torch.device,
 ) -> tuple[int, int] | None:
     """Backprop out[i].sum() to the inputs on a copy in eval mode: rows other than i must get
-    no gradient. Returns (i, how many other rows got gradient), or None when clean/not testable.
+    no gradient. Returns (i, how many other rows got gradient), or None when the rows are apart;
+    raises NotTestable when the probe cannot tell. Token ids have no gradient: for them, the
+    output of the embedding that reads them stands in for the inputs.
 
     `prepare_batch` is the loop's data pipeline (bugs included): it is what may mix the rows.
     The diagnostics run it too, whenever the loop's code changes."""
-    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.shape[0] < 2:
-        return None
+    if not isinstance(inputs, torch.Tensor):
+        raise NotTestable("the inputs are not one tensor")
+    if inputs.shape[0] < 2:
+        raise NotTestable("the batch holds a single example")
     model = copy.deepcopy(model)
     model.eval()  # batch norm in training mode mixes rows legitimately
+    probed: list[torch.Tensor] = []
+    handles = []
+    if not inputs.is_floating_point():
+        embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        if not embeddings:
+            raise NotTestable("the inputs are not floating point and no embedding reads them")
+
+        def keep(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if not probed and args and args[0] is prepared_inputs[0] and isinstance(output, torch.Tensor):
+                output.retain_grad()
+                probed.append(output)
+
+        handles = [m.register_forward_hook(keep) for m in embeddings]
+    prepared_inputs: list[Any] = [None]
     with forked_rng(device), torch.enable_grad():
         try:
-            x = inputs.detach().clone().requires_grad_(True)
+            x = inputs.detach().clone()
+            if x.is_floating_point():
+                x.requires_grad_(True)
+                probed.append(x)
             prepared, _ = prepare_batch(x, targets)
+            prepared_inputs[0] = prepared
             out = primary_output(call_model(model, prepared))
             row = min(1, out.shape[0] - 1)
             out[row].sum().backward()
-        except Exception:  # the loop itself will report whatever fails here, at its stage
-            return None
-    if x.grad is None:
-        return None
-    per_row = x.grad.detach().reshape(x.shape[0], -1).abs().sum(dim=1)
+        except Exception as exc:  # the loop itself reports whatever fails here, at its stage
+            raise NotTestable(f"the model raised {type(exc).__name__}") from exc
+        finally:
+            for handle in handles:
+                handle.remove()
+    grad = probed[0].grad if probed else None
+    if grad is None:
+        raise NotTestable("no gradient reached the inputs")
+    per_row = grad.detach().reshape(grad.shape[0], -1).abs().sum(dim=1)
     others = int((per_row > 0).sum().item()) - int(per_row[row].item() > 0)
     return (row, others) if others > 0 else None
+
+
+def rows_mixed(*args: Any) -> tuple[int, int] | None:
+    """`batch_mixing_rows`, with None where it cannot tell (for the diagnostics: no finding)."""
+    try:
+        return batch_mixing_rows(*args)
+    except NotTestable:
+        return None

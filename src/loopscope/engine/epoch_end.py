@@ -13,6 +13,7 @@ from loopscope.engine.batches import batch_size, call_model, primary_output, spl
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.explain import LoopError
 from loopscope.engine.inject import BugInjector
+from loopscope.engine.losses import UNIT_INTERVAL_KINDS, LossKind, loss_kind
 from loopscope.engine.recorder import StageRecord
 from loopscope.engine.state import LoopState
 from loopscope.shared.vocab import Task
@@ -82,9 +83,9 @@ class EpochEndStages:
         if not isinstance(targets, torch.Tensor):
             return None
         if self.task == Task.BINARY:
-            threshold = 0.5 if isinstance(self.experiment.loss_fn, nn.BCELoss) else 0.0
             if output.numel() != targets.numel():
                 return None
+            threshold = binary_threshold(loss_kind(self.experiment.loss_fn), output)
             predicted = (output.reshape(-1) > threshold).to(torch.int64)
             return (predicted == targets.reshape(-1).round().to(torch.int64)).sum()
         if self.task == Task.CLASSIFICATION and output.dim() >= 2:
@@ -134,3 +135,14 @@ class EpochEndStages:
             state.best_val_loss = state.last_val_loss
             return True
         return False
+
+
+def binary_threshold(kind: LossKind, output: torch.Tensor) -> float:
+    """Where a binary model's output says "1": 0 for logits, 0.5 for probabilities or a score
+    fitted to 0/1 targets (MSE on 0/1 labels); for another loss, from the output's own range."""
+    if kind == "bce_with_logits":
+        return 0.0
+    if kind in UNIT_INTERVAL_KINDS:
+        return 0.5
+    inside = bool((output.amin() >= 0) & (output.amax() <= 1)) if output.numel() else False
+    return 0.5 if inside else 0.0

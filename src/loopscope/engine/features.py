@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from loopscope.engine.batches import split_batch
 from loopscope.engine.experiment import Experiment
+from loopscope.engine.losses import loss_kind
 from loopscope.shared.protocol import SessionInfo
 from loopscope.shared.vocab import Stage, Task
 
@@ -89,12 +90,12 @@ def infer_task(experiment: Experiment) -> Task | None:
     """The task implied by the loss function when the experiment does not say."""
     if experiment.task:
         return Task(experiment.task)
-    loss = experiment.loss_fn
-    if isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss)):
+    kind = loss_kind(experiment.loss_fn)  # a module or a function from torch.nn.functional
+    if kind in ("cross_entropy", "nll"):
         return Task.CLASSIFICATION
-    if isinstance(loss, (nn.BCEWithLogitsLoss, nn.BCELoss)):
+    if kind in ("bce_with_logits", "bce"):
         return Task.BINARY
-    if isinstance(loss, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)):
+    if kind in ("mse", "l1", "smooth_l1", "huber"):
         return Task.REGRESSION
     return None
 

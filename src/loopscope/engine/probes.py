@@ -273,13 +273,20 @@ class UpdateMeter:
         return layers
 
 
+MAX_PROBED_MODULES = 48  # module calls kept per probed forward (a big model shows its first ones)
+MAX_PROBED_TENSORS = 64
+
+
 class ForwardRecorder:
     """Forward hooks on every leaf module, kept only while one forward stage is probed."""
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
         self._handles: list[Any] = []
-        self.outputs: list[tuple[str, torch.Tensor, str | None]] = []
+        # Module outputs by call label, in call order. A module called many times in one forward
+        # (an RNN cell unrolled in Python) keeps its first and its latest call (`name`, `name#N`):
+        # a probe stays a few dozen tensors, a trace line a few KB.
+        self._entries: dict[str, list[tuple[str, torch.Tensor, str | None]]] = {}
         self._calls: dict[str, int] = {}
         self._running: list[str] = []  # leaf modules entered and not yet returned
         # The data flow between modules, by identity: module outputs seen so far (kept alive, so
@@ -299,6 +306,10 @@ class ForwardRecorder:
                 )
                 self._handles.append(module.register_forward_hook(self._hook_for(name)))
         return self
+
+    @property
+    def outputs(self) -> list[tuple[str, torch.Tensor, str | None]]:
+        return [entry for entries in self._entries.values() for entry in entries][:MAX_PROBED_TENSORS]
 
     def failing_module(self) -> str | None:
         """After an exception in the forward pass: the leaf module that was running, if any."""
@@ -329,8 +340,12 @@ class ForwardRecorder:
             self.fed_by[label] = producer[0] if producer is not None and producer[1] is source else None
             if isinstance(module, nn.modules.dropout._DropoutNd) and source is not None:
                 self._input_nonzeros[label] = (source.detach().count_nonzero(), source.numel())
-            for tensor_name, tensor in flatten_tensors(label, output):
-                self.outputs.append((tensor_name, tensor.detach(), type(module).__name__))
+            if count > 2:
+                self._entries.pop(f"{name}#{count - 1}", None)  # the middle calls are not kept
+            tensors = flatten_tensors(label, output)
+            if len(self._entries) < MAX_PROBED_MODULES or count > 1:
+                self._entries[label] = [(n, t.detach(), type(module).__name__) for n, t in tensors]
+            for tensor_name, tensor in tensors:
                 self._produced[id(tensor)] = (tensor_name, tensor)
 
         return hook

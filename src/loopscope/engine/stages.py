@@ -28,6 +28,8 @@ from loopscope.engine.twin import CleanTwin, rng_state
 from loopscope.shared.metrics import LossInput
 from loopscope.shared.vocab import Stage, Task
 
+MAX_CLASS_COUNTS = 12  # per batch: beyond this, the largest and 'others'
+
 
 @dataclass
 class IterationValues:
@@ -120,7 +122,14 @@ class LoopBody(EpochEndStages):
         if labels.is_floating_point():
             labels = labels.round()
         values, counts = torch.unique(labels.to(torch.int64), return_counts=True)
-        return {str(v): c for v, c in zip(values.tolist(), counts.tolist())}
+        found = dict(zip(values.tolist(), counts.tolist()))
+        if len(found) <= MAX_CLASS_COUNTS:
+            return {str(v): c for v, c in found.items()}
+        # A language model's thousands of classes: the most frequent ones, the rest summed.
+        top = sorted(sorted(found, key=found.__getitem__, reverse=True)[: MAX_CLASS_COUNTS - 1])
+        counts_shown = {str(v): found[v] for v in top}
+        counts_shown["others"] = sum(found.values()) - sum(counts_shown.values())
+        return counts_shown
 
     def zero_grad(self, record: StageRecord) -> None:
         params = [p for _, p in self.named_params]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loopscope.engine import plan
-from loopscope.engine.checks import batch_mixing_rows
+from loopscope.engine.checks import rows_mixed
 from loopscope.engine.copies import copy_model_and_optimizer
 from loopscope.engine.diagnostics import DiagnosticContext, Diagnostics
 from loopscope.engine.diagnostics.context import ForwardFlow
@@ -27,6 +27,7 @@ from loopscope.engine.experiment import Experiment
 from loopscope.engine.explain import LoopError, explain
 from loopscope.engine.features import experiment_features, experiment_info, infer_task
 from loopscope.engine.inject import BugInjector
+from loopscope.engine.losses import loss_kind
 from loopscope.engine.pictures import PictureMaker
 from loopscope.engine.recorder import EventRecorder, StageRecord
 from loopscope.engine.rewind import Rewinder, capture_rng, restore_rng
@@ -93,13 +94,14 @@ class Stepper(DriverBase):
         exp = self.experiment
         return Diagnostics(
             DiagnosticContext(
-                loss_name=type(exp.loss_fn).__name__,
+                loss_kind=loss_kind(exp.loss_fn),
+                task=self.task,
                 features=self.features,
                 scheduler_interval=exp.scheduler_interval,
                 classes=linears[-1].out_features if linears else None,
                 has_trainable_params=lambda: any(p.requires_grad for _, p in self.body.named_params),
                 forward_flow=lambda: self.body.values.flow or ForwardFlow(),
-                batch_mixing=lambda: batch_mixing_rows(
+                batch_mixing=lambda: rows_mixed(
                     self.model, *self.current_batch, self.injector.prepare_batch, self.device
                 ),
             )

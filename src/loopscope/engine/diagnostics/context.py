@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from loopscope.engine.losses import LossKind
+from loopscope.shared.vocab import Task
+
 
 @dataclass(frozen=True)
 class ForwardFlow:
@@ -18,7 +21,8 @@ class ForwardFlow:
 class DiagnosticContext:
     """Facts about the run that events do not carry."""
 
-    loss_name: str  # the loss function's class name, e.g. "CrossEntropyLoss"
+    loss_kind: LossKind  # cross_entropy, nll, bce_with_logits, ...: module or function alike
+    task: Task | None
     features: frozenset[str]  # what the experiment is made of (`engine.features`)
     scheduler_interval: str  # "epoch" or "iteration"
     classes: int | None  # out_features of the model's last Linear layer, if any

@@ -13,7 +13,9 @@ UPDATE_RATIO_LOW = 1e-5  # same sources, the low side
 # A gentler low bar (10x under the healthy 1e-3) counts only together with a loss that has barely
 # moved: adaptive optimizers at a tiny learning rate sit between the two.
 UPDATE_RATIO_SLOW, SLOW_LOSS_FRACTION = 1e-4, 0.9
-LOSS_NUMERIC_FAILURE = 1e3  # AUTOTRAINER: loss >= 1e3 or NaN is numerical failure
+# AUTOTRAINER: loss >= 1e3 or NaN is numerical failure; here 1e3 times the run's first loss (when that
+# is above 1), so a loss summed over examples is not called a failure for its scale alone.
+LOSS_NUMERIC_FAILURE = 1e3
 DEAD_RELU_FRACTION = 0.7  # DeepDiagnosis / AUTOTRAINER: >= 70% of a layer's activations <= 0
 EXPLODING_RATIO = 70.0  # AUTOTRAINER: first/last layer gradient-norm ratio > 70
 VANISHING_RATIO, VANISHING_FIRST_NORM = 1e-3, 1e-4  # AUTOTRAINER: ratio < 1e-3 and first-layer norm < 1e-4
@@ -25,6 +27,8 @@ WARMUP_ITERATIONS = 150
 STALLED_FRACTION = 0.97  # the last 50 losses average at least 97% of the first 20
 DIVERGING_FACTOR = 1.5  # ... or half as much again: the loss is going the wrong way
 RATIO_WINDOW = 20  # steps over which the update/weight ratio's median is judged
+# float32 keeps about 7 digits: an update under 1e-7 of a weight's size may round away entirely.
+ROUNDOFF = 1e-7
 REFIRE_AFTER = 200  # iterations before the same finding is reported again
 RELU_TYPES = {"ReLU", "ReLU6"}
 DROPOUT_TYPES = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"}

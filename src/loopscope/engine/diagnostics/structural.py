@@ -138,8 +138,8 @@ class StructuralChecks:
 
     def output_squashed_twice(self, it: int, modules: list[TensorStat]) -> None:
         last = modules[-1] if modules else None
-        loss_name = self.context.loss_name
-        if last is not None and last.module_type == "Sigmoid" and loss_name == "BCEWithLogitsLoss":
+        kind = self.context.loss_kind
+        if last is not None and last.module_type == "Sigmoid" and kind == "bce_with_logits":
             self.fire(
                 it,
                 Finding(
@@ -151,7 +151,7 @@ class StructuralChecks:
                     "Remove the final Sigmoid (or use BCELoss).",
                 ),
             )
-        if last is not None and last.module_type in ("Softmax", "LogSoftmax") and loss_name == "CrossEntropyLoss":
+        if last is not None and last.module_type in ("Softmax", "LogSoftmax") and kind == "cross_entropy":
             self.fire(
                 it,
                 Finding(
@@ -166,7 +166,7 @@ class StructuralChecks:
 
     # ----- loss ------------------------------------------------------------------------
     def loss_input(self, event: StageEvent) -> None:
-        if event.metrics.get("loss_input") != "probabilities" or self.context.loss_name != "CrossEntropyLoss":
+        if event.metrics.get("loss_input") != "probabilities" or self.context.loss_kind != "cross_entropy":
             return
         classes = next((t.shape[1] for t in event.tensors if t.name == "output" and len(t.shape) >= 2), None)
         floor = math.log(1 + (classes - 1) / math.e) if classes else None
@@ -186,14 +186,7 @@ class StructuralChecks:
         shapes = {t.name: t.shape for t in event.tensors}
         output, targets = shapes.get("output"), shapes.get("targets")
         warned = any("target size" in w.lower() for w in event.metrics.get("warnings", ()))
-        elementwise = self.context.loss_name in (
-            "MSELoss",
-            "L1Loss",
-            "SmoothL1Loss",
-            "HuberLoss",
-            "BCELoss",
-            "BCEWithLogitsLoss",
-        )
+        elementwise = self.context.loss_kind in ("mse", "l1", "smooth_l1", "huber", "bce", "bce_with_logits")
         if output is None or targets is None or output == targets or not (elementwise or warned):
             return
         try:

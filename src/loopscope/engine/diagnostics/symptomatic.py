@@ -24,6 +24,7 @@ from loopscope.engine.diagnostics.findings import (
     LOSS_NUMERIC_FAILURE,
     RATIO_WINDOW,
     RELU_TYPES,
+    ROUNDOFF,
     SLOW_LOSS_FRACTION,
     STALLED_FRACTION,
     UPDATE_RATIO_HIGH,
@@ -36,6 +37,7 @@ from loopscope.engine.diagnostics.findings import (
     fmt,
 )
 from loopscope.shared.events import Finding, LayerStat, StageEvent, TensorStat
+from loopscope.shared.vocab import Task
 
 
 class SymptomChecks:
@@ -164,14 +166,17 @@ class SymptomChecks:
             self.losses.append(loss)
             if len(self.first_losses) < 20:
                 self.first_losses.append(loss)
-        if loss is None or not math.isfinite(loss) or loss >= LOSS_NUMERIC_FAILURE:
+        # Judged against the run's own start: a summed loss (a VAE's, say) starts in the tens of
+        # thousands and is healthy there; 1000 times where it started is a failure whatever the scale.
+        limit = LOSS_NUMERIC_FAILURE * max(1.0, self.first_losses[0] if self.first_losses else 1.0)
+        if loss is None or not math.isfinite(loss) or loss >= limit:
             self.fire(
                 it,
                 Finding(
                     "loss_not_finite",
                     "error",
                     f"the loss is {fmt(loss) if loss is None or math.isfinite(loss) else loss} at iteration {it} "
-                    f"(>= {LOSS_NUMERIC_FAILURE:g} or NaN is numerical failure).",
+                    f"(>= {limit:g}, 1000 times its start, or NaN is numerical failure).",
                     ("lr_too_high", "exploding_init", "unnormalized_inputs"),
                     "Lower the learning rate, normalise inputs, check the initialisation.",
                 ),
@@ -184,12 +189,13 @@ class SymptomChecks:
         output = next((t for t in event.tensors if t.name == "output"), None)
         targets = next((t for t in event.tensors if t.name == "targets"), None)
         expected = None
-        loss_name = self.context.loss_name
-        if loss_name == "CrossEntropyLoss" and output is not None and len(output.shape) >= 2:
+        kind = self.context.loss_kind
+        # Log-probabilities (NLL) of an uninformed guess cost -ln(1/C) as cross-entropy does.
+        if kind in ("cross_entropy", "nll") and output is not None and len(output.shape) >= 2:
             expected, what = math.log(output.shape[1]), f"-ln(1/{output.shape[1]})"
-        elif loss_name in ("BCEWithLogitsLoss", "BCELoss"):
+        elif kind in ("bce_with_logits", "bce"):
             expected, what = math.log(2), "-ln(1/2)"
-        elif loss_name == "MSELoss" and targets is not None and targets.mean is not None:
+        elif kind == "mse" and targets is not None and targets.mean is not None:
             assert targets.std is not None
             expected = max(targets.mean**2 + targets.std**2, 1e-3)
             what = "mean(target^2), the loss of always predicting 0"
@@ -209,7 +215,7 @@ class SymptomChecks:
 
     def logits_squashed(self, event: StageEvent) -> None:
         output = next((t for t in event.tensors if t.name == "output"), None)
-        if self.context.loss_name != "BCEWithLogitsLoss" or output is None or output.min is None:
+        if self.context.loss_kind != "bce_with_logits" or output is None or output.min is None:
             return
         assert output.max is not None
         inside = output.min >= 0.0 and output.max <= 1.0
@@ -349,9 +355,16 @@ class SymptomChecks:
         if not weights:
             return
         at_step = m.get("grads_at_step")
+        lr = m.get("lr") or 0.0
         moved = any(layer.update_norm for layer in event.layers)
-        self._unchanged_streak = 0 if moved else self._unchanged_streak + 1
-        if self._unchanged_streak >= 3 and (m.get("lr") or 0) > 0:
+        # A step that changes nothing because its gradients are too small to move float32 weights
+        # (a converged run) is not a step that did not run.
+        could_move = any(
+            layer.grad_norm and layer.weight_norm is not None and lr * layer.grad_norm > ROUNDOFF * layer.weight_norm
+            for layer in event.layers
+        )
+        self._unchanged_streak = 0 if moved or not could_move else self._unchanged_streak + 1
+        if self._unchanged_streak >= 3 and lr > 0:
             had_grads = bool(at_step and at_step["nonzero"])
             self.fire(
                 it,
@@ -364,7 +377,10 @@ class SymptomChecks:
                     "Call loss.backward() then optimizer.step() every iteration.",
                 ),
             )
-        ratio = max(layer.update_ratio for layer in weights if layer.update_ratio is not None)
+        # Only layers that got a gradient say how big the learning rate makes a step: a layer whose
+        # units all died (say, from a learning rate far too high) moves by 0 whatever the rate.
+        judged = [layer.update_ratio for layer in weights if layer.grad_norm and layer.update_ratio is not None]
+        ratio = max(judged) if judged else math.nan
         if math.isfinite(ratio):
             self._max_ratios.append(ratio)
         if len(self._max_ratios) >= RATIO_WINDOW:
@@ -409,7 +425,9 @@ class SymptomChecks:
         accuracies = [v["val_accuracy"] for v in self._validations if v.get("val_accuracy") is not None]
         if len(accuracies) < 2:
             return
-        classes = 2 if self.context.loss_name.startswith("BCE") else self.context.classes
+        # One output column is a binary model: chance is 50%, not 100%.
+        binary = self.context.loss_kind.startswith("bce") or self.context.task == Task.BINARY
+        classes = 2 if binary or self.context.classes == 1 else self.context.classes
         if not classes:
             return
         chance = 1.0 / classes
