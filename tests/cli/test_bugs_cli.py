@@ -75,3 +75,14 @@ def test_check_exit_codes(capsys):
     assert main(["check", "blobs", "--bug", "view_instead_of_permute", "--json"]) == 1
     rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["batch_mixing"]["passed"] is False and "9 other input row(s)" in rows["batch_mixing"]["message"]
+
+
+def test_bugs_for_a_target_says_which_apply_and_what_the_others_need(fixtures, capsys):
+    assert main(["bugs", "--for", str(fixtures / "adamw_groups_experiment.py")]) == 0
+    out = capsys.readouterr().out
+    assert "bugs apply to" in out and "  skip_zero_grad\n" in out
+    assert "dropout_too_high" in out and "needs dropout" in out  # the model has no dropout
+    assert main(["bugs", "--for", "spirals", "--json"]) == 0
+    rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["double_softmax"]["applies"] and rows["target_shape_broadcast"]["missing"]
+    assert main(["bugs", "--for", "nosuch.py"]) == 2

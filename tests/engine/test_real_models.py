@@ -77,3 +77,20 @@ def test_a_learning_rate_far_too_high_is_never_called_too_low():
 def test_a_converged_run_is_not_told_its_step_did_not_run(fixture_modules):
     found = findings_of("third_party_models:exact_fit", 400)
     assert [f for f in found if f[2] == "parameters_not_updated"] == []
+
+
+def test_validation_loss_is_per_example_for_a_summed_loss(fixture_modules):
+    from torch import nn
+
+    from loopscope.engine.recorder import StageRecord
+
+    stepper = Stepper(load_experiment("third_party_models:mse_on_labels", 0))
+    stepper.run(30)
+    values = {}
+    for reduction in ("mean", "sum", "none"):
+        stepper.experiment.loss_fn = nn.MSELoss(reduction=reduction)
+        record = StageRecord()
+        stepper.body.validate(record)  # the same model, validated with each reduction
+        values[reduction] = record.metrics["val_loss"]
+    # One output per example: the summed loss per example is the mean loss (was 40x it: batch 40).
+    assert values["sum"] == pytest.approx(values["mean"]) and values["none"] == pytest.approx(values["mean"])

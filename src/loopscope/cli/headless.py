@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import json
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from loopscope.cli.codes import EXIT_OK, EXIT_STAGE_ERROR
 from loopscope.cli.trace import TraceWriter
@@ -158,3 +158,33 @@ class _Progress:
     def close(self) -> None:
         if self.enabled and self._last >= 0:
             sys.stderr.write("\n")
+
+
+def bugs_for_command(target: str, as_json: bool) -> int:
+    """`loopscope bugs --for TARGET`: the bugs that apply to that experiment, and for every other
+    one what the experiment lacks (read from the experiment itself, without running it)."""
+    from loopscope.engine.experiment import check_target, load_experiment
+    from loopscope.engine.features import experiment_features, infer_task
+    from loopscope.shared.bugs import BUGS, FEATURE_WORDS
+
+    check_target(target)
+    with _users_prints_to_stderr():
+        experiment = load_experiment(target, 0)
+    features = experiment_features(experiment, infer_task(experiment))
+    rows: list[dict[str, Any]] = []
+    for bug in BUGS:
+        missing = [FEATURE_WORDS.get(f, f) for f in bug.requires if f not in features]
+        rows.append({"id": bug.id, "applies": not missing, "missing": missing})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    applying = [r for r in rows if r["applies"]]
+    width = max(len(r["id"]) for r in rows)
+    print(f"{len(applying)} of {len(rows)} bugs apply to {target}:")
+    for r in applying:
+        print(f"  {r['id']}")
+    print("\nThe others need what this experiment does not have:")
+    for r in rows:
+        if not r["applies"]:
+            print(f"  {r['id']:<{width}}  needs {', '.join(r['missing'])}")
+    return EXIT_OK

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from loopscope import __version__
 from loopscope.cli.codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
-from loopscope.cli.headless import check_command, trace_command
+from loopscope.cli.headless import bugs_for_command, check_command, trace_command
 from loopscope.shared.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.shared.catalog import DEFAULT_SCENARIO, SCENARIOS
 from loopscope.shared.errors import UserError
@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bugs.add_argument("bug", nargs="?", type=_bug_id, metavar="ID", help="explain this bug in full")
     bugs.add_argument("--json", action="store_true", help="print JSON for machines")
+    bugs.add_argument(
+        "--for",
+        dest="for_target",
+        metavar="TARGET",
+        help="which bugs apply to this experiment (" + TARGET_HELP + "), and why each other does not",
+    )
     return parser
 
 
@@ -245,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "scenarios":
             return _scenarios(args.json)
+        if args.command == "bugs" and args.for_target:
+            return bugs_for_command(args.for_target, args.json)
         if args.command == "bugs":
             return _bugs(args.bug, args.json)
         if args.command == "check":

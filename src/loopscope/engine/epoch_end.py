@@ -13,7 +13,7 @@ from loopscope.engine.batches import batch_size, call_model, primary_output, spl
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.explain import LoopError
 from loopscope.engine.inject import BugInjector
-from loopscope.engine.losses import UNIT_INTERVAL_KINDS, LossKind, loss_kind
+from loopscope.engine.losses import UNIT_INTERVAL_KINDS, LossKind, loss_kind, loss_reduction
 from loopscope.engine.recorder import StageRecord
 from loopscope.engine.state import LoopState
 from loopscope.shared.vocab import Task
@@ -38,6 +38,7 @@ class EpochEndStages:
             and getattr(loader, "dataset", None) is getattr(exp.train_loader, "dataset", object())
         )
         loss_fn = exp.loss_fn
+        reduction = loss_reduction(loss_fn)
         started = time.perf_counter()
         total_loss: torch.Tensor | None = None
         correct: torch.Tensor | None = None
@@ -57,8 +58,10 @@ class EpochEndStages:
                     builds_graph = builds_graph or output.requires_grad
                     targets = bugs.transform_targets_for_loss(targets)
                     n = batch_size(targets)
-                    # Weighted by example count so a short last batch does not skew the mean.
-                    batch_loss = loss_fn(output, targets).detach().float() * n
+                    # Per example whatever the reduction, weighted by example count so a short last
+                    # batch does not skew the mean (a summed loss is already a batch total).
+                    batch_loss = loss_fn(output, targets).detach().float()
+                    batch_loss = batch_loss if reduction == "sum" else batch_loss.mean() * n
                     total_loss = batch_loss if total_loss is None else total_loss + batch_loss
                     hits = self._correct(output, targets)
                     if hits is not None:

@@ -37,9 +37,10 @@ def experiment_features(experiment: Experiment, task: str | None) -> frozenset[s
     model, loss = experiment.model, experiment.loss_fn
     modules = list(model.modules())
     found: set[str] = set()
-    if isinstance(loss, nn.CrossEntropyLoss):
+    kind = loss_kind(loss)  # a module or its function from torch.nn.functional
+    if kind == "cross_entropy":
         found.add("classification")
-    if isinstance(loss, nn.BCEWithLogitsLoss):
+    if kind == "bce_with_logits":
         found.add("binary_logits")
     if task in ("binary", "classification"):
         found.add("labels")
@@ -78,7 +79,7 @@ def experiment_features(experiment: Experiment, task: str | None) -> frozenset[s
             if inputs.is_floating_point():
                 found.add("float_inputs")
         if (
-            isinstance(loss, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss))
+            kind in ("mse", "l1", "smooth_l1", "huber")
             and isinstance(targets, torch.Tensor)
             and targets.shape[-1:] == (1,)
         ):

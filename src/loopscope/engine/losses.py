@@ -43,3 +43,13 @@ def loss_kind(loss_fn: Any) -> LossKind:
     while isinstance(loss_fn, functools.partial):  # F.cross_entropy with label_smoothing=..., say
         loss_fn = loss_fn.func
     return _FUNCTIONS.get(loss_fn, "other")
+
+
+def loss_reduction(loss_fn: Any) -> str:
+    """ "mean", "sum" or "none": how the loss folds a batch into one number, where it says so
+    (a loss module's `reduction`, or `functools.partial(F.mse_loss, reduction="sum")`); "mean"
+    otherwise, the default of every torch loss."""
+    reduction = getattr(loss_fn, "reduction", None)
+    if isinstance(loss_fn, functools.partial):
+        reduction = loss_fn.keywords.get("reduction", reduction)
+    return reduction if reduction in ("mean", "sum", "none") else "mean"
