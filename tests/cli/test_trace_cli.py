@@ -208,3 +208,12 @@ def test_a_model_unrolled_in_python_keeps_trace_lines_small(fixture_modules, cap
     assert "cell[0]" in names and "cell#100[0]" in names and "cell#50[0]" not in names  # first and last call
     batch = next(json.loads(line) for line in lines if json.loads(line)["stage"] == "load_batch")
     assert len(batch["metrics"]["class_counts"]) == 12 and "others" in batch["metrics"]["class_counts"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "said"), [("lbfgs", "LBFGS.step() needs a closure"), ("two_optimizers", "2 optimizers")]
+)
+def test_loops_factory_mode_cannot_step_are_one_line_pointing_to_script_mode(fixture_modules, capsys, factory, said):
+    assert main(["trace", f"third_party_models:{factory}", "-n", "1"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "script mode" in err and "Traceback" not in err and err.count("\n") == 1

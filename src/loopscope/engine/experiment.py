@@ -53,8 +53,20 @@ class Experiment:
             problems.append(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
         if not callable(self.loss_fn):
             problems.append(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
-        if not isinstance(self.optimizer, torch.optim.Optimizer):
+        if isinstance(self.optimizer, (list, tuple)) and all(
+            isinstance(o, torch.optim.Optimizer) for o in self.optimizer
+        ):
+            problems.append(
+                f"{len(self.optimizer)} optimizers (a GAN, say): factory mode steps one; a loop with several "
+                "optimizers needs script mode (your own training script, run as written)"
+            )
+        elif not isinstance(self.optimizer, torch.optim.Optimizer):
             problems.append(f"optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+        elif _steps_with_closure(self.optimizer):
+            problems.append(
+                f"{type(self.optimizer).__name__}.step() needs a closure that recomputes the loss: factory mode "
+                "cannot step it; use script mode (your own training script, run as written)"
+            )
         if not hasattr(self.train_loader, "__iter__"):
             problems.append(f"train_loader must be iterable, got {type(self.train_loader).__name__}")
         if self.val_loader is not None and not hasattr(self.val_loader, "__iter__"):
@@ -81,6 +93,14 @@ class Experiment:
             problems.append(f"task must be 'binary', 'classification' or 'regression', got {self.task!r}")
         if problems:
             raise UserError("invalid Experiment: " + "; ".join(problems))
+
+
+def _steps_with_closure(optimizer: Any) -> bool:
+    """True for optimizers whose step() cannot run without a closure (LBFGS)."""
+    import inspect
+
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def seed_everything(seed: int) -> None:
