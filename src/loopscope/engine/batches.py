@@ -75,6 +75,19 @@ def primary_output(output: Any) -> torch.Tensor:
     raise TypeError(f"the model returned {type(output).__name__}; expected a tensor, a tuple or a dict with 'logits'")
 
 
+def shown_output(output: Any) -> torch.Tensor | None:
+    """What to show as the output of a model that computes its own loss: its logits (as for any
+    model), else its first tensor that is not the loss; None if it returns the loss alone."""
+    try:
+        return primary_output(output)
+    except TypeError:
+        pass
+    values = (
+        output.values() if isinstance(output, Mapping) else vars(output).values() if hasattr(output, "__dict__") else ()
+    )
+    return next((v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+
+
 def batch_size(targets: Any) -> int:
     """How many examples a batch holds, judged by its targets."""
     if isinstance(targets, torch.Tensor):
@@ -82,3 +95,47 @@ def batch_size(targets: Any) -> int:
     if isinstance(targets, (tuple, list)):
         return len(targets)
     return 1
+
+
+def target_key(batch: Any) -> str | None:
+    """The key a dict batch keeps its targets under (None for a tuple batch)."""
+    if isinstance(batch, Mapping):
+        return next((k for k in TARGET_KEYS if k in batch), None)
+    return None
+
+
+def call_model_with_targets(model: nn.Module, inputs: Any, targets: Any, key: str | None) -> Any:
+    """A model that computes its own loss gets the targets too: a dict batch whole (its `labels`
+    kept, as HuggingFace models want them), otherwise as the last argument (`model(x, y)`, as
+    nanoGPT's `forward(idx, targets)`)."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs, **{key or "labels": targets})
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs, targets)
+    if key is not None and key not in ("targets", "target", "y"):
+        return model(inputs, **{key: targets})
+    return model(inputs, targets)
+
+
+def own_loss(output: Any) -> torch.Tensor:
+    """The loss a model computed itself: `.loss`, `["loss"]`, or the first 0-d tensor of a tuple."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, (tuple, list)):
+        loss = next((item for item in output if isinstance(item, torch.Tensor) and item.dim() == 0), None)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"the experiment has loss_fn=None, so the model must compute its own loss, but it returned "
+            f"{type(output).__name__} with no loss: return `.loss`, a dict with 'loss', or (output, loss)"
+        )
+    return loss
+
+
+def model_loss(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, key: str | None) -> tuple[Any, Any]:
+    """(the model's output, the loss) for one batch, however the experiment computes its loss."""
+    if loss_fn is None:
+        output = call_model_with_targets(model, inputs, targets, key)
+        return output, own_loss(output)
+    output = call_model(model, inputs)
+    return output, loss_fn(primary_output(output), targets)

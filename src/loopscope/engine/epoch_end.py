@@ -9,7 +9,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from loopscope.engine.batches import batch_size, call_model, primary_output, split_batch, to_device
+from loopscope.engine.batches import (
+    batch_size,
+    call_model,
+    call_model_with_targets,
+    own_loss,
+    primary_output,
+    shown_output,
+    split_batch,
+    target_key,
+    to_device,
+)
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.explain import LoopError
 from loopscope.engine.inject import BugInjector
@@ -54,13 +64,21 @@ class EpochEndStages:
                     inputs, targets = split_batch(batch)
                     inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
                     inputs, targets = bugs.prepare_batch(inputs, targets)
-                    output = bugs.transform_output(primary_output(call_model(self.model, inputs)))
+                    if loss_fn is None:  # the model computes its own loss, from the targets it is given
+                        raw = call_model_with_targets(self.model, inputs, targets, target_key(batch))
+                        loss = own_loss(raw)
+                        output = shown_output(raw)
+                        output = loss if output is None else output
+                    else:
+                        output = bugs.transform_output(primary_output(call_model(self.model, inputs)))
                     builds_graph = builds_graph or output.requires_grad
                     targets = bugs.transform_targets_for_loss(targets)
                     n = batch_size(targets)
+                    if loss_fn is not None:
+                        loss = loss_fn(output, targets)
                     # Per example whatever the reduction, weighted by example count so a short last
                     # batch does not skew the mean (a summed loss is already a batch total).
-                    batch_loss = loss_fn(output, targets).detach().float()
+                    batch_loss = loss.detach().float()
                     batch_loss = batch_loss if reduction == "sum" else batch_loss.mean() * n
                     total_loss = batch_loss if total_loss is None else total_loss + batch_loss
                     hits = self._correct(output, targets)

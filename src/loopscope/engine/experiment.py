@@ -28,7 +28,8 @@ class Experiment:
     """
 
     model: torch.nn.Module
-    loss_fn: Callable[..., torch.Tensor]
+    # None: the model computes its own loss (it gets the targets too; DESIGN.md §9).
+    loss_fn: Callable[..., torch.Tensor] | None
     optimizer: torch.optim.Optimizer
     train_loader: Iterable[Any]
     val_loader: Iterable[Any] | None = None
@@ -51,7 +52,7 @@ class Experiment:
         problems = []
         if not isinstance(self.model, torch.nn.Module):
             problems.append(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
-        if not callable(self.loss_fn):
+        if self.loss_fn is not None and not callable(self.loss_fn):
             problems.append(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
         if isinstance(self.optimizer, (list, tuple)) and all(
             isinstance(o, torch.optim.Optimizer) for o in self.optimizer

@@ -123,7 +123,8 @@ def experiment_info(
         "checkpoint": bool(exp.checkpoint),
         "early_stopping_patience": exp.early_stopping_patience,
         "optimizer": type(exp.optimizer).__name__,
-        "loss_fn": type(exp.loss_fn).__name__,
+        "loss_fn": type(exp.loss_fn).__name__ if exp.loss_fn is not None else None,
+        "own_loss": exp.loss_fn is None,
         "lr": exp.optimizer.param_groups[0].get("lr"),
     }
     return SessionInfo(

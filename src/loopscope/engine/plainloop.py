@@ -32,6 +32,7 @@ class PlainLoop:
             x, y = next(self._batches)
         x, y = x.to(device), y.to(device)
         exp.optimizer.zero_grad()
+        assert exp.loss_fn is not None  # the reference models have a loss function
         loss = exp.loss_fn(self.model(x), y)
         loss.backward()
         exp.optimizer.step()

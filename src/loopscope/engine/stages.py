@@ -17,7 +17,17 @@ import torch
 from torch import nn
 
 from loopscope.engine import probes
-from loopscope.engine.batches import batch_size, call_model, primary_output, split_batch, to_device
+from loopscope.engine.batches import (
+    batch_size,
+    call_model,
+    call_model_with_targets,
+    own_loss,
+    primary_output,
+    shown_output,
+    split_batch,
+    target_key,
+    to_device,
+)
 from loopscope.engine.diagnostics.context import ForwardFlow
 from loopscope.engine.epoch_end import EpochEndStages
 from loopscope.engine.experiment import Experiment
@@ -44,6 +54,7 @@ class IterationValues:
     loss: torch.Tensor | None = None
     grad_norms: dict[str, float | None] = field(default_factory=dict)
     rng_before_forward: Any = None
+    target_key: str | None = None  # a dict batch's targets key (a model that computes its own loss gets it)
     flow: ForwardFlow | None = None  # what fed what in a probed forward
 
 
@@ -100,6 +111,7 @@ class LoopBody(EpochEndStages):
         inputs, targets = split_batch(batch)
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         values = self.values
+        values.target_key = target_key(batch)
         values.clean_inputs, values.clean_targets = inputs, targets
         values.inputs, values.targets = self.injector.prepare_batch(inputs, targets)
         if self.state.batches_this_epoch == 1:
@@ -151,34 +163,49 @@ class LoopBody(EpochEndStages):
         if self.probe:
             with probes.ForwardRecorder(self.model) as recorder, grad_mode:
                 try:
-                    raw = call_model(self.model, values.inputs)
+                    raw = self._call_model()
                 except Exception:
                     self.failing_module = recorder.failing_module()
                     raise
-                output = self.injector.transform_output(primary_output(raw))
+                output = self._output_of(raw)
             record.tensors = probes.tensor_stats([*recorder.outputs, ("output", output.detach(), None)])
             values.flow = recorder.flow()
         else:
             with grad_mode:
-                raw = call_model(self.model, values.inputs)
-                output = self.injector.transform_output(primary_output(raw))
+                raw = self._call_model()
+                output = self._output_of(raw)
             record.tensors = [probes.describe("output", output, None)]
         record.metrics["output_requires_grad"] = output.requires_grad
         values.raw_output, values.output = raw, output
+
+    def _call_model(self) -> Any:
+        values = self.values
+        if self.experiment.loss_fn is None:  # the model computes its own loss: it gets the targets
+            return call_model_with_targets(self.model, values.inputs, values.targets, values.target_key)
+        return call_model(self.model, values.inputs)
+
+    def _output_of(self, raw: Any) -> torch.Tensor:
+        if self.experiment.loss_fn is None:
+            shown = shown_output(raw)
+            return shown if shown is not None else own_loss(raw)
+        return self.injector.transform_output(primary_output(raw))
 
     def loss(self, record: StageRecord) -> None:
         values, state = self.values, self.state
         output = values.output
         assert output is not None
         targets = self.injector.transform_targets_for_loss(values.targets)
-        loss = self.experiment.loss_fn(output, targets)
+        loss_fn = self.experiment.loss_fn
+        loss = own_loss(values.raw_output) if loss_fn is None else loss_fn(output, targets)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"the loss function returned {type(loss).__name__}, not a tensor")
         if "clip_loss_not_grad" in self.injector:
             loss = loss.clamp(max=self.experiment.clip_grad_norm)
         values.loss = loss
         if self.twin is not None and values.rng_before_forward is not None:
-            record.twin_loss = self.twin.iterate(values.clean_inputs, values.clean_targets, values.rng_before_forward)
+            record.twin_loss = self.twin.iterate(
+                values.clean_inputs, values.clean_targets, values.rng_before_forward, values.target_key
+            )
         # One host sync per iteration: the loss is always shown and always checked for NaN.
         if loss.numel() == 1:
             record.loss = float(loss.item())

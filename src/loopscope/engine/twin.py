@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from loopscope.engine.batches import call_model, primary_output
+from loopscope.engine.batches import model_loss
 from loopscope.engine.copies import copy_model_and_optimizer, forked_rng
 
 
@@ -36,7 +36,9 @@ class CleanTwin:
         self.clip_grad_norm = clip_grad_norm
         self.device = device
 
-    def iterate(self, inputs: Any, targets: Any, state: tuple[torch.Tensor, torch.Tensor | None]) -> float:
+    def iterate(
+        self, inputs: Any, targets: Any, state: tuple[torch.Tensor, torch.Tensor | None], key: str | None = None
+    ) -> float:
         """One clean iteration on this batch; returns the twin's loss (before its step)."""
         with forked_rng(self.device), torch.enable_grad():
             torch.set_rng_state(state[0])
@@ -44,7 +46,7 @@ class CleanTwin:
                 torch.cuda.set_rng_state(state[1], self.device)
             self.model.train()
             self.optimizer.zero_grad()
-            loss = self.loss_fn(primary_output(call_model(self.model, inputs)), targets)
+            _, loss = model_loss(self.model, self.loss_fn, inputs, targets, key)
             loss.backward()
             if self.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)

@@ -34,6 +34,9 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
         Stage.STEP: ["    optimizer.step()"],
         Stage.SCHEDULER: ["    scheduler.step()"],
     }
+    if options.get("own_loss"):  # the model computes its own loss from the targets it is given
+        body[Stage.FORWARD] = ["    out = model(x, y)"]
+        body[Stage.LOSS] = ["    loss = out.loss", "    running_loss += loss.item()"]
     lines = [CodeLine("for epoch in range(epochs):"), CodeLine("  model.train()")]
     for stage in iteration_stages:
         for text in body.get(stage, []):
@@ -43,7 +46,12 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
             CodeLine("  model.eval()", Stage.VALIDATE),
             CodeLine("  with torch.no_grad():", Stage.VALIDATE),
             CodeLine("      for x, y in val_loader:", Stage.VALIDATE),
-            CodeLine("          val_loss += loss_fn(model(x), y).item() * len(y)", Stage.VALIDATE),
+            CodeLine(
+                "          val_loss += "
+                + ("model(x, y).loss" if options.get("own_loss") else "loss_fn(model(x), y)")
+                + ".item() * len(y)",
+                Stage.VALIDATE,
+            ),
             CodeLine("  model.train()", Stage.VALIDATE),
         ]
     if options.get("scheduler") and options.get("scheduler_interval") == "epoch":
