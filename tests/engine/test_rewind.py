@@ -178,3 +178,23 @@ def test_rewind_gives_the_iteration_it_is_back_at_with_statistics():
     assert shown["loss"].loss == loss_first_time  # the replay's numbers, bitwise
     assert shown["backward"].layers and shown["forward"].tensors[0].mean is not None  # and its statistics
     assert stepper.probe is False
+
+
+def test_a_replay_that_cannot_give_the_same_numbers_says_so(fixture_modules):
+    stepper = Stepper(load_experiment("third_party_models:stateful_lm", 0), keep_snapshots=50)
+    stepper.rewinder.BUDGET = 1e-9  # snapshots far apart: stepping back replays
+    stepper.run(8)
+    assert stepper.rewind()
+    assert stepper.rewind_warning is not None and "cannot restore" in stepper.rewind_warning
+    stepper.run(1)  # the iteration run again differs too: a finding at its loss stage
+    found = [f.id for e in stepper.history.recent() if e.stage == "loss" for f in e.diagnostics]
+    assert "rewind_inexact" in found
+
+
+def test_an_exact_replay_says_nothing():
+    stepper = Stepper(load_experiment("spirals", 0), keep_snapshots=50)
+    stepper.rewinder.BUDGET = 1e-9
+    stepper.run(8)
+    assert stepper.rewind() and stepper.rewind_warning is None
+    stepper.run(3)
+    assert not [f for e in stepper.history.recent() for f in e.diagnostics if f.id == "rewind_inexact"]

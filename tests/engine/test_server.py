@@ -62,3 +62,28 @@ def test_sessions_stopped_with_a_message_in_flight_never_take_the_next_ones_mess
         session.send(Step("iteration"))  # in flight while stopping
         session.stop()
     assert crashed == []
+
+
+def test_a_step_back_that_replays_other_numbers_is_told_to_the_screen(fixture_modules, monkeypatch):
+    from loopscope.shared.protocol import Failed, Rewind, Rewound
+    from loopscope.shared.vocab import StepKind
+
+    monkeypatch.setattr("loopscope.engine.rewind.Rewinder.BUDGET", 1e-9)  # snapshots far apart: a replay
+    messages: queue.Queue = queue.Queue()
+    session = EngineSession(SessionSpec("third_party_models:stateful_lm", "cpu"), messages.put, in_process=True)
+    session.start()
+    try:
+        while not isinstance(messages.get(timeout=60), Ready):
+            pass
+        session.send(RunIterations(6))
+        while not (isinstance(m := messages.get(timeout=60), Update) and not m.state.running):
+            pass
+        session.send(Rewind())
+        answers = []
+        while not any(isinstance(a, Rewound) for a in answers) or not any(isinstance(a, Failed) for a in answers):
+            answers.append(messages.get(timeout=60))
+        notice = next(a for a in answers if isinstance(a, Failed))
+        assert not notice.fatal and "cannot restore" in notice.message
+        session.send(Step(StepKind.ITERATION))
+    finally:
+        session.stop()

@@ -75,6 +75,10 @@ class Driver(Protocol):
     @property
     def rewound_events(self) -> tuple[StageEvent, ...]: ...
     @property
+    def rewind_warning(self) -> str | None:
+        """Set by `rewind` when the replay gave other numbers than the first run."""
+
+    @property
     def rewind_window(self) -> int:
         """How many iterations back `rewind` can reach (0: it cannot)."""
 

@@ -99,6 +99,8 @@ class Rewinder:
         self._training: float | None = None  # seconds of training between boundaries, smoothed (none after a snapshot)
         self._last_boundary_time: float | None = None
         self.furthest = 0  # the most iterations ever completed: the window is the last `keep` of them
+        self.first_losses: dict[int, tuple[float | None, tuple[str, ...]]] = {}  # see step_back
+        self.mismatch: str | None = None  # what the last step back's replay found different
 
     @property
     def interval(self) -> int:
@@ -190,19 +192,32 @@ class Rewinder:
             return None
         snapshot, wanted = found
         stages = set(driver.iteration_stages())
-        recorded = tuple(e for e in driver.history.recent() if e.iteration == wanted and e.stage in stages)
+        recent = driver.history.recent()
+        recorded = tuple(e for e in recent if e.iteration == wanted and e.stage in stages)
+        # The losses first seen after the snapshot: the replay, and the iterations run again after
+        # it, must give them back exactly, unless the bugs differ by then.
+        self.first_losses = {
+            e.iteration: (e.loss, e.bugs)
+            for e in recent
+            if e.stage == Stage.LOSS and e.error is None and e.iteration > snapshot.completed_iterations
+        }
         self.restore(driver, snapshot)
         driver.history.truncate(snapshot.completed_iterations)
         replayed: list[StageEvent] = []
+        replayed_losses: list[StageEvent] = []
         if wanted > snapshot.completed_iterations:
-            replayed = [e for e in self._replay(driver, wanted) if e.stage in stages]
+            replayed = [e for e in self._replay(driver, wanted, replayed_losses) if e.stage in stages]
+        self.mismatch = next(
+            (message for e in replayed_losses if (message := self.replay_differs(e.iteration, e.bugs, e.loss))), None
+        )
         # Run mode records most iterations without statistics; the replay probes the last one.
         probed = any(e.layers for e in recorded)
         return recorded if probed or not replayed else tuple(replayed)
 
-    def _replay(self, driver: Rewindable, completed: int) -> list[StageEvent]:
+    def _replay(self, driver: Rewindable, completed: int, losses: list[StageEvent]) -> list[StageEvent]:
         """Run again, quietly, from a snapshot to the boundary wanted: same code, same numbers.
-        Returns the events of the last block run, probed (probes never change the numbers)."""
+        Returns the events of the last block run, probed (probes never change the numbers); the
+        loss events of every replayed iteration go to `losses`."""
         last: list[StageEvent] = []
         with driver.quietly():
             while driver.completed_iterations < completed and not driver.finished and driver.halted is None:
@@ -210,10 +225,25 @@ class Rewinder:
                     self._switch_bugs_as_at(driver, driver.completed_iterations)
                 driver.probe = driver.completed_iterations == completed - 1
                 last = driver.run_iteration()
+                losses.extend(e for e in last if e.stage == Stage.LOSS and e.error is None)
             # The bugs that were on when the next iteration began the first time, as a snapshot
             # taken at this boundary would have restored them.
             self._switch_bugs_as_at(driver, driver.completed_iterations)
         return last
+
+    def replay_differs(self, iteration: int, bugs: tuple[str, ...], loss: float | None) -> str | None:
+        """After a step back: if iteration `iteration`, run again with the same bugs, gave another
+        loss than the first time, what to tell the user (state loopscope cannot restore)."""
+        first = self.first_losses.get(iteration)
+        if first is None or first[1] != bugs or loss is None or first[0] is None:
+            return None
+        if loss == first[0] or (math.isnan(loss) and math.isnan(first[0])):
+            return None
+        return (
+            f"after stepping back, iteration {iteration} gave loss {loss:.7g} where it first gave {first[0]:.7g}: "
+            "the experiment keeps state loopscope cannot restore (an RNN hidden state carried on the model "
+            "between batches, say), so the numbers after a step back are not the ones first seen"
+        )
 
     def _switch_bugs_as_at(self, driver: Rewindable, completed: int) -> None:
         bugs = self.bug_log.get(completed)

@@ -213,6 +213,8 @@ class EngineServer:
         if s.rewind():
             self._events, self._losses = [], []
             self.conn.send(Rewound(s.completed_iterations, s.epoch, s.rewound_events))
+            if s.rewind_warning:
+                self.conn.send(Failed(s.rewind_warning, fatal=False))
         else:
             self.conn.send(
                 Failed(

@@ -86,6 +86,7 @@ class Stepper(DriverBase):
             self.device, self.history, self._diagnostics() if diagnose else None, on_event, sync_cuda
         )
         self.rewound_events: tuple[StageEvent, ...] = ()  # see rewind()
+        self.rewind_warning: str | None = None  # the last step back's replay gave other numbers
         self._caught = None
         self._block_seconds = 0.0  # training time since the last iteration boundary
 
@@ -101,6 +102,7 @@ class Stepper(DriverBase):
                 classes=linears[-1].out_features if linears else None,
                 has_trainable_params=lambda: any(p.requires_grad for _, p in self.body.named_params),
                 forward_flow=lambda: self.body.values.flow or ForwardFlow(),
+                replay_differs=self.rewinder.replay_differs,
                 batch_mixing=lambda: rows_mixed(
                     self.model, *self.current_batch, self.injector.prepare_batch, self.device
                 ),
@@ -310,6 +312,7 @@ class Stepper(DriverBase):
         if events is None:
             return False
         self.rewound_events = events
+        self.rewind_warning = self.rewinder.mismatch
         return True
 
     @contextmanager

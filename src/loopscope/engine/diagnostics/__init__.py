@@ -58,6 +58,7 @@ class Diagnostics:
                 structure.loss_shapes(event)
                 structure.graph_kept(event)
                 symptoms.loss_trend(event)
+                structure.replay_exactness(event)
             case Stage.BACKWARD:
                 structure.gradients_at_backward(event)
                 trainable = [layer for layer in event.layers if layer.trainable]

@@ -30,3 +30,6 @@ class DiagnosticContext:
     # Karpathy's batch-mixing probe on the current batch: (row, other rows reached) or None.
     batch_mixing: Callable[[], tuple[int, int] | None]
     forward_flow: Callable[[], ForwardFlow] = ForwardFlow
+    # After a step back: what to say if this iteration's loss (with these bugs) differs from the
+    # first time it ran; None while it agrees, or when nothing was stepped back over.
+    replay_differs: Callable[[int, tuple[str, ...], float | None], str | None] = lambda *_: None

@@ -220,6 +220,21 @@ class StructuralChecks:
                 ),
             )
 
+    def replay_exactness(self, event: StageEvent) -> None:
+        message = self.context.replay_differs(event.iteration, event.bugs, event.loss)
+        if message:
+            self.fire(
+                event.iteration,
+                Finding(
+                    "rewind_inexact",
+                    "warning",
+                    message + ".",
+                    (),
+                    "Keep state that carries between batches out of the model, or reset it at the start "
+                    "of each batch (hidden = None), so stepping back can restore it.",
+                ),
+            )
+
     # ----- backward / step ---------------------------------------------------------------
     def gradients_at_backward(self, event: StageEvent) -> None:
         it, m = event.iteration, event.metrics
