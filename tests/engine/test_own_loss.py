@@ -73,3 +73,11 @@ def test_a_model_that_returns_no_loss_is_told_so_at_its_stage(fixture_modules):
     stepper = Stepper(exp)
     events = stepper.run_iteration()
     assert events[-1].stage == "loss" and "loss_fn=None" in events[-1].error.message
+
+
+def test_a_vae_with_a_summed_loss_in_the_tens_of_thousands_is_no_numerical_failure(fixture_modules):
+    stepper = Stepper(load_experiment("third_party_models:vae", 0))
+    stepper.run(1)
+    assert stepper.history.last("loss").loss > 1e3  # a sum over 128 examples x 64 pixels
+    stepper.run(299)
+    assert [f for _, f in stepper.diagnostics.all_findings if f.severity != "info"] == []
