@@ -94,3 +94,8 @@ def test_validation_loss_is_per_example_for_a_summed_loss(fixture_modules):
         values[reduction] = record.metrics["val_loss"]
     # One output per example: the summed loss per example is the mean loss (was 40x it: batch 40).
     assert values["sum"] == pytest.approx(values["mean"]) and values["none"] == pytest.approx(values["mean"])
+
+
+def test_a_converged_fit_is_not_told_to_raise_its_learning_rate(fixture_modules):
+    found = findings_of("third_party_models:exact_fit", 400)
+    assert [f for f in found if f[2] == "update_ratio_low"] == []

@@ -153,7 +153,8 @@ def _zeros_like(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_zeros_like(v) for v in value)
     if isinstance(value, dict):
-        return {k: _zeros_like(v) for k, v in value.items()}
+        # A mask says which inputs exist, not what they are: zeroing it would hide them all.
+        return {k: v if "mask" in str(k) else _zeros_like(v) for k, v in value.items()}
     return value
 
 

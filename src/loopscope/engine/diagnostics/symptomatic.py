@@ -15,6 +15,7 @@ from typing import Any
 from loopscope.engine.diagnostics.context import DiagnosticContext
 from loopscope.engine.diagnostics.findings import (
     ACTIVATION_RMS,
+    CONVERGED_FRACTION,
     DEAD_RELU_FRACTION,
     DIVERGING_FACTOR,
     DROPOUT_TYPES,
@@ -405,7 +406,15 @@ class SymptomChecks:
                 and len(self.losses) == self.losses.maxlen
                 and statistics.fmean(self.losses) >= SLOW_LOSS_FRACTION * statistics.fmean(self.first_losses)
             )
-            if median < UPDATE_RATIO_LOW or (median < UPDATE_RATIO_SLOW and barely_moved):
+            # A run that has converged takes tiny steps because its gradients are tiny: that is not
+            # a learning rate too low (a noise-free fit was told to raise it).
+            latest = list(self.losses)[-10:]
+            converged = bool(
+                self.first_losses
+                and latest
+                and statistics.fmean(latest) <= CONVERGED_FRACTION * statistics.fmean(self.first_losses)
+            )
+            if not converged and (median < UPDATE_RATIO_LOW or (median < UPDATE_RATIO_SLOW and barely_moved)):
                 self.fire(
                     it,
                     Finding(
