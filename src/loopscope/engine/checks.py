@@ -90,7 +90,8 @@ def check_initial_loss(stepper: Stepper, batches: list[Any]) -> CheckResult:
     losses = _losses(stepper.trial_copy(batches[:1], 1))
     loss = losses[0]
     kind = loss_kind(stepper.experiment.loss_fn)
-    name = getattr(stepper.experiment.loss_fn, "__name__", type(stepper.experiment.loss_fn).__name__)
+    loss_fn = stepper.experiment.loss_fn
+    name = "the model's own loss" if loss_fn is None else getattr(loss_fn, "__name__", type(loss_fn).__name__)
     inputs, targets = batches[0]
     if kind in ("cross_entropy", "nll"):  # NLL of log-probabilities: the same -ln(1/C)
         model_copy = copy.deepcopy(stepper.model).eval()
