@@ -165,7 +165,7 @@ def check_batch_mixing(stepper: Stepper, batches: list[Any]) -> CheckResult:
     try:
         mixed = batch_mixing_rows(stepper.model, inputs, targets, stepper.injector.prepare_batch, stepper.device)
     except NotTestable as exc:
-        return CheckResult("batch_mixing", title, True, f"skipped: {exc}", skipped=True)
+        return CheckResult("batch_mixing", title, True, str(exc), skipped=True)
     if mixed is None:
         return CheckResult(
             "batch_mixing", title, True, "the gradient of output row 1 reaches input row 1 only", {"rows_mixed": 0}
@@ -193,7 +193,7 @@ def run_checks(stepper: Stepper) -> list[CheckResult]:
         except Exception as exc:  # a check that cannot run says so and why; it neither passes nor fails
             name = check.__name__.removeprefix("check_")
             results.append(
-                CheckResult(name, name.replace("_", " "), True, f"skipped: {type(exc).__name__}: {exc}", skipped=True)
+                CheckResult(name, name.replace("_", " "), True, f"{type(exc).__name__}: {exc}", skipped=True)
             )
     return results
 
