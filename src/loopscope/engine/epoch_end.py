@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -59,7 +60,7 @@ class EpochEndStages:
         grad_mode = torch.enable_grad() if "validate_with_grad" in bugs else torch.no_grad()
         builds_graph = False
         try:
-            with grad_mode:
+            with grad_mode, autocast_for(exp.amp, self.device):
                 for batch in loader:
                     inputs, targets = split_batch(batch)
                     inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
@@ -167,3 +168,10 @@ def binary_threshold(kind: LossKind, output: torch.Tensor) -> float:
         return 0.5
     inside = bool((output.amin() >= 0) & (output.amax() <= 1)) if output.numel() else False
     return 0.5 if inside else 0.0
+
+
+def autocast_for(amp: str | None, device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """torch.autocast in bfloat16 for amp="bf16"; nothing otherwise."""
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

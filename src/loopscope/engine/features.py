@@ -125,6 +125,7 @@ def experiment_info(
         "optimizer": type(exp.optimizer).__name__,
         "loss_fn": type(exp.loss_fn).__name__ if exp.loss_fn is not None else None,
         "own_loss": exp.loss_fn is None,
+        "amp": exp.amp,
         "lr": exp.optimizer.param_groups[0].get("lr"),
     }
     return SessionInfo(

@@ -9,6 +9,7 @@ values one iteration's stages hand each other (the batch, the output, the loss) 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from loopscope.engine.batches import (
     to_device,
 )
 from loopscope.engine.diagnostics.context import ForwardFlow
-from loopscope.engine.epoch_end import EpochEndStages
+from loopscope.engine.epoch_end import EpochEndStages, autocast_for
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.inject import BugInjector
 from loopscope.engine.recorder import StageRecord
@@ -161,7 +162,7 @@ class LoopBody(EpochEndStages):
         if self.twin is not None:
             values.rng_before_forward = rng_state(self.device)
         if self.probe:
-            with probes.ForwardRecorder(self.model) as recorder, grad_mode:
+            with probes.ForwardRecorder(self.model) as recorder, grad_mode, self.autocast():
                 try:
                     raw = self._call_model()
                 except Exception:
@@ -171,12 +172,16 @@ class LoopBody(EpochEndStages):
             record.tensors = probes.tensor_stats([*recorder.outputs, ("output", output.detach(), None)])
             values.flow = recorder.flow()
         else:
-            with grad_mode:
+            with grad_mode, self.autocast():
                 raw = self._call_model()
                 output = self._output_of(raw)
             record.tensors = [probes.describe("output", output, None)]
         record.metrics["output_requires_grad"] = output.requires_grad
         values.raw_output, values.output = raw, output
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """The mixed precision the experiment asks for (forward and loss), or nothing."""
+        return autocast_for(self.experiment.amp, self.device)
 
     def _call_model(self) -> Any:
         values = self.values
@@ -196,7 +201,8 @@ class LoopBody(EpochEndStages):
         assert output is not None
         targets = self.injector.transform_targets_for_loss(values.targets)
         loss_fn = self.experiment.loss_fn
-        loss = own_loss(values.raw_output) if loss_fn is None else loss_fn(output, targets)
+        with self.autocast():
+            loss = own_loss(values.raw_output) if loss_fn is None else loss_fn(output, targets)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"the loss function returned {type(loss).__name__}, not a tensor")
         if "clip_loss_not_grad" in self.injector:

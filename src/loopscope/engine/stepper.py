@@ -202,7 +202,7 @@ class Stepper(DriverBase):
 
     def _start_twin(self) -> None:
         exp = self.experiment
-        self.body.twin = CleanTwin(self.model, exp.optimizer, exp.loss_fn, exp.clip_grad_norm, self.device)
+        self.body.twin = CleanTwin(self.model, exp.optimizer, exp.loss_fn, exp.clip_grad_norm, self.device, amp=exp.amp)
 
     def trial_copy(self, batches: list[Any], steps: int) -> Stepper:
         """A quiet stepper over copies of the model and optimizer (the bugs' effects included), fed
@@ -218,6 +218,7 @@ class Stepper(DriverBase):
             epochs=1,
             task=self.task,
             clip_grad_norm=exp.clip_grad_norm,
+            amp=exp.amp,
         )
         copied = Stepper(trial, self.device, probe=False, diagnose=False)
         # The copies already carry the bugs' switch effects (scaled lr, swapped modules): only the

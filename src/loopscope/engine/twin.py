@@ -13,6 +13,7 @@ import torch
 
 from loopscope.engine.batches import model_loss
 from loopscope.engine.copies import copy_model_and_optimizer, forked_rng
+from loopscope.engine.epoch_end import autocast_for
 
 
 def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -30,11 +31,13 @@ class CleanTwin:
         loss_fn: Any,
         clip_grad_norm: float | None,
         device: torch.device,
+        amp: str | None = None,
     ) -> None:
         self.model, self.optimizer = copy_model_and_optimizer(model, optimizer)
         self.loss_fn = loss_fn
         self.clip_grad_norm = clip_grad_norm
         self.device = device
+        self.amp = amp
 
     def iterate(
         self, inputs: Any, targets: Any, state: tuple[torch.Tensor, torch.Tensor | None], key: str | None = None
@@ -46,7 +49,8 @@ class CleanTwin:
                 torch.cuda.set_rng_state(state[1], self.device)
             self.model.train()
             self.optimizer.zero_grad()
-            _, loss = model_loss(self.model, self.loss_fn, inputs, targets, key)
+            with autocast_for(self.amp, self.device):
+                _, loss = model_loss(self.model, self.loss_fn, inputs, targets, key)
             loss.backward()
             if self.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)

@@ -37,6 +37,10 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
     if options.get("own_loss"):  # the model computes its own loss from the targets it is given
         body[Stage.FORWARD] = ["    out = model(x, y)"]
         body[Stage.LOSS] = ["    loss = out.loss", "    running_loss += loss.item()"]
+    if options.get("amp") == "bf16":  # forward and loss under autocast, one block
+        forward, (loss, *rest) = body[Stage.FORWARD], body[Stage.LOSS]
+        body[Stage.FORWARD] = ["    with torch.autocast(device, dtype=torch.bfloat16):", *("    " + f for f in forward)]
+        body[Stage.LOSS] = ["    " + loss, *rest]
     lines = [CodeLine("for epoch in range(epochs):"), CodeLine("  model.train()")]
     for stage in iteration_stages:
         for text in body.get(stage, []):
