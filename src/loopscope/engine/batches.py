@@ -75,9 +75,9 @@ def primary_output(output: Any) -> torch.Tensor:
     raise TypeError(f"the model returned {type(output).__name__}; expected a tensor, a tuple or a dict with 'logits'")
 
 
-def shown_output(output: Any) -> torch.Tensor | None:
+def shown_output(output: Any) -> torch.Tensor:
     """What to show as the output of a model that computes its own loss: its logits (as for any
-    model), else its first tensor that is not the loss; None if it returns the loss alone."""
+    model), else its first tensor that is not the loss, else the loss itself."""
     try:
         return primary_output(output)
     except TypeError:
@@ -85,7 +85,8 @@ def shown_output(output: Any) -> torch.Tensor | None:
     values = (
         output.values() if isinstance(output, Mapping) else vars(output).values() if hasattr(output, "__dict__") else ()
     )
-    return next((v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    shown = next((v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return shown if shown is not None else own_loss(output)
 
 
 def batch_size(targets: Any) -> int:

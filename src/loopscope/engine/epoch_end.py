@@ -49,7 +49,7 @@ class EpochEndStages:
             and getattr(loader, "dataset", None) is getattr(exp.train_loader, "dataset", object())
         )
         loss_fn = exp.loss_fn
-        reduction = loss_reduction(loss_fn)
+        reduction, kind = loss_reduction(loss_fn), loss_kind(loss_fn)
         started = time.perf_counter()
         total_loss: torch.Tensor | None = None
         correct: torch.Tensor | None = None
@@ -67,9 +67,7 @@ class EpochEndStages:
                     inputs, targets = bugs.prepare_batch(inputs, targets)
                     if loss_fn is None:  # the model computes its own loss, from the targets it is given
                         raw = call_model_with_targets(self.model, inputs, targets, target_key(batch))
-                        loss = own_loss(raw)
-                        output = shown_output(raw)
-                        output = loss if output is None else output
+                        loss, output = own_loss(raw), shown_output(raw)
                     else:
                         output = bugs.transform_output(primary_output(call_model(self.model, inputs)))
                     builds_graph = builds_graph or output.requires_grad
@@ -82,7 +80,7 @@ class EpochEndStages:
                     batch_loss = loss.detach().float()
                     batch_loss = batch_loss if reduction == "sum" else batch_loss.mean() * n
                     total_loss = batch_loss if total_loss is None else total_loss + batch_loss
-                    hits = self._correct(output, targets)
+                    hits = self._correct(output, targets, kind)
                     if hits is not None:
                         correct = hits if correct is None else correct + hits
                     examples += n
@@ -100,14 +98,14 @@ class EpochEndStages:
             record.metrics["val_accuracy"] = correct.item() / examples
         record.metrics["val_seconds"] = time.perf_counter() - started
 
-    def _correct(self, output: torch.Tensor, targets: Any) -> torch.Tensor | None:
+    def _correct(self, output: torch.Tensor, targets: Any, kind: LossKind) -> torch.Tensor | None:
         """Number of right answers in a batch, or None where accuracy means nothing."""
         if not isinstance(targets, torch.Tensor):
             return None
         if self.task == Task.BINARY:
             if output.numel() != targets.numel():
                 return None
-            threshold = binary_threshold(loss_kind(self.experiment.loss_fn), output)
+            threshold = binary_threshold(kind, output)
             predicted = (output.reshape(-1) > threshold).to(torch.int64)
             return (predicted == targets.reshape(-1).round().to(torch.int64)).sum()
         if self.task == Task.CLASSIFICATION and output.dim() >= 2:

@@ -191,8 +191,7 @@ class LoopBody(EpochEndStages):
 
     def _output_of(self, raw: Any) -> torch.Tensor:
         if self.experiment.loss_fn is None:
-            shown = shown_output(raw)
-            return shown if shown is not None else own_loss(raw)
+            return shown_output(raw)
         return self.injector.transform_output(primary_output(raw))
 
     def loss(self, record: StageRecord) -> None:
