@@ -150,15 +150,15 @@ def test_asking_for_cuda_without_it_is_a_clear_error(capsys):
     assert "CUDA is not available here" in capsys.readouterr().err
 
 
-def test_scenarios_lists_the_four_builtins(capsys):
+def test_scenarios_lists_the_builtins(capsys):
     assert main(["scenarios"]) == 0
     out = capsys.readouterr().out
     names = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
-    assert names == ["blobs", "spirals", "regression", "digits"]
+    assert names == ["blobs", "spirals", "regression", "digits", "amp"]
     assert "(default)" in out.splitlines()[0]
     assert main(["scenarios", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["name"] for r in rows} == {"blobs", "spirals", "regression", "digits"}
+    assert {r["name"] for r in rows} == {"blobs", "spirals", "regression", "digits", "amp"}
     assert all({"name", "description", "task", "bugs"} <= r.keys() for r in rows)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,14 @@ def plain_run(
                 y = y.squeeze(1)
             return out, y
 
+    k = exp.accumulation
+    scaler = torch.amp.GradScaler("cpu") if exp.amp == "fp16" else None
+
+    def autocast() -> contextlib.AbstractContextManager[object]:
+        if exp.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.float16 if exp.amp == "fp16" else torch.bfloat16)
+
     losses: list[float] = []
     val_losses: list[float] = []
     best, bad_validations = math.inf, 0
@@ -59,8 +68,10 @@ def plain_run(
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in exp.val_loader:
-                out, y = forward(model, batch)
-                total += loss_fn(out, y).item() * len(y)
+                with autocast():
+                    out, y = forward(model, batch)
+                    batch_loss = loss_fn(out, y)
+                total += batch_loss.item() * len(y)
                 count += len(y)
         model.train()
         val_losses.append(total / count)
@@ -73,18 +84,31 @@ def plain_run(
 
     done = 0
     for _epoch in range(exp.epochs):
-        for batch in exp.train_loader:
-            if "skip_zero_grad" not in mistakes:
+        batches = len(exp.train_loader)  # type: ignore[arg-type]
+        for i, batch in enumerate(exp.train_loader):
+            # With gradient accumulation: zero_grad and step once every k micro-batches, the
+            # epoch's last group stepping however short it is.
+            if i % k == 0 and "skip_zero_grad" not in mistakes:
                 optimizer.zero_grad()
-            out, y = forward(model, batch)
-            loss = loss_fn(out, y)
-            loss.backward()
+            with autocast():
+                out, y = forward(model, batch)
+                loss = loss_fn(out, y)
+            losses.append(loss.item())
+            backward_loss = loss / k if k > 1 else loss
+            (scaler.scale(backward_loss) if scaler is not None else backward_loss).backward()
+            if (i + 1) % k and i + 1 != batches:
+                continue
+            if scaler is not None and exp.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
             if exp.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), exp.clip_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             if exp.scheduler is not None and exp.scheduler_interval == "iteration":
                 exp.scheduler.step()
-            losses.append(loss.item())
             done += 1
             periodic = exp.validate_every and exp.val_loader is not None and done % exp.validate_every == 0
             if periodic and validate():

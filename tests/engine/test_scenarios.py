@@ -14,6 +14,7 @@ GOOD = {
     "spirals": ("val_accuracy", ">=", 0.95),
     "regression": ("val_loss", "<=", 0.03),  # the noise alone costs 0.01
     "digits": ("val_accuracy", ">=", 0.95),
+    "amp": ("val_accuracy", ">=", 0.95),
 }
 
 

@@ -12,7 +12,7 @@ from tests.conftest import FIXTURES
 from tests.engine.reference_loop import plain_run
 
 # Enough iterations to cross at least one epoch boundary (validation, scheduler, checkpoint).
-ITERATIONS = {"blobs": 100, "spirals": 30, "regression": 30, "digits": 70}
+ITERATIONS = {"blobs": 100, "spirals": 30, "regression": 30, "digits": 70, "amp": 25}
 
 
 def stepper_run(target: str, seed: int, iterations: int):
@@ -41,7 +41,8 @@ def test_scenario_matches_plain_loop(scenario):
     ours = stepper_run(scenario, seed=3, iterations=iterations)
     factory, _ = resolve_factory(scenario)
     theirs = plain_run(factory, seed=3, iterations=iterations)
-    assert len(ours[0]) == iterations
+    micro_batches = load_experiment(scenario, 3).accumulation
+    assert len(ours[0]) == iterations * micro_batches  # a loss per micro-batch
     assert ours[2], "the run should cross an epoch boundary and validate"
     assert_bitwise_equal(ours, theirs)
 

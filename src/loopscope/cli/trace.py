@@ -37,6 +37,13 @@ def _tensor(stat: TensorStat) -> str:
 def describe(event: StageEvent) -> str:
     """What the stage did, in one line."""
     m = event.metrics
+    if "micro_batch" in m:  # gradient accumulation: which micro-batch of the step
+        return f"[micro-batch {m['micro_batch']}/{m.get('micro_batches')}] " + _describe(event)
+    return _describe(event)
+
+
+def _describe(event: StageEvent) -> str:
+    m = event.metrics
     if event.error is not None:
         err = event.error
         text = f"ERROR {err.type}: {err.message}"
@@ -66,16 +73,24 @@ def describe(event: StageEvent) -> str:
     if stage == "loss":
         shapes = " vs ".join(f"{t.name} {_shape(t)}" for t in event.tensors if t.name in ("output", "targets"))
         kind = ", rows sum to 1: probabilities, not logits" if m.get("loss_input") == "probabilities" else ""
-        return f"loss {_num(event.loss)}  ({shapes}{kind})"
+        divided = f", divided by {m['loss_divisor']} for backward" if m.get("loss_divisor", 1) > 1 else ""
+        return f"loss {_num(event.loss)}  ({shapes}{kind}{divided})"
     if stage == "backward":
         if event.grad_norm is None and not event.layers:
             return "loss.backward()"
-        return f"grad norm {_num(event.grad_norm)} over {sum(1 for layer in event.layers if layer.grad_norm is not None)} tensors"
+        scaled = f" (loss scaled x{m['grad_scale']:g}; norms shown unscaled)" if m.get("grad_scale") else ""
+        tensors = sum(1 for layer in event.layers if layer.grad_norm is not None)
+        return f"grad norm {_num(event.grad_norm)} over {tensors} tensors{scaled}"
+    if stage == "unscale":
+        found = "  inf/NaN found: the scaler will skip this step" if m.get("found_inf") else ""
+        return f"scaler.unscale_(optimizer): grad norm {_num(event.grad_norm)}{found}"
     if stage == "clip_grad":
         return f"norm {_num(m.get('norm_before'))} -> {_num(event.grad_norm)} (max {m.get('max_norm')}, clipped: {m.get('clipped')})"
     if stage == "step":
         text = f"lr {_num(m.get('lr'), 6)}"
-        if "max_update_ratio" in m:
+        if m.get("step_skipped"):
+            text += f"  SKIPPED by the GradScaler (inf/NaN gradients): scale {m.get('grad_scale_before'):g} -> {m.get('grad_scale'):g}"
+        if "max_update_ratio" in m and not m.get("step_skipped"):
             text += f"  max update/weight {_num(m['max_update_ratio'])}"
         return text
     if stage == "scheduler":

@@ -169,7 +169,12 @@ def binary_threshold(kind: LossKind, output: torch.Tensor) -> float:
 
 
 def autocast_for(amp: str | None, device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """torch.autocast in bfloat16 for amp="bf16"; nothing otherwise."""
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """torch.autocast in bfloat16 for amp="bf16", in float16 for amp="fp16"; nothing otherwise."""
+    if amp in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def grad_scaler_for(amp: str | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 gradients underflow unless the loss is scaled up for backward: a GradScaler does it."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None

@@ -44,7 +44,11 @@ class Experiment:
     validate_every: int | None = None  # iterations; None validates at the end of each epoch
     checkpoint: bool | str = False  # True keeps the best state in memory; a str is a file path
     early_stopping_patience: int | None = None
-    # "bf16": the forward pass and the loss under torch.autocast in bfloat16 (DESIGN.md §9).
+    # Gradients of this many micro-batches summed into one optimizer step (DESIGN.md §9): the loss
+    # is divided by it, zero_grad() and step() run once per `accumulation` batches.
+    accumulation: int = 1
+    # "bf16": the forward pass and the loss under torch.autocast in bfloat16; "fp16": in float16,
+    # with a GradScaler scaling the loss for backward and stepping the optimizer (DESIGN.md §9).
     amp: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -92,13 +96,10 @@ class Experiment:
             problems.append(f"validate_every must be a whole number >= 1, got {self.validate_every!r}")
         if (self.checkpoint or self.early_stopping_patience) and self.val_loader is None:
             problems.append("checkpoint and early stopping need a val_loader (they judge by validation loss)")
-        if self.amp == "fp16":
-            problems.append(
-                "amp='fp16' needs a GradScaler, which factory mode does not drive yet: use amp='bf16', "
-                "or script mode (your own training script, run as written)"
-            )
-        elif self.amp not in (None, "bf16"):
-            problems.append(f"amp must be None or 'bf16', got {self.amp!r}")
+        if not isinstance(self.accumulation, int) or isinstance(self.accumulation, bool) or self.accumulation < 1:
+            problems.append(f"accumulation must be a whole number >= 1, got {self.accumulation!r}")
+        if self.amp not in (None, "bf16", "fp16"):
+            problems.append(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.task not in (None, "binary", "classification", "regression"):
             problems.append(f"task must be 'binary', 'classification' or 'regression', got {self.task!r}")
         if problems:

@@ -53,6 +53,16 @@ _HINTS: tuple[tuple[str, str], ...] = (
         "computed from it) across iterations",
     ),
     (
+        r"Attempted (\w+) but _scale is None",
+        "the GradScaler has not scaled a loss yet, so it cannot {0}: scaler.scale(loss).backward() "
+        "must run before scaler.unscale_() and scaler.step() (a missing or misplaced backward)",
+    ),
+    (
+        r"unscale_\(\) has already been called on this optimizer since the last update",
+        "scaler.unscale_(optimizer) ran twice without scaler.update() between: every iteration "
+        "needs scaler.step(optimizer) and scaler.update() after unscaling",
+    ),
+    (
         r"CUDA out of memory|out of memory",
         "the device ran out of memory: use smaller batches or a smaller model",
     ),

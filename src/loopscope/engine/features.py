@@ -63,6 +63,10 @@ def experiment_features(experiment: Experiment, task: str | None) -> frozenset[s
         found.add("scheduler")
     if experiment.clip_grad_norm is not None:
         found.add("clip_grad")
+    if experiment.accumulation > 1:
+        found.add("accumulation")
+    if experiment.amp == "fp16":
+        found.add("fp16_scaler")
     loader = experiment.train_loader
     if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
         found.add("map_dataset")
@@ -126,6 +130,7 @@ def experiment_info(
         "loss_fn": type(exp.loss_fn).__name__ if exp.loss_fn is not None else None,
         "own_loss": exp.loss_fn is None,
         "amp": exp.amp,
+        "accumulation": exp.accumulation,
         "lr": exp.optimizer.param_groups[0].get("lr"),
     }
     return SessionInfo(

@@ -12,7 +12,12 @@ def iteration_stages(experiment: Experiment, bugs: BugInjector) -> list[Stage]:
     """The stages of one training iteration, in order."""
     per_iteration_scheduler = experiment.scheduler is not None and experiment.scheduler_interval == "iteration"
     stages = [Stage.LOAD_BATCH, Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD]
-    if experiment.clip_grad_norm is not None:
+    if experiment.amp == "fp16" and experiment.clip_grad_norm is not None:
+        # The gradients are multiplied by the loss scale until unscale_(): clipping needs true values.
+        stages += (
+            [Stage.CLIP_GRAD, Stage.UNSCALE] if "clip_before_unscale" in bugs else [Stage.UNSCALE, Stage.CLIP_GRAD]
+        )
+    elif experiment.clip_grad_norm is not None:
         stages.append(Stage.CLIP_GRAD)
     if "step_before_backward" in bugs:
         stages = [Stage.LOAD_BATCH, Stage.FORWARD, Stage.LOSS, Stage.STEP, Stage.ZERO_GRAD, Stage.BACKWARD, *stages[5:]]
@@ -23,6 +28,19 @@ def iteration_stages(experiment: Experiment, bugs: BugInjector) -> list[Stage]:
             stages.insert(stages.index(Stage.STEP), Stage.SCHEDULER)
         else:
             stages.append(Stage.SCHEDULER)
+    return stages
+
+
+MICRO_BATCH_STAGES = (Stage.LOAD_BATCH, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD)
+
+
+def iteration_queue(experiment: Experiment, bugs: BugInjector) -> list[Stage]:
+    """The stages one iteration runs: with gradient accumulation, the micro-batches after the
+    first repeat load_batch, forward, loss and backward before the gradients are used."""
+    stages = iteration_stages(experiment, bugs)
+    if experiment.accumulation > 1:
+        after = stages.index(Stage.BACKWARD) + 1
+        stages[after:after] = list(MICRO_BATCH_STAGES) * (experiment.accumulation - 1)
     return stages
 
 

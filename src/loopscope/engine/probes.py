@@ -184,11 +184,17 @@ def global_norm(norms: Iterable[float]) -> float:
     return math.sqrt(sum(n * n for n in norms))
 
 
-def grad_layers(named_params: Sequence[tuple[str, nn.Parameter]]) -> tuple[list[LayerStat], float | None, int]:
-    """Per-parameter gradient norms, the global norm and how many gradients are not finite."""
+def grad_layers(
+    named_params: Sequence[tuple[str, nn.Parameter]], scale: float = 1.0
+) -> tuple[list[LayerStat], float | None, int]:
+    """Per-parameter gradient norms, the global norm and how many gradients are not finite.
+    Gradients still multiplied by a GradScaler's `scale` are reported divided by it: true values."""
     with_grad = [(name, p) for name, p in named_params if p.grad is not None]
     norms = dict(
-        zip((name for name, _ in with_grad), tensor_norms([p.grad for _, p in with_grad if p.grad is not None]))
+        zip(
+            (name for name, _ in with_grad),
+            (n / scale for n in tensor_norms([p.grad for _, p in with_grad if p.grad is not None])),
+        )
     )
     layers = [
         LayerStat(name=name, shape=tuple(p.shape), trainable=p.requires_grad, grad_norm=norms.get(name))

@@ -99,7 +99,8 @@ class Rewinder:
         self._training: float | None = None  # seconds of training between boundaries, smoothed (none after a snapshot)
         self._last_boundary_time: float | None = None
         self.furthest = 0  # the most iterations ever completed: the window is the last `keep` of them
-        self.first_losses: dict[int, tuple[float | None, tuple[str, ...]]] = {}  # see step_back
+        # (iteration, micro-batch) -> (loss, bugs): see step_back
+        self.first_losses: dict[tuple[int, int], tuple[float | None, tuple[str, ...]]] = {}
         self.mismatch: str | None = None  # what the last step back's replay found different
 
     @property
@@ -197,7 +198,7 @@ class Rewinder:
         # The losses first seen after the snapshot: the replay, and the iterations run again after
         # it, must give them back exactly, unless the bugs differ by then.
         self.first_losses = {
-            e.iteration: (e.loss, e.bugs)
+            _loss_key(e): (e.loss, e.bugs)
             for e in recent
             if e.stage == Stage.LOSS and e.error is None and e.iteration > snapshot.completed_iterations
         }
@@ -207,9 +208,7 @@ class Rewinder:
         replayed_losses: list[StageEvent] = []
         if wanted > snapshot.completed_iterations:
             replayed = [e for e in self._replay(driver, wanted, replayed_losses) if e.stage in stages]
-        self.mismatch = next(
-            (message for e in replayed_losses if (message := self.replay_differs(e.iteration, e.bugs, e.loss))), None
-        )
+        self.mismatch = next((message for e in replayed_losses if (message := self.replay_differs(e))), None)
         # Run mode records most iterations without statistics; the replay probes the last one.
         probed = any(e.layers for e in recorded)
         return recorded if probed or not replayed else tuple(replayed)
@@ -231,11 +230,12 @@ class Rewinder:
             self._switch_bugs_as_at(driver, driver.completed_iterations)
         return last
 
-    def replay_differs(self, iteration: int, bugs: tuple[str, ...], loss: float | None) -> str | None:
-        """After a step back: if iteration `iteration`, run again with the same bugs, gave another
-        loss than the first time, what to tell the user (state loopscope cannot restore)."""
-        first = self.first_losses.get(iteration)
-        if first is None or first[1] != bugs or loss is None or first[0] is None:
+    def replay_differs(self, event: StageEvent) -> str | None:
+        """After a step back: if this loss event's iteration, run again with the same bugs, gave
+        another loss than the first time, what to tell the user (state loopscope cannot restore)."""
+        iteration, loss = event.iteration, event.loss
+        first = self.first_losses.get(_loss_key(event))
+        if first is None or first[1] != event.bugs or loss is None or first[0] is None:
             return None
         if loss == first[0] or (math.isnan(loss) and math.isnan(first[0])):
             return None
@@ -249,6 +249,11 @@ class Rewinder:
         bugs = self.bug_log.get(completed)
         if bugs is not None:
             driver.switch_bugs(bugs)
+
+
+def _loss_key(event: StageEvent) -> tuple[int, int]:
+    """A loss event's place: its iteration, and its micro-batch under gradient accumulation."""
+    return event.iteration, event.metrics.get("micro_batch", 1)
 
 
 def copy_into(value: Any, old: Any) -> Any:

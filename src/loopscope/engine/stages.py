@@ -30,7 +30,7 @@ from loopscope.engine.batches import (
     to_device,
 )
 from loopscope.engine.diagnostics.context import ForwardFlow
-from loopscope.engine.epoch_end import EpochEndStages, autocast_for
+from loopscope.engine.epoch_end import EpochEndStages, autocast_for, grad_scaler_for
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.inject import BugInjector
 from loopscope.engine.recorder import StageRecord
@@ -57,6 +57,7 @@ class IterationValues:
     rng_before_forward: Any = None
     target_key: str | None = None  # a dict batch's targets key (a model that computes its own loss gets it)
     flow: ForwardFlow | None = None  # what fed what in a probed forward
+    grads_scaled: bool = False  # fp16: the gradients are still multiplied by the loss scale
 
 
 class LoopBody(EpochEndStages):
@@ -77,6 +78,7 @@ class LoopBody(EpochEndStages):
         self.twin: CleanTwin | None = None
         self.values = IterationValues()
         self.failing_module: str | None = None  # the module a failed probed forward was in
+        self.scaler = grad_scaler_for(experiment.amp, device)
         self._update_meter = probes.UpdateMeter()
 
     def run(self, stage: Stage, record: StageRecord, batch: Any = None) -> None:
@@ -91,6 +93,8 @@ class LoopBody(EpochEndStages):
                 self.loss(record)
             case Stage.BACKWARD:
                 self.backward(record)
+            case Stage.UNSCALE:
+                self.unscale(record)
             case Stage.CLIP_GRAD:
                 self.clip_grad(record)
             case Stage.STEP:
@@ -108,7 +112,13 @@ class LoopBody(EpochEndStages):
         self.values = IterationValues()
 
     # ----- one iteration --------------------------------------------------------------------
+    def _note_micro_batch(self, record: StageRecord) -> None:
+        if self.experiment.accumulation > 1:
+            record.metrics["micro_batch"] = self.state.micro_batch
+            record.metrics["micro_batches"] = self.experiment.accumulation
+
     def load_batch(self, record: StageRecord, batch: Any) -> None:
+        self._note_micro_batch(record)
         inputs, targets = split_batch(batch)
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         values = self.values
@@ -158,6 +168,7 @@ class LoopBody(EpochEndStages):
     def forward(self, record: StageRecord) -> None:
         grad_mode = torch.no_grad() if "forward_under_no_grad" in self.injector else torch.enable_grad()
         values = self.values
+        self._note_micro_batch(record)
         record.metrics["model_training"] = self.model.training
         if self.twin is not None:
             values.rng_before_forward = rng_state(self.device)
@@ -209,7 +220,11 @@ class LoopBody(EpochEndStages):
         values.loss = loss
         if self.twin is not None and values.rng_before_forward is not None:
             record.twin_loss = self.twin.iterate(
-                values.clean_inputs, values.clean_targets, values.rng_before_forward, values.target_key
+                values.clean_inputs,
+                values.clean_targets,
+                values.rng_before_forward,
+                values.target_key,
+                micro_batch=state.micro_batch,
             )
         # One host sync per iteration: the loss is always shown and always checked for NaN.
         if loss.numel() == 1:
@@ -217,6 +232,12 @@ class LoopBody(EpochEndStages):
         else:  # a loss left unreduced (a bug, or the user's choice): its mean is what is shown
             record.loss = loss.detach().float().mean().item() if loss.numel() else math.nan
         record.metrics["loss_shape"] = list(loss.shape)
+        self._note_micro_batch(record)
+        if self.experiment.accumulation > 1:
+            # The gradients of K micro-batches add up: divided by K, they are those of their mean.
+            divisor = 1 if "accumulation_not_divided" in self.injector else self.experiment.accumulation
+            record.metrics["loss_divisor"] = divisor
+            values.loss = loss / divisor if divisor > 1 else loss
         if "loss_accumulates_graph" in self.injector:
             state.running_loss = state.running_loss + loss  # the bug: keeps every graph alive
         else:
@@ -237,18 +258,37 @@ class LoopBody(EpochEndStages):
     def backward(self, record: StageRecord) -> None:
         if self.values.loss is None:
             raise RuntimeError("there is no loss to backpropagate")
+        self._note_micro_batch(record)
         if self.probe:
             record.metrics["grads_before"] = probes.grad_presence([p for _, p in self.named_params])
+        scale = 1.0
         if "missing_backward" in self.injector:
             record.metrics["skipped"] = True
+        elif self.scaler is not None:
+            scale = self.scaler.get_scale()
+            record.metrics["grad_scale"] = scale
+            self.scaler.scale(self.values.loss).backward()
+            self.values.grads_scaled = True
         else:
             self.values.loss.backward()
         if self.probe:
-            layers, total, nonfinite = probes.grad_layers(self.named_params)
+            layers, total, nonfinite = probes.grad_layers(self.named_params, scale)
             record.layers = layers
             record.grad_norm = total
             record.metrics["nonfinite_grads"] = nonfinite
             record.metrics["grads_none"] = sum(1 for layer in layers if layer.grad_norm is None)
+            self.values.grad_norms = {layer.name: layer.grad_norm for layer in layers}
+
+    def unscale(self, record: StageRecord) -> None:
+        """scaler.unscale_(optimizer): the gradients divided by the loss scale, in place."""
+        assert self.scaler is not None
+        self.scaler.unscale_(self.experiment.optimizer)
+        self.values.grads_scaled = False
+        if self.probe:
+            layers, total, nonfinite = probes.grad_layers(self.named_params)
+            record.layers = layers
+            record.grad_norm = total
+            record.metrics["found_inf"] = nonfinite > 0
             self.values.grad_norms = {layer.name: layer.grad_norm for layer in layers}
 
     def clip_grad(self, record: StageRecord) -> None:
@@ -258,13 +298,16 @@ class LoopBody(EpochEndStages):
             record.metrics["skipped"] = True
             record.metrics["max_norm"] = max_norm
             return
+        scale = self.scaler.get_scale() if self.scaler is not None and self.values.grads_scaled else 1.0
+        if scale != 1.0:
+            record.metrics["grad_scale"] = scale  # clipped before unscale_: the limit meets scaled values
         total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         norm_before = float(total)
         record.metrics["max_norm"] = max_norm
         record.metrics["norm_before"] = norm_before
         record.metrics["clipped"] = norm_before > max_norm
         if self.probe:
-            layers, after, _ = probes.grad_layers(self.named_params)
+            layers, after, _ = probes.grad_layers(self.named_params, scale)
             record.layers = layers
             record.grad_norm = after
             self.values.grad_norms = {layer.name: layer.grad_norm for layer in layers}
@@ -280,6 +323,16 @@ class LoopBody(EpochEndStages):
             record.metrics["grads_at_step"] = probes.grad_presence([p for _, p in trainable])
         if "missing_step" in self.injector:
             record.metrics["skipped"] = True
+            if self.scaler is not None:  # the bug leaves out scaler.step(optimizer), not update()
+                self.scaler.update()
+        elif self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(optimizer)  # skipped when the gradients hold inf or NaN
+            self.scaler.update()
+            record.metrics["grad_scale_before"] = scale
+            record.metrics["grad_scale"] = self.scaler.get_scale()
+            record.metrics["step_skipped"] = self.scaler.get_scale() < scale
+            self.values.grads_scaled = False
         else:
             optimizer.step()
         record.metrics["lr"] = optimizer.param_groups[0].get("lr")

@@ -33,6 +33,10 @@ class LoopState:
     # when it was made (re-made from that state, it gives the same batches in the same order).
     batches_this_epoch: int = 0
     epoch_rng: tuple[Any, ...] | None = None
+    # Gradient accumulation: the micro-batch this iteration is at (1-based), and whether the loader
+    # ran out inside an iteration (the iterator is not asked again: some cannot say END twice).
+    micro_batch: int = 1
+    loader_exhausted: bool = False
     queue: deque[Stage] = field(default_factory=deque)  # stages left in the current block
     iteration_last_stage: Stage = Stage.STEP  # fixed when an iteration starts
     epoch_ending: bool = False  # running the epoch-end block
@@ -65,7 +69,7 @@ class LoopState:
         running = self.running_loss
         state["running_loss"] = float(running.detach()) if hasattr(running, "detach") else float(running)
         if not self.loader_open:  # between epochs: the next epoch makes a fresh iterator
-            state["batches_this_epoch"], state["epoch_rng"] = 0, None
+            state["batches_this_epoch"], state["epoch_rng"], state["loader_exhausted"] = 0, None, False
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -158,7 +158,7 @@ class Stepper(DriverBase):
             batches = len(self.experiment.train_loader)  # type: ignore[arg-type]
         except TypeError:
             return False
-        return self.state.batches_this_epoch + 1 >= batches
+        return self.state.batches_this_epoch + self.experiment.accumulation >= batches
 
     # ----- bugs and the twin ---------------------------------------------------------------------
     @property
@@ -202,7 +202,15 @@ class Stepper(DriverBase):
 
     def _start_twin(self) -> None:
         exp = self.experiment
-        self.body.twin = CleanTwin(self.model, exp.optimizer, exp.loss_fn, exp.clip_grad_norm, self.device, amp=exp.amp)
+        self.body.twin = CleanTwin(
+            self.model,
+            exp.optimizer,
+            exp.loss_fn,
+            exp.clip_grad_norm,
+            self.device,
+            amp=exp.amp,
+            accumulation=exp.accumulation,
+        )
 
     def trial_copy(self, batches: list[Any], steps: int) -> Stepper:
         """A quiet stepper over copies of the model and optimizer (the bugs' effects included), fed
@@ -219,7 +227,7 @@ class Stepper(DriverBase):
             task=self.task,
             clip_grad_norm=exp.clip_grad_norm,
             amp=exp.amp,
-        )
+        )  # no accumulation: a check's steps are optimizer steps, each on one of `batches`
         copied = Stepper(trial, self.device, probe=False, diagnose=False)
         # The copies already carry the bugs' switch effects (scaled lr, swapped modules): only the
         # in-loop effects need turning on, without switching again.
@@ -244,7 +252,10 @@ class Stepper(DriverBase):
             return None
         if not self.state.queue:
             return self._start_block()
-        return self._run(self.state.queue.popleft())
+        stage = self.state.queue.popleft()
+        if stage == Stage.LOAD_BATCH:
+            return self._load_micro_batch()
+        return self._run(stage)
 
     def run_epoch(self) -> list[StageEvent]:
         """Run to the end of the current epoch, its validation and bookkeeping stages included."""
@@ -283,6 +294,7 @@ class Stepper(DriverBase):
             "model": self.model.state_dict(),
             "optimizer": exp.optimizer.state_dict(),
             "scheduler": exp.scheduler.state_dict() if exp.scheduler is not None else None,
+            "scaler": self.body.scaler.state_dict() if self.body.scaler is not None else None,
             "loop": self.state.state_dict(),
             "rng": capture_rng(self.device),
         }
@@ -294,6 +306,8 @@ class Stepper(DriverBase):
         exp.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         if state["scheduler"] is not None:
             exp.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
+        if self.body.scaler is not None:
+            self.body.scaler.load_state_dict(state["scaler"])
         self.state.load_state_dict(state["loop"])
         if self.state.epoch_rng is not None:
             # Re-made from the generators' state at its making, the iterator gives the same batches.
@@ -341,7 +355,8 @@ class Stepper(DriverBase):
                 state.iteration += 1
                 state.batches_this_epoch += 1
                 self.body.new_iteration()
-                stages = self.iteration_stages()[1:]
+                state.micro_batch = 1
+                stages = plan.iteration_queue(self.experiment, self.injector)[1:]
                 if state.batches_this_epoch == 1 and plan.epoch_scheduler_first(self.experiment, self.injector):
                     stages.insert(0, Stage.SCHEDULER)  # the bug: scheduler.step() at the top of the epoch
                 # Fixed when the iteration starts: a bug switched mid-iteration changes the next one.
@@ -368,6 +383,25 @@ class Stepper(DriverBase):
                 return self._run(end_stages[0])
             if not self._advance_epoch():
                 return None
+
+    def _load_micro_batch(self) -> StageEvent | None:
+        """The next micro-batch of an accumulating iteration. If the loader runs out first, the
+        gradients of the micro-batches there were are used, as `if (i + 1) % K == 0 or
+        i + 1 == len(train_loader): optimizer.step()` does."""
+        state = self.state
+        start, batch, failure = self._take_batch()
+        if failure is not None:
+            return self._finish(Stage.LOAD_BATCH, StageRecord(), start, failure)
+        if batch is _END:
+            state.loader_exhausted = True
+            while state.queue and state.queue[0] in plan.MICRO_BATCH_STAGES:
+                state.queue.popleft()
+            if not state.queue:  # the micro-batches were the iteration's last stages (a reordering bug)
+                self._end_iteration()
+            return self._step_stage()
+        state.batches_this_epoch += 1
+        state.micro_batch += 1
+        return self._run(Stage.LOAD_BATCH, batch=batch, start=start)
 
     def _take_block_seconds(self) -> float:
         """Seconds the stages since the last boundary took (training, not waiting for a person)."""
@@ -407,6 +441,9 @@ class Stepper(DriverBase):
                 state.epoch_rng = capture_rng(self.device)
             state.train_iter = iter(self.experiment.train_loader)
             state.batches_this_epoch = 0
+            state.loader_exhausted = False
+        if state.loader_exhausted:
+            return _END
         return next(state.train_iter, _END)
 
     def _advance_epoch(self) -> bool:

@@ -340,6 +340,32 @@ BUGS: tuple[Bug, ...] = (
         requires=("scheduler",),
     ),
     Bug(
+        "accumulation_not_divided",
+        "accumulated loss not divided by the number of micro-batches",
+        Stage.LOSS,
+        "loss = loss / K",
+        "",
+        "Training behaves as if the learning rate were K times higher: bigger steps, a noisier or diverging loss.",
+        "backward() adds each micro-batch's gradients to .grad. Divided by K they sum to the gradient of "
+        "the mean over all K micro-batches; undivided, the step follows their sum, K times as long.",
+        "Divide each micro-batch's loss by K (the number of micro-batches per step) before backward().",
+        requires=("accumulation",),
+    ),
+    Bug(
+        "clip_before_unscale",
+        "gradients clipped before scaler.unscale_()",
+        Stage.CLIP_GRAD,
+        "scaler.unscale_(optimizer)\nclip_grad_norm_(model.parameters(), max_norm)",
+        "clip_grad_norm_(model.parameters(), max_norm)\nscaler.unscale_(optimizer)",
+        "Every clip fires and the gradients come out thousands of times smaller than the limit: SGD barely "
+        "moves; Adam, which divides by the gradients' own size, hides it until they sink to its eps.",
+        "Until unscale_() the gradients are multiplied by the loss scale (65536 at first), so the clip "
+        "measures a norm thousands of times too big and shrinks the gradients to fit; unscale_() then "
+        "divides them by the scale again.",
+        "Call scaler.unscale_(optimizer) before clip_grad_norm_, then scaler.step(optimizer).",
+        requires=("fp16_scaler", "clip_grad"),
+    ),
+    Bug(
         "view_instead_of_permute",
         "x.view(...) where x.permute(...) was meant",
         Stage.LOAD_BATCH,
@@ -354,7 +380,7 @@ BUGS: tuple[Bug, ...] = (
 
 BUGS_BY_ID: dict[str, Bug] = {bug.id: bug for bug in BUGS}
 # Bugs that move a call rather than change a line: the code panel shows them by the stage order.
-ORDER_BUGS = frozenset({"step_before_backward", "scheduler_before_step"})
+ORDER_BUGS = frozenset({"step_before_backward", "scheduler_before_step", "clip_before_unscale"})
 
 
 def applicable(features: frozenset[str] | set[str]) -> list[str]:
@@ -377,6 +403,8 @@ FEATURE_WORDS: dict[str, str] = {
     "hidden_layers": "two or more layers",
     "scheduler": "an LR scheduler",
     "clip_grad": "gradient clipping",
+    "accumulation": "gradient accumulation (accumulation > 1)",
+    "fp16_scaler": "amp='fp16' (a GradScaler)",
     "map_dataset": "a DataLoader over a map-style dataset",
     "float_inputs": "floating-point inputs",
     "tensor_inputs": "a single input tensor",

@@ -117,6 +117,31 @@ SCENARIOS: dict[str, ScenarioInfo] = {
                 }
             ),
         ),
+        ScenarioInfo(
+            "amp",
+            "the blobs data trained as large models are: fp16 autocast with a GradScaler, gradients "
+            "accumulated over 4 micro-batches of 10, clipping; SGD",
+            Task.BINARY,
+            "loopscope.scenarios.amp:experiment",
+            frozenset(
+                {
+                    "binary_logits",
+                    "relu",
+                    "no_batchnorm",
+                    "mlp",
+                    "multi_feature_inputs",
+                    "labels",
+                    "validation",
+                    "float_inputs",
+                    "tensor_inputs",
+                    "hidden_layers",
+                    "map_dataset",
+                    "clip_grad",
+                    "accumulation",
+                    "fp16_scaler",
+                }
+            ),
+        ),
     )
 }
 DEFAULT_SCENARIO = "blobs"

@@ -144,11 +144,11 @@ class History:
         while self._events and self._events[0].iteration <= oldest_kept:
             self._events.popleft()
         if event.stage == "loss" and event.error is None:
-            self.series["loss"].add(event.iteration, event.loss)
+            self.series["loss"].add(_position(event), event.loss)
             if event.twin_loss is not None:
-                self.series["twin_loss"].add(event.iteration, event.twin_loss)
+                self.series["twin_loss"].add(_position(event), event.twin_loss)
         elif event.stage == "backward" and event.error is None:
-            self.series["grad_norm"].add(event.iteration, event.grad_norm)
+            self.series["grad_norm"].add(_position(event), event.grad_norm)
         elif event.stage == "step" and "lr" in event.metrics:
             self.series["lr"].add(event.iteration, event.metrics["lr"])
         elif event.stage == "validate" and event.error is None:
@@ -175,3 +175,12 @@ class History:
             if stage is None or event.stage == stage:
                 return event
         return None
+
+
+def _position(event: StageEvent) -> float:
+    """Where a point goes on the iteration axis: with gradient accumulation, micro-batch k of K
+    sits at iteration - 1 + k/K, so the last one is at the iteration itself."""
+    micro, count = event.metrics.get("micro_batch"), event.metrics.get("micro_batches")
+    if micro is None or not count:
+        return event.iteration
+    return event.iteration - 1 + micro / count

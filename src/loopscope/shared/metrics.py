@@ -29,6 +29,13 @@ class CommonMetrics(TypedDict, total=False):
     cuda_allocated_mb: float  # on CUDA: memory allocated after the stage
     cuda_peak_mb: float
     skipped: bool  # an injected bug left the stage's call out
+    # Gradient accumulation: which micro-batch of the iteration this stage worked on (load_batch,
+    # forward, loss, backward), of how many.
+    micro_batch: int
+    micro_batches: int
+    # fp16 with a GradScaler: the loss scale (backward: the one the loss was multiplied by, and the
+    # gradient norms shown are divided by it; clip_grad: still on the gradients; step: after update()).
+    grad_scale: float
 
 
 class LoadBatchMetrics(TypedDict, total=False):
@@ -50,12 +57,17 @@ class LossMetrics(TypedDict, total=False):
     loss_shape: list[int]
     running_loss_holds_graph: bool
     loss_input: LossInput  # probed
+    loss_divisor: int  # accumulation: what the loss was divided by before backward (K, or 1)
 
 
 class BackwardMetrics(TypedDict, total=False):
     grads_before: GradPresence
     nonfinite_grads: int
     grads_none: int
+
+
+class UnscaleMetrics(TypedDict, total=False):
+    found_inf: bool  # inf/NaN in the unscaled gradients: the scaler will skip this step
 
 
 class ClipGradMetrics(TypedDict, total=False):
@@ -69,6 +81,8 @@ class StepMetrics(TypedDict, total=False):
     lrs: list[float | None]  # every parameter group's, when there are several
     grads_at_step: GradPresence
     max_update_ratio: float
+    step_skipped: bool  # the GradScaler skipped optimizer.step() (inf/NaN gradients)
+    grad_scale_before: float
 
 
 class SchedulerMetrics(TypedDict, total=False):
@@ -102,6 +116,7 @@ class StageMetrics(
     ForwardMetrics,
     LossMetrics,
     BackwardMetrics,
+    UnscaleMetrics,
     ClipGradMetrics,
     StepMetrics,
     SchedulerMetrics,

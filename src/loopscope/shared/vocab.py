@@ -18,6 +18,7 @@ class Stage(StrEnum):
     FORWARD = "forward"
     LOSS = "loss"
     BACKWARD = "backward"
+    UNSCALE = "unscale"
     CLIP_GRAD = "clip_grad"
     STEP = "step"
     SCHEDULER = "scheduler"
@@ -73,6 +74,7 @@ ITERATION_STAGES: tuple[Stage, ...] = (
     Stage.FORWARD,
     Stage.LOSS,
     Stage.BACKWARD,
+    Stage.UNSCALE,
     Stage.CLIP_GRAD,
     Stage.STEP,
     Stage.SCHEDULER,
@@ -86,6 +88,7 @@ STAGE_DESCRIPTIONS: dict[Stage, str] = {
     Stage.FORWARD: "run the model on the inputs to get its outputs",
     Stage.LOSS: "compare the outputs with the targets: one number to make smaller",
     Stage.BACKWARD: "backpropagate: compute the gradient of the loss for every parameter",
+    Stage.UNSCALE: "divide the gradients by the loss scale (fp16): true values, ready to clip",
     Stage.CLIP_GRAD: "scale the gradients down if their global norm is above a limit",
     Stage.STEP: "let the optimizer move every parameter against its gradient",
     Stage.SCHEDULER: "let the learning-rate scheduler change the learning rate",

@@ -37,12 +37,33 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
     if options.get("own_loss"):  # the model computes its own loss from the targets it is given
         body[Stage.FORWARD] = ["    out = model(x, y)"]
         body[Stage.LOSS] = ["    loss = out.loss", "    running_loss += loss.item()"]
-    if options.get("amp") == "bf16":  # forward and loss under autocast, one block
+    amp = options.get("amp")
+    if amp in ("bf16", "fp16"):  # forward and loss under autocast, one block
         forward, (loss, *rest) = body[Stage.FORWARD], body[Stage.LOSS]
-        body[Stage.FORWARD] = ["    with torch.autocast(device, dtype=torch.bfloat16):", *("    " + f for f in forward)]
+        dtype = "torch.bfloat16" if amp == "bf16" else "torch.float16"
+        body[Stage.FORWARD] = [f"    with torch.autocast(device, dtype={dtype}):", *("    " + f for f in forward)]
         body[Stage.LOSS] = ["    " + loss, *rest]
+    if amp == "fp16":  # the loss scaled for backward, the step through the scaler
+        body[Stage.BACKWARD] = ["    scaler.scale(loss).backward()"]
+        body[Stage.UNSCALE] = ["    scaler.unscale_(optimizer)"]
+        body[Stage.STEP] = ["    scaler.step(optimizer)", "    scaler.update()"]
+    accumulation = options.get("accumulation") or 1
+    if isinstance(accumulation, int) and accumulation > 1:
+        body[Stage.LOAD_BATCH][0] = "for i, (x, y) in enumerate(train_loader):"
+        body[Stage.ZERO_GRAD] = ["    if i % K == 0:", "        optimizer.zero_grad()"]
+        body[Stage.LOSS].append("    loss = loss / K")
+        for stage in _AFTER_ACCUMULATION:
+            body[stage] = ["    " + text for text in body.get(stage, [])]
     lines = [CodeLine("for epoch in range(epochs):"), CodeLine("  model.train()")]
-    for stage in iteration_stages:
+    if amp == "fp16":
+        lines.insert(0, CodeLine("scaler = torch.amp.GradScaler()"))
+    if isinstance(accumulation, int) and accumulation > 1:
+        lines.insert(0, CodeLine(f"K = {accumulation}  # micro-batches per optimizer step"))
+    step_block_open = False
+    for stage in dict.fromkeys(iteration_stages):  # micro-batches repeat stages: the code has them once
+        if accumulation != 1 and stage in _AFTER_ACCUMULATION and not step_block_open:
+            step_block_open = True
+            lines.append(CodeLine("      if (i + 1) % K == 0 or i + 1 == len(train_loader):", stage))
         for text in body.get(stage, []):
             lines.append(CodeLine("  " + text, stage))
     if options.get("validation"):
@@ -72,6 +93,8 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
 
 
 CANONICAL_ORDER: tuple[Stage, ...] = ITERATION_STAGES
+# With gradient accumulation these run once every K micro-batches, inside `if (i + 1) % K == 0:`.
+_AFTER_ACCUMULATION = (Stage.UNSCALE, Stage.CLIP_GRAD, Stage.STEP, Stage.SCHEDULER)
 
 
 def _code(text: str) -> str:

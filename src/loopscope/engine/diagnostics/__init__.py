@@ -57,6 +57,7 @@ class Diagnostics:
                 symptoms.logits_squashed(event)
                 structure.loss_shapes(event)
                 structure.graph_kept(event)
+                structure.loss_divided(event)
                 symptoms.loss_trend(event)
                 structure.replay_exactness(event)
             case Stage.BACKWARD:
@@ -65,6 +66,8 @@ class Diagnostics:
                 symptoms.zero_gradient(event)
                 symptoms.zero_weight_grads(it, trainable)
                 symptoms.gradient_ratio(it, trainable)
+            case Stage.CLIP_GRAD:
+                structure.clip_scaled(event)
             case Stage.STEP:
                 structure.step_order(event)
                 symptoms.updates(event)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loopscope.engine.losses import LossKind
+from loopscope.shared.events import StageEvent
 from loopscope.shared.vocab import Task
 
 
@@ -32,4 +33,4 @@ class DiagnosticContext:
     forward_flow: Callable[[], ForwardFlow] = ForwardFlow
     # After a step back: what to say if this iteration's loss (with these bugs) differs from the
     # first time it ran; None while it agrees, or when nothing was stepped back over.
-    replay_differs: Callable[[int, tuple[str, ...], float | None], str | None] = lambda *_: None
+    replay_differs: Callable[[StageEvent], str | None] = lambda _: None

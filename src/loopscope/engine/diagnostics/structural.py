@@ -220,8 +220,26 @@ class StructuralChecks:
                 ),
             )
 
+    def loss_divided(self, event: StageEvent) -> None:
+        """Gradient accumulation: each micro-batch's loss must be divided by their number."""
+        m = event.metrics
+        count = m.get("micro_batches")
+        if count and count > 1 and m.get("loss_divisor") == 1:
+            self.fire(
+                event.iteration,
+                Finding(
+                    "accumulated_loss_not_divided",
+                    "error",
+                    f"backward() gets each of the {count} accumulated micro-batches' full loss "
+                    f"({fmt(event.loss)} here): the step follows the sum of {count} gradients, {count}x their "
+                    "mean, as if the learning rate were {count}x higher.".replace("{count}", str(count)),
+                    ("accumulation_not_divided",),
+                    f"Divide the loss by {count} before loss.backward().",
+                ),
+            )
+
     def replay_exactness(self, event: StageEvent) -> None:
-        message = self.context.replay_differs(event.iteration, event.bugs, event.loss)
+        message = self.context.replay_differs(event)
         if message:
             self.fire(
                 event.iteration,
@@ -239,7 +257,8 @@ class StructuralChecks:
     def gradients_at_backward(self, event: StageEvent) -> None:
         it, m = event.iteration, event.metrics
         before = m.get("grads_before")
-        if before and before["nonzero"] > 0:
+        # Under gradient accumulation the micro-batches after the first add to .grad on purpose.
+        if before and before["nonzero"] > 0 and m.get("micro_batch", 1) == 1:
             self.fire(
                 it,
                 Finding(
@@ -292,6 +311,27 @@ class StructuralChecks:
                     "Do not call zero_grad() between backward() and step().",
                 ),
             )
+
+    def clip_scaled(self, event: StageEvent) -> None:
+        """fp16: clip_grad_norm_ must see the gradients after scaler.unscale_()."""
+        m = event.metrics
+        scale = m.get("grad_scale")
+        if not scale or scale == 1.0:
+            return
+        measured, max_norm = m.get("norm_before"), m.get("max_norm")
+        shrunk = f", shrank them {fmt(measured / max_norm)}x" if measured and max_norm and measured > max_norm else ""
+        self.fire(
+            event.iteration,
+            Finding(
+                "clip_before_unscale",
+                "error",
+                f"clip_grad_norm_ ran on gradients still multiplied by the loss scale {scale:g}: it measured a "
+                f"norm of {fmt(measured)} against max_norm {fmt(max_norm)}{shrunk}, and unscale_() then divides "
+                f"them by {scale:g} again: the optimizer gets gradients {scale:g}x smaller than the clip meant.",
+                ("clip_before_unscale",),
+                "Call scaler.unscale_(optimizer) before clip_grad_norm_.",
+            ),
+        )
 
     def scheduler_order(self, event: StageEvent) -> None:
         stages = self.iteration_stages.get(event.iteration, [])

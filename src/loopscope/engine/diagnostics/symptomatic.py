@@ -26,6 +26,7 @@ from loopscope.engine.diagnostics.findings import (
     RATIO_WINDOW,
     RELU_TYPES,
     ROUNDOFF,
+    SKIPPED_STEPS_STREAK,
     SLOW_LOSS_FRACTION,
     STALLED_FRACTION,
     UPDATE_RATIO_HIGH,
@@ -55,6 +56,7 @@ class SymptomChecks:
         self._unit_interval_streak = 0
         self._grad_ratio_streak = [0, 0]  # exploding, vanishing
         self._unchanged_streak = 0
+        self._skipped_streak = 0
         self._validations: list[dict[str, Any]] = []
 
     # ----- load_batch ------------------------------------------------------------------
@@ -352,6 +354,8 @@ class SymptomChecks:
     # ----- step ------------------------------------------------------------------------
     def updates(self, event: StageEvent) -> None:
         it, m = event.iteration, event.metrics
+        if self.skipped_steps(event):
+            return
         weights = [layer for layer in event.layers if len(layer.shape) >= 2 and layer.update_ratio is not None]
         if not weights:
             return
@@ -427,6 +431,27 @@ class SymptomChecks:
                         "Raise the learning rate.",
                     ),
                 )
+
+    def skipped_steps(self, event: StageEvent) -> bool:
+        """fp16: a GradScaler skips a step whose gradients overflowed and halves its scale; a few
+        skips while it finds its scale are normal, a run of them is not. True if this one skipped."""
+        if not event.metrics.get("step_skipped"):
+            self._skipped_streak = 0
+            return False
+        self._skipped_streak += 1
+        if self._skipped_streak >= SKIPPED_STEPS_STREAK:
+            self.fire(
+                event.iteration,
+                Finding(
+                    "steps_skipped",
+                    "warning",
+                    f"the GradScaler skipped optimizer.step() {self._skipped_streak} times in a row: the gradients "
+                    f"hold inf or NaN even at loss scale {fmt(event.metrics.get('grad_scale'))}.",
+                    ("lr_too_high", "exploding_init", "unnormalized_inputs"),
+                    "Lower the learning rate, normalise inputs, check the initialisation.",
+                ),
+            )
+        return True
 
     # ----- validation ------------------------------------------------------------------
     def chance_accuracy(self, event: StageEvent) -> None:
