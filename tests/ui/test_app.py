@@ -387,3 +387,26 @@ async def test_a_long_pipeline_folds_the_other_group_instead_of_wrapping():
         await press_and_wait(pilot, "e", lambda: state(app).epoch == 2)
         await expect_text(pilot, "#pipeline", "iteration: 7 stages | epoch end: validate")
         await wait_until(pilot, lambda: app.query_one("#pipeline").size.height == 1)
+
+
+async def test_the_amp_scenario_shows_micro_batches_the_scaler_and_its_bug():
+    app = make_app("amp")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        for _ in range(6):  # load_batch zero_grad forward loss backward load_batch
+            await press_and_wait(pilot, "space", lambda: True)
+        await wait_until(pilot, lambda: app.model.last_event is not None and app.model.last_event.stage == "load_batch")
+        await expect_text(pilot, "#pipeline", "micro-batch 2/4")
+        for line in ("K = 4", "scaler.scale(loss).backward()", "scaler.unscale_(optimizer)", "loss = loss / K"):
+            await expect_text(pilot, "#code", line)
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await expect_text(pilot, "#pipeline", "[step]")
+        assert "micro-batch" not in text_of(app, "#pipeline")  # the step is the whole iteration's
+        bug_list = app.query_one("#bug-list")
+        await wait_until(pilot, lambda: bug_list.option_count > 0)
+        ids = [bug_list.get_option_at_index(i).value for i in range(bug_list.option_count)]
+        bug_list.focus()
+        bug_list.highlighted = ids.index("clip_before_unscale")
+        await press_and_wait(pilot, "enter", lambda: "clip_before_unscale" in state(app).active_bugs)
+        await press_and_wait(pilot, "n", lambda: any(f.id == "clip_before_unscale" for _, f in app.model.findings))
+        await expect_text(pilot, "#diagnostics", "loss scale 65536")

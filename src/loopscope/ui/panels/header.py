@@ -28,7 +28,11 @@ class PipelineBar(TextPanel):
         # The counters come first so a narrow terminal never cuts them off.
         # After an epoch's last stage the engine has moved on; show the epoch that stage belonged to.
         epoch = model.last_event.epoch if model.last_event and current in info.epoch_end_stages else state.epoch
-        text.append(f"epoch {epoch}  iter {state.iteration}  {info.device}  {mode}", style="bold")
+        text.append(f"epoch {epoch}  iter {state.iteration}", style="bold")
+        last = model.last_event.metrics if model.last_event else {}
+        if "micro_batch" in last:  # gradient accumulation: where in the iteration's micro-batches
+            text.append(f"  micro-batch {last['micro_batch']}/{last.get('micro_batches')}", style="bold")
+        text.append(f"  {info.device}  {mode}", style="bold")
         if state.active_bugs:
             text.append(
                 f"  {len(state.active_bugs)} bug{'s' if len(state.active_bugs) > 1 else ''} on", style="bold red"
