@@ -98,6 +98,22 @@ def batch_size(targets: Any) -> int:
     return 1
 
 
+def batch_slice(value: Any, start: int, stop: int, size: int) -> Any:
+    """Examples `start:stop` of a batch of `size` examples: every tensor inside `value` (a tensor, a
+    tuple or list of them, a dict of them) is cut on dim 0, and anything else is kept whole.
+    Raises ValueError where a tensor does not hold the batch on dim 0."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] != size:
+            raise ValueError(f"a tensor of shape {list(value.shape)} does not hold the {size} examples on dim 0")
+        return value[start:stop]
+    if isinstance(value, (tuple, list)):
+        items = [batch_slice(v, start, stop, size) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple too
+    if isinstance(value, Mapping):
+        return {k: batch_slice(v, start, stop, size) for k, v in value.items()}
+    return value
+
+
 def target_key(batch: Any) -> str | None:
     """The key a dict batch keeps its targets under (None for a tuple batch)."""
     if isinstance(batch, Mapping):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import time
 from typing import Any
 
@@ -12,6 +14,7 @@ from torch import nn
 
 from loopscope.engine.batches import (
     batch_size,
+    batch_slice,
     call_model,
     call_model_with_targets,
     own_loss,
@@ -21,6 +24,7 @@ from loopscope.engine.batches import (
     target_key,
     to_device,
 )
+from loopscope.engine.copies import forked_rng
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.explain import LoopError
 from loopscope.engine.inject import BugInjector
@@ -38,6 +42,8 @@ class EpochEndStages:
     state: LoopState
     model: nn.Module
     best_state: dict[str, torch.Tensor] | None = None  # the checkpoint stage's copy of the best model
+    # (loss_fn, "mean" or "sum"): the reduction measured for a loss that does not state it.
+    measured_reduction: tuple[Any, str] | None = None
 
     def validate(self, record: StageRecord) -> None:
         bugs = self.injector
@@ -65,18 +71,15 @@ class EpochEndStages:
                     inputs, targets = split_batch(batch)
                     inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
                     inputs, targets = bugs.prepare_batch(inputs, targets)
-                    if loss_fn is None:  # the model computes its own loss, from the targets it is given
-                        raw = call_model_with_targets(self.model, inputs, targets, target_key(batch))
-                        loss, output = own_loss(raw), shown_output(raw)
-                    else:
-                        output = bugs.transform_output(primary_output(call_model(self.model, inputs)))
+                    if reduction is None and batch_size(targets) >= 2:
+                        reduction = self._reduction(inputs, targets, target_key(batch))
+                    output, loss = validation_loss(self.model, loss_fn, bugs, inputs, targets, target_key(batch))
                     builds_graph = builds_graph or output.requires_grad
                     targets = bugs.transform_targets_for_loss(targets)
                     n = batch_size(targets)
-                    if loss_fn is not None:
-                        loss = loss_fn(output, targets)
                     # Per example whatever the reduction, weighted by example count so a short last
-                    # batch does not skew the mean (a summed loss is already a batch total).
+                    # batch does not skew the mean (a summed loss is already a batch total). A
+                    # reduction that cannot be measured is taken for torch's default, the mean.
                     batch_loss = loss.detach().float()
                     batch_loss = batch_loss if reduction == "sum" else batch_loss.mean() * n
                     total_loss = batch_loss if total_loss is None else total_loss + batch_loss
@@ -97,6 +100,21 @@ class EpochEndStages:
         if correct is not None:
             record.metrics["val_accuracy"] = correct.item() / examples
         record.metrics["val_seconds"] = time.perf_counter() - started
+
+    def _reduction(self, inputs: Any, targets: Any, key: str | None) -> str:
+        """How a loss that does not say so folds a batch, measured once (see measure_reduction) on a
+        copy of the model, so that a state kept on the module (a hidden state) is untouched; the
+        mean where it cannot be measured (as before, torch's default)."""
+        loss_fn = self.experiment.loss_fn
+        if self.measured_reduction is None or self.measured_reduction[0] is not loss_fn:
+            try:
+                model = copy.deepcopy(self.model)
+            except Exception:  # a model that cannot be copied is validated as before
+                reduction = None
+            else:
+                reduction = measure_reduction(model, loss_fn, self.injector, inputs, targets, key, self.device)
+            self.measured_reduction = (loss_fn, reduction or "mean")
+        return self.measured_reduction[1]
 
     def _correct(self, output: torch.Tensor, targets: Any, kind: LossKind) -> torch.Tensor | None:
         """Number of right answers in a batch, or None where accuracy means nothing."""
@@ -155,6 +173,57 @@ class EpochEndStages:
             state.best_val_loss = state.last_val_loss
             return True
         return False
+
+
+def validation_loss(
+    model: nn.Module, loss_fn: Any, bugs: BugInjector, inputs: Any, targets: Any, key: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the output validation shows, the loss) for one validation batch, as the loop computes them."""
+    if loss_fn is None:  # the model computes its own loss, from the targets it is given
+        raw = call_model_with_targets(model, inputs, targets, key)
+        return shown_output(raw), own_loss(raw)
+    output = bugs.transform_output(primary_output(call_model(model, inputs)))
+    return output, loss_fn(output, bugs.transform_targets_for_loss(targets))
+
+
+def measure_reduction(
+    model: nn.Module,
+    loss_fn: Any,
+    bugs: BugInjector,
+    inputs: Any,
+    targets: Any,
+    key: str | None,
+    device: torch.device,
+) -> str | None:
+    """ "sum" or "mean", for a loss that does not say which (a model's own, a lambda): its value on a
+    batch (L) and on the batch's two halves (L1, L2), in eval mode with no gradient and with the
+    random generators forked, so the run's random stream is untouched. Summed over examples,
+    L1 + L2 = L; averaged, L1 + L2 = 2L. None where it cannot tell: a batch that cannot be cut in
+    two, a loss that is not one number, or one that is not finite. `model` is changed (its mode,
+    any state it keeps): hand over a copy."""
+    size = batch_size(targets)
+    half = size // 2
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), forked_rng(device):
+            pieces = [(0, 2 * half), (0, half), (half, 2 * half)]
+            losses = []
+            for start, stop in pieces:
+                part = [batch_slice(v, start, stop, size) for v in (inputs, targets)]
+                _, loss = validation_loss(model, loss_fn, bugs, part[0], part[1], key)
+                if loss.numel() != 1:
+                    return None
+                losses.append(float(loss.detach().float()))
+    except Exception:  # the loop's own validation reports whatever fails, at its stage
+        return None
+    finally:
+        for module, mode in training.items():
+            module.training = mode
+    whole, first, second = losses
+    if not all(math.isfinite(v) for v in losses):
+        return None
+    return "sum" if abs(first + second - whole) < abs(first + second - 2 * whole) else "mean"
 
 
 def binary_threshold(kind: LossKind, output: torch.Tensor) -> float:

@@ -45,11 +45,14 @@ def loss_kind(loss_fn: Any) -> LossKind:
     return _FUNCTIONS.get(loss_fn, "other")
 
 
-def loss_reduction(loss_fn: Any) -> str:
-    """ "mean", "sum" or "none": how the loss folds a batch into one number, where it says so
-    (a loss module's `reduction`, or `functools.partial(F.mse_loss, reduction="sum")`); "mean"
-    otherwise, the default of every torch loss."""
+def loss_reduction(loss_fn: Any) -> str | None:
+    """ "mean", "sum" or "none": how the loss folds a batch into one number, where that is known (a
+    loss module's `reduction`, `functools.partial(F.mse_loss, reduction="sum")`, or "mean" for
+    torch's own loss functions, their default). None where it is not: a model computing its own
+    loss (loss_fn None), a lambda or a function of the user's."""
     reduction = getattr(loss_fn, "reduction", None)
     if isinstance(loss_fn, functools.partial):
         reduction = loss_fn.keywords.get("reduction", reduction)
-    return reduction if reduction in ("mean", "sum", "none") else "mean"
+    if reduction in ("mean", "sum", "none"):
+        return reduction
+    return "mean" if loss_fn is not None and loss_kind(loss_fn) != "other" else None
