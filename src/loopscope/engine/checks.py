@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
-from loopscope.engine.batches import call_model, primary_output, split_batch, to_device
+from loopscope.engine.batches import (
+    call_model,
+    call_model_with_targets,
+    primary_output,
+    shown_output,
+    split_batch,
+    target_key,
+    to_device,
+)
 from loopscope.engine.copies import forked_rng
 from loopscope.engine.losses import loss_kind
 from loopscope.shared.events import CheckResult
@@ -203,7 +211,15 @@ def check_batch_mixing(stepper: Stepper, batches: list[Any]) -> CheckResult:
     title = "batch-mixing probe"
     inputs, targets = batches[0]
     try:
-        mixed = batch_mixing_rows(stepper.model, inputs, targets, stepper.injector.prepare_batch, stepper.device)
+        mixed = batch_mixing_rows(
+            stepper.model,
+            inputs,
+            targets,
+            stepper.injector.prepare_batch,
+            stepper.device,
+            own_loss=stepper.experiment.loss_fn is None,
+            key=_target_key(stepper.experiment.train_loader),
+        )
     except NotTestable as exc:
         return CheckResult("batch_mixing", title, True, str(exc), skipped=True)
     if mixed is None:
@@ -248,43 +264,71 @@ def batch_mixing_rows(
     targets: Any,
     prepare_batch: Callable[[Any, Any], tuple[Any, Any]],
     device: torch.device,
+    *,
+    own_loss: bool = False,
+    key: str | None = None,
 ) -> tuple[int, int] | None:
     """Backprop out[i].sum() to the inputs on a copy in eval mode: rows other than i must get
     no gradient. Returns (i, how many other rows got gradient), or None when the rows are apart;
-    raises NotTestable when the probe cannot tell. Token ids have no gradient: for them, the
-    output of the embedding that reads them stands in for the inputs.
+    raises NotTestable when the probe cannot tell. Every tensor of the inputs holding the batch on
+    dim 0 is probed (a tuple's, a dict's). Token ids have no gradient: for them, the output of the
+    embedding that reads them stands in. A model computing its own loss (`own_loss`) gets the
+    targets as the loop gives them (`key`: a dict batch's), and its shown output is probed.
 
     `prepare_batch` is the loop's data pipeline (bugs included): it is what may mix the rows.
     The diagnostics run it too, whenever the loop's code changes."""
-    if not isinstance(inputs, torch.Tensor):
-        raise NotTestable("the inputs are not one tensor")
-    if inputs.shape[0] < 2:
+    size = _rows(inputs)
+    if size is None:
+        raise NotTestable("no input tensor holds the batch on its first dimension")
+    if size < 2:
         raise NotTestable("the batch holds a single example")
     model = copy.deepcopy(model)
     model.eval()  # batch norm in training mode mixes rows legitimately
     probed: list[torch.Tensor] = []
+    token_ids: list[torch.Tensor] = []
+
+    def fresh(value: Any) -> Any:
+        """The inputs with every batch tensor cloned: floating ones to take a gradient, token
+        ids to be recognised (by identity) where an embedding reads them."""
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0 or value.shape[0] != size:
+                return value
+            clone = value.detach().clone()
+            if clone.is_floating_point():
+                probed.append(clone.requires_grad_(True))
+            else:
+                token_ids.append(clone)
+            return clone
+        if isinstance(value, (tuple, list)):
+            return type(value)(fresh(v) for v in value)
+        if isinstance(value, dict):
+            # A mask says which inputs exist: it is not what the model reads about an example.
+            return {k: v if "mask" in str(k) else fresh(v) for k, v in value.items()}
+        return value
+
+    x = fresh(inputs)
     handles = []
-    if not inputs.is_floating_point():
+    if not probed:
         embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
         if not embeddings:
             raise NotTestable("the inputs are not floating point and no embedding reads them")
 
         def keep(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            if not probed and args and args[0] is prepared_inputs[0] and isinstance(output, torch.Tensor):
+            reads_ids = bool(args) and any(args[0] is ids for ids in token_ids)
+            if reads_ids and isinstance(output, torch.Tensor) and output.requires_grad:
                 output.retain_grad()
                 probed.append(output)
 
         handles = [m.register_forward_hook(keep) for m in embeddings]
-    prepared_inputs: list[Any] = [None]
     with forked_rng(device), torch.enable_grad():
         try:
-            x = inputs.detach().clone()
-            if x.is_floating_point():
-                x.requires_grad_(True)
-                probed.append(x)
-            prepared, _ = prepare_batch(x, targets)
-            prepared_inputs[0] = prepared
-            out = primary_output(call_model(model, prepared))
+            prepared, prepared_targets = prepare_batch(x, targets)
+            if isinstance(prepared, torch.Tensor) and prepared is not x and not probed:
+                token_ids.append(prepared)
+            if own_loss:
+                out = shown_output(call_model_with_targets(model, prepared, prepared_targets, key))
+            else:
+                out = primary_output(call_model(model, prepared))
             row = min(1, out.shape[0] - 1)
             out[row].sum().backward()
         except Exception as exc:  # the loop itself reports whatever fails here, at its stage
@@ -292,17 +336,34 @@ def batch_mixing_rows(
         finally:
             for handle in handles:
                 handle.remove()
-    grad = probed[0].grad if probed else None
-    if grad is None:
+    grads = [p.grad for p in probed if p.grad is not None]
+    if not grads:
         raise NotTestable("no gradient reached the inputs")
-    per_row = grad.detach().reshape(grad.shape[0], -1).abs().sum(dim=1)
+    per_row = sum(g.detach().reshape(g.shape[0], -1).abs().sum(dim=1) for g in grads)
+    assert isinstance(per_row, torch.Tensor)
     others = int((per_row > 0).sum().item()) - int(per_row[row].item() > 0)
     return (row, others) if others > 0 else None
 
 
-def rows_mixed(*args: Any) -> tuple[int, int] | None:
+def _rows(inputs: Any) -> int | None:
+    """The batch size the inputs' first tensor gives, if any."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() > 0 else None
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    return next((n for v in values if (n := _rows(v)) is not None), None)
+
+
+def _target_key(loader: Any) -> str | None:
+    """The targets' key in the loader's dict batches (HuggingFace's "labels"), read without iterating."""
+    from loopscope.engine.features import first_example
+
+    example = first_example(loader)
+    return target_key(example) if example is not None else None
+
+
+def rows_mixed(*args: Any, **kwargs: Any) -> tuple[int, int] | None:
     """`batch_mixing_rows`, with None where it cannot tell (for the diagnostics: no finding)."""
     try:
-        return batch_mixing_rows(*args)
+        return batch_mixing_rows(*args, **kwargs)
     except NotTestable:
         return None

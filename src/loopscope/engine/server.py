@@ -14,6 +14,7 @@ from loopscope.engine.driver import Driver
 from loopscope.engine.pictures import PictureMaker
 from loopscope.engine.probe_schedule import ProbeSchedule
 from loopscope.shared.errors import UserError
+from loopscope.shared.history import loss_point
 from loopscope.shared.protocol import (
     FRAME_SECONDS,
     Checks,
@@ -114,7 +115,8 @@ class EngineServer:
         if self.pictures is not None and event.stage == Stage.LOAD_BATCH and event.error is None:
             self.pictures.remember_batch()
         if event.stage == Stage.LOSS:
-            self._losses.append((event.iteration, event.epoch, event.loss, event.twin_loss))
+            x, loss, twin_loss = loss_point(event)
+            self._losses.append((x, event.epoch, loss, twin_loss))
         if self.stepper.probe or event.stage in KEEP_WHEN_UNPROBED or event.diagnostics or event.error:
             self._events.append(event)
 

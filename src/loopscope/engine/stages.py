@@ -33,6 +33,7 @@ from loopscope.engine.diagnostics.context import ForwardFlow
 from loopscope.engine.epoch_end import EpochEndStages, autocast_for, grad_scaler_for
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.inject import BugInjector
+from loopscope.engine.losses import loss_reduction
 from loopscope.engine.recorder import StageRecord
 from loopscope.engine.state import LoopState
 from loopscope.engine.twin import CleanTwin, rng_state
@@ -233,6 +234,9 @@ class LoopBody(EpochEndStages):
             record.loss = loss.detach().float().mean().item() if loss.numel() else math.nan
         record.metrics["loss_shape"] = list(loss.shape)
         self._note_micro_batch(record)
+        examples = batch_size(values.targets)
+        if loss.numel() == 1 and examples >= 2 and self._reduction_of_training_loss() == "sum":
+            record.metrics["loss_summed_over"] = examples  # the plot shows it per example, as validation
         if self.experiment.accumulation > 1:
             # The gradients of K micro-batches add up: divided by K, they are those of their mean.
             divisor = 1 if "accumulation_not_divided" in self.injector else self.experiment.accumulation
@@ -254,6 +258,14 @@ class LoopBody(EpochEndStages):
             record.metrics["loss_input"] = describe_loss_input(output)
         else:
             record.tensors = [probes.describe(n, t, None) for n, t, _ in named]
+
+    def _reduction_of_training_loss(self) -> str:
+        """ "sum" when the loss adds up its examples (stated, or measured once on this batch)."""
+        values = self.values
+        reduction = loss_reduction(self.experiment.loss_fn)
+        if reduction is None:
+            reduction = self._reduction(values.inputs, values.targets, values.target_key)
+        return reduction
 
     def backward(self, record: StageRecord) -> None:
         if self.values.loss is None:

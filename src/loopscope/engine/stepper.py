@@ -104,7 +104,12 @@ class Stepper(DriverBase):
                 forward_flow=lambda: self.body.values.flow or ForwardFlow(),
                 replay_differs=self.rewinder.replay_differs,
                 batch_mixing=lambda: rows_mixed(
-                    self.model, *self.current_batch, self.injector.prepare_batch, self.device
+                    self.model,
+                    *self.current_batch,
+                    self.injector.prepare_batch,
+                    self.device,
+                    own_loss=exp.loss_fn is None,
+                    key=self.body.values.target_key,
                 ),
             )
         )

@@ -144,9 +144,10 @@ class History:
         while self._events and self._events[0].iteration <= oldest_kept:
             self._events.popleft()
         if event.stage == "loss" and event.error is None:
-            self.series["loss"].add(_position(event), event.loss)
-            if event.twin_loss is not None:
-                self.series["twin_loss"].add(_position(event), event.twin_loss)
+            x, loss, twin_loss = loss_point(event)
+            self.series["loss"].add(x, loss)
+            if twin_loss is not None:
+                self.series["twin_loss"].add(x, twin_loss)
         elif event.stage == "backward" and event.error is None:
             self.series["grad_norm"].add(_position(event), event.grad_norm)
         elif event.stage == "step" and "lr" in event.metrics:
@@ -175,6 +176,15 @@ class History:
             if stage is None or event.stage == stage:
                 return event
         return None
+
+
+def loss_point(event: StageEvent) -> tuple[float, float | None, float | None]:
+    """A loss event on the plot: (x, loss, twin loss). A summed loss is shown per example, on the
+    scale of the validation loss beside it (the loss stage itself shows the loop's own number)."""
+    examples = event.metrics.get("loss_summed_over", 1)
+    loss = None if event.loss is None else event.loss / examples
+    twin_loss = None if event.twin_loss is None else event.twin_loss / examples
+    return _position(event), loss, twin_loss
 
 
 def _position(event: StageEvent) -> float:

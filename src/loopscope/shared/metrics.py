@@ -58,6 +58,7 @@ class LossMetrics(TypedDict, total=False):
     running_loss_holds_graph: bool
     loss_input: LossInput  # probed
     loss_divisor: int  # accumulation: what the loss was divided by before backward (K, or 1)
+    loss_summed_over: int  # a summed loss (reduction "sum"): the examples it adds up (the plot divides)
 
 
 class BackwardMetrics(TypedDict, total=False):

@@ -163,7 +163,7 @@ class Update:
     update as (iteration, epoch, loss, twin_loss), and the state after them."""
 
     events: tuple[StageEvent, ...]
-    losses: tuple[tuple[int, int, float | None, float | None], ...]
+    losses: tuple[tuple[float, int, float | None, float | None], ...]  # (x on the plot, epoch, loss, twin loss)
     state: EngineState
 
 

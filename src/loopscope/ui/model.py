@@ -59,7 +59,7 @@ class ScreenModel:
     def __init__(self, history: int = DEFAULT_HISTORY) -> None:
         self.info: SessionInfo | None = None
         # The losses `b` can undo, to take them out of their epoch's mean again.
-        self._recent_losses: deque[tuple[int, int, float]] = deque(maxlen=history + 1)
+        self._recent_losses: deque[tuple[float, int, float]] = deque(maxlen=history + 1)
         self.state: EngineState | None = None
         self.last_event: StageEvent | None = None
         self.last_by_stage: dict[str, StageEvent] = {}
