@@ -96,8 +96,6 @@ BROKEN_FILES = {
         " train_loader=[], epochs=-3)\n",
         "epochs must be a whole number >= 1",
     ),
-    "import_error.py": ("import no_such_package_here\n", "No module named 'no_such_package_here'"),
-    "raises_at_import.py": ("raise RuntimeError('boom')\n", "importing"),
     "returns_none.py": ("def experiment():\n    return None\n", "got NoneType"),
 }
 
@@ -109,5 +107,15 @@ def test_broken_experiment_files_each_get_one_line(tmp_path, capsys):
         code, err = run(["trace", str(path)], capsys)
         assert code == 2, name
         assert expected in err and len(err.strip().splitlines()) == 1, (name, err)
+    # Without experiment() a file is a script, run as written: its error shows where it happened.
+    for name, text, expected in (
+        ("import_error.py", "import no_such_package_here\n", "No module named 'no_such_package_here'"),
+        ("raises_at_import.py", "raise RuntimeError('boom')\n", "RuntimeError: boom (raises_at_import.py:1"),
+    ):
+        path = tmp_path / name
+        path.write_text(text)
+        code, err = run(["trace", str(path)], capsys)
+        assert code == 1 and expected in err, (name, err)
+        assert "data loader" not in err  # no stage's hint: the error is the script's own code
     code, err = run(["trace", str(tmp_path)], capsys)  # a folder, not a file
     assert code == 2 and "error" in err

@@ -91,7 +91,6 @@ def test_a_stage_error_ends_the_trace_with_a_readable_message(fixtures):
 
 BAD_FILES = {
     "missing": (None, "no such file"),
-    "no_factory.py": ("x = 1\n", "defines no experiment() function"),
     "syntax.py": ("def experiment(:\n", "syntax.py:1: SyntaxError"),
     "raises.py": (
         "def experiment():\n    raise ValueError('no data here')\n",
@@ -217,3 +216,11 @@ def test_loops_factory_mode_cannot_step_are_one_line_pointing_to_script_mode(fix
     assert main(["trace", f"third_party_models:{factory}", "-n", "1"]) == 2
     err = capsys.readouterr().err
     assert said in err and "script mode" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_file_without_experiment_is_run_as_a_script(tmp_path, capsys):
+    path = tmp_path / "no_factory.py"
+    path.write_text("x = 1\n")
+    assert main(["trace", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "(the script finished)" in err and "the script ran no training stage" in err

@@ -410,3 +410,30 @@ async def test_the_amp_scenario_shows_micro_batches_the_scaler_and_its_bug():
         await press_and_wait(pilot, "enter", lambda: "clip_before_unscale" in state(app).active_bugs)
         await press_and_wait(pilot, "n", lambda: any(f.id == "clip_before_unscale" for _, f in app.model.findings))
         await expect_text(pilot, "#diagnostics", "loss scale 65536")
+
+
+async def test_a_script_steps_through_its_own_lines_and_b_says_it_needs_a_factory():
+    from loopscope.shared.protocol import SessionSpec
+    from loopscope.ui.app import LoopscopeApp
+
+    script = str(FIXTURES / "scripts" / "nanogpt_style.py")
+    app = LoopscopeApp(SessionSpec(script, "cpu", 0, script=True, seed_given=False), in_process=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        marked = {1: "logits, loss = model(X, Y)", 3: "scaler.scale(loss).backward()"}
+        for presses, line in ((1, marked[1]), (2, marked[3])):
+            for _ in range(presses):
+                await pilot.press("space")
+            await expect_text(pilot, "#code", "> ")
+            await wait_until(
+                pilot,
+                lambda line=line: any(
+                    row.startswith(">") and line in row for row in text_of(app, "#code").splitlines()
+                ),
+            )
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await expect_text(pilot, "#pipeline", "[step]")
+        await press_and_wait(pilot, "b", lambda: "needs an experiment() factory" in (app.model.notice or ""))
+        await press_and_wait(pilot, "r", lambda: state(app).finished)
+        await expect_text(pilot, "#status", "the script finished")
+        assert state(app).completed_iterations == 12

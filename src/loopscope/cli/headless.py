@@ -60,12 +60,41 @@ def trace_command(args: argparse.Namespace, note: str | None = None) -> int:
     # Imported here so `--help`, `scenarios` and argument errors answer before torch loads.
     from loopscope.engine.devices import resolve_device
     from loopscope.engine.experiment import load_experiment
+    from loopscope.engine.script.target import is_script
     from loopscope.engine.stepper import Stepper
 
+    if is_script(args.target, getattr(args, "script", False)):
+        return _trace_script(args, note)
     device = resolve_device(args.device)
     with _users_prints_to_stderr():
-        experiment = load_experiment(args.target, args.seed)
+        experiment = load_experiment(args.target, 0 if args.seed is None else args.seed)
         stepper = Stepper(experiment, device, probe=not args.fast, sync_cuda=True, bugs=args.bug, twin=args.twin)
+    return _write_trace(stepper, args, note)
+
+
+def _trace_script(args: argparse.Namespace, note: str | None) -> int:
+    """`loopscope trace script.py [-- ARGS]`: the user's own script, run as written."""
+    from loopscope.engine.experiment import seed_everything
+    from loopscope.engine.script.driver import ScriptDriver
+
+    if args.twin:
+        raise UserError("--twin needs an experiment() factory: a script cannot be run twice from one state")
+    if args.seed is not None:  # a script seeds itself; --seed only when asked for
+        seed_everything(args.seed)
+    driver = ScriptDriver(args.target, list(args.script_args), probe=not args.fast, bugs=args.bug)
+    try:
+        code = _write_trace(driver, args, note)
+    finally:
+        driver.close()
+    if not driver.history.event_count:
+        sys.stderr.write(
+            "loopscope: the script ran no training stage (no model forward, backward or optimizer step); "
+            "a file defining experiment() runs in factory mode\n"
+        )
+    return code
+
+
+def _write_trace(stepper: Any, args: argparse.Namespace, note: str | None) -> int:
     if note:
         sys.stderr.write(f"loopscope: {note}\n")
     out = _open_output(args.output)

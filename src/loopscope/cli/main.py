@@ -24,7 +24,8 @@ COMMANDS = ("run", "trace", "scenarios", "check", "bugs", "demo", "serve", "benc
 
 TARGET_HELP = (
     "a built-in scenario (" + ", ".join(SCENARIOS) + f"; default {DEFAULT_SCENARIO}), "
-    "a file.py defining experiment(), or package.module:factory"
+    "a file.py defining experiment(), package.module:factory, or your own training script "
+    "(script.py [-- ARGS], run as written)"
 )
 
 
@@ -89,9 +90,16 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed",
         type=_seed,
-        default=0,
+        default=None,
         metavar="N",
-        help="seeds torch, random and numpy once, before the experiment is built (default: 0)",
+        help="seeds torch, random and numpy once, before the experiment is built (default: 0; "
+        "a script seeds itself, unless this is given)",
+    )
+    parser.add_argument(
+        "--script",
+        action="store_true",
+        help="run the target file as a script, as written (the default for a .py file without "
+        "experiment()); arguments after -- are the script's",
     )
 
 
@@ -224,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
+    script_args: list[str] = []
+    if "--" in argv:  # what follows is the script's own command line (script mode)
+        at = argv.index("--")
+        argv, script_args = argv[:at], argv[at + 1 :]
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]  # `loopscope spirals --bug X` means `loopscope run spirals --bug X`
     parser = build_parser()
@@ -232,6 +244,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         prog = f"loopscope {args.command}" if args.command else "loopscope"
         sys.stderr.write(f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
         raise SystemExit(EXIT_USAGE)
+    args.script_args = script_args
     return args
 
 
@@ -326,14 +339,28 @@ def _bugs(bug_id: str | None, as_json: bool) -> int:
 
 def _run_app(args: argparse.Namespace) -> int:
     from loopscope.engine.experiment import check_target
+    from loopscope.engine.script.target import is_script
     from loopscope.shared.protocol import SessionSpec
 
-    check_target(args.target)
+    script = is_script(args.target, args.script)
+    if not script:
+        check_target(args.target)
     if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
         raise UserError(f"--device {args.device!r}: expected one of auto|cpu|cuda|cuda:N|mps")
     from loopscope.ui.app import LoopscopeApp
 
-    app = LoopscopeApp(SessionSpec(args.target, args.device, args.seed, tuple(args.bug), args.twin, args.history))
+    spec = SessionSpec(
+        args.target,
+        args.device,
+        0 if args.seed is None else args.seed,
+        tuple(args.bug),
+        args.twin,
+        args.history,
+        script=script,
+        script_args=tuple(args.script_args),
+        seed_given=args.seed is not None or not script,
+    )
+    app = LoopscopeApp(spec)
     # SIGTERM quits like `q`: Textual restores the terminal and the engine process is stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
     app.run()
@@ -389,7 +416,7 @@ def _serve(args: argparse.Namespace) -> int:
             "--device",
             args.device,
             "--seed",
-            str(args.seed),
+            str(0 if args.seed is None else args.seed),
             *[f"--bug={b}" for b in args.bug],
             *(["--twin"] if args.twin else []),
         ]

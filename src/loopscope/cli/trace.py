@@ -37,9 +37,14 @@ def _tensor(stat: TensorStat) -> str:
 def describe(event: StageEvent) -> str:
     """What the stage did, in one line."""
     m = event.metrics
-    if "micro_batch" in m:  # gradient accumulation: which micro-batch of the step
-        return f"[micro-batch {m['micro_batch']}/{m.get('micro_batches')}] " + _describe(event)
-    return _describe(event)
+    text = _describe(event)
+    if "micro_batch" in m:  # gradient accumulation: which micro-batch of the step (of how many, if known)
+        of = f"/{m['micro_batches']}" if "micro_batches" in m else ""
+        text = f"[micro-batch {m['micro_batch']}{of}] " + text
+    line = event.code_line
+    if isinstance(line, dict) and "file" in line:  # script mode: the script's own line
+        text += f"  [{line['file']}:{line['line']}]"
+    return text
 
 
 def _describe(event: StageEvent) -> str:

@@ -65,8 +65,14 @@ class EngineServer:
         try:
             from loopscope.engine.devices import resolve_device
             from loopscope.engine.experiment import load_experiment
+            from loopscope.engine.script.target import is_script
             from loopscope.engine.stepper import Stepper
 
+            spec = self.spec
+            if is_script(spec.target, spec.script):
+                self.stepper = self._script_driver()
+                self.conn.send(Ready(self.stepper.info(), self._state()))
+                return True
             device = resolve_device(self.spec.device)
             experiment = load_experiment(self.spec.target, self.spec.seed)
             self.stepper = Stepper(
@@ -85,6 +91,17 @@ class EngineServer:
             return False
         self.conn.send(Ready(self.stepper.info(), self._state()))
         return True
+
+    def _script_driver(self) -> Driver:
+        from loopscope.engine.experiment import seed_everything
+        from loopscope.engine.script.driver import ScriptDriver
+
+        spec = self.spec
+        if spec.twin:
+            raise UserError("--twin needs an experiment() factory: a script cannot be run twice from one state")
+        if spec.seed_given:
+            seed_everything(spec.seed)
+        return ScriptDriver(spec.target, list(spec.script_args), bugs=spec.bugs, on_event=self._collect)
 
     def _state(self) -> EngineState:
         s = self.stepper

@@ -83,6 +83,8 @@ class StepMetrics(TypedDict, total=False):
     grads_at_step: GradPresence
     max_update_ratio: float
     step_skipped: bool  # the GradScaler skipped optimizer.step() (inf/NaN gradients)
+    # script mode: the optimizer stepped before and no zero_grad cleared its gradients since
+    stale_grads: GradPresence
     grad_scale_before: float
 
 

@@ -34,6 +34,9 @@ class SessionSpec:
     bugs: tuple[str, ...] = ()
     twin: bool = False
     history: int = DEFAULT_HISTORY
+    script: bool = False  # run the target file as a script even if it defines experiment()
+    script_args: tuple[str, ...] = ()  # a script's own command line (after `--`)
+    seed_given: bool = True  # a script seeds itself: `seed` applies only when the user gave it
 
 
 @dataclass(frozen=True)

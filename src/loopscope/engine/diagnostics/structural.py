@@ -299,6 +299,19 @@ class StructuralChecks:
                     "Order the calls: zero_grad(), forward, loss, backward(), step().",
                 ),
             )
+        stale = m.get("stale_grads")
+        if stale:  # script mode judges at the step: any order of calls is right if this holds
+            self.fire(
+                it,
+                Finding(
+                    "stale_gradients",
+                    "error",
+                    f"step() ran on {stale['nonzero']} gradient tensors (norm {fmt(stale['norm'])}) that no "
+                    "zero_grad() cleared since this optimizer's last step: old gradients were added to the new.",
+                    ("skip_zero_grad",),
+                    "Call optimizer.zero_grad() once per iteration, before loss.backward() (or after step()).",
+                ),
+            )
         at_step = m.get("grads_at_step")
         if at_step and at_step["nonzero"] == 0 and self.backward_had_grads.get(it):
             self.fire(

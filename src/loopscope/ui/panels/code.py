@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 from rich.syntax import Syntax
 from rich.text import Text
 
@@ -21,6 +24,9 @@ class CodePanel(TextPanel):
         if model.info is None or model.state is None:
             self.update("")
             return None
+        script = model.info.options.get("script")
+        if isinstance(script, str):
+            return self._show_script(Path(script), model)
         current = model.last_event.stage if model.last_event else None
         current_line = None
         lines = render_loop(model.info.options, model.state.iteration_stages, model.state.active_bugs)
@@ -49,3 +55,33 @@ class CodePanel(TextPanel):
             text.append("\n")
         self.update(text)
         return current_line
+
+    def _show_script(self, script: Path, model: ScreenModel) -> int | None:
+        """Script mode: the user's own file (the one the stage's call came from), its line marked."""
+        where = model.last_event.code_line if model.last_event else None
+        path, marked = script, None
+        if isinstance(where, dict) and "file" in where:
+            path, marked = script.parent / str(where["file"]), int(where["line"])
+        source = _read(path)
+        text = Text(no_wrap=True)
+        text.append(f"  # {path.name}\n", style="dim")
+        for number, line in enumerate(source, start=1):
+            is_current = number == marked
+            row = Text("> " if is_current else "  ", style="bold")
+            body = _SYNTAX.highlight(line)
+            body.rstrip()
+            row.append_text(body)
+            if is_current:
+                row.stylize("reverse")
+            text.append_text(row)
+            text.append("\n")
+        self.update(text)
+        return marked  # the header line comes first: line N is at index N
+
+
+@functools.lru_cache(maxsize=8)
+def _read(path: Path) -> tuple[str, ...]:
+    try:
+        return tuple(path.read_text(encoding="utf-8").splitlines())
+    except OSError as exc:
+        return (f"# cannot read {path}: {exc.strerror}",)

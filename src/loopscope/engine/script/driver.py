@@ -1,0 +1,647 @@
+"""The script driver: runs the user's training script as `__main__`, unmodified, in a thread of
+its own, and turns what torch's hooks report (`script.hooks`) into the same StageEvents the
+factory driver makes.
+
+The two threads take turns: `step_stage()` lets the script run to its next training stage and
+waits; the stage's hook records the event, hands it over and waits for the next turn. Only one of
+them runs at any time, so the driver's state needs no locks, and the script computes exactly what
+`python script.py` computes (probes read tensors; they draw no random numbers).
+
+An iteration is one step of the first optimizer seen; the calls that follow a step before any new
+training work (nanoGPT's `zero_grad` after `step`, a scheduler) belong to the iteration that
+stepped. An epoch is each new iterator over the first DataLoader the script iterates.
+"""
+
+from __future__ import annotations
+
+import linecache
+import math
+import queue
+import runpy
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loopscope.engine import probes
+from loopscope.engine.batches import batch_size, own_loss, primary_output, split_batch
+from loopscope.engine.diagnostics import DiagnosticContext, Diagnostics
+from loopscope.engine.driver import DriverBase
+from loopscope.engine.explain import explain
+from loopscope.engine.losses import loss_kind
+from loopscope.engine.pictures import PictureMaker
+from loopscope.engine.recorder import EventRecorder, StageRecord
+from loopscope.engine.script.hooks import Interception
+from loopscope.engine.stages import describe_loss_input
+from loopscope.engine.state import LoopState
+from loopscope.shared.errors import UserError
+from loopscope.shared.events import StageEvent
+from loopscope.shared.history import History
+from loopscope.shared.protocol import SessionInfo
+from loopscope.shared.vocab import Stage
+
+# The bugs a hook can apply to a script as written (DESIGN.md §8).
+SCRIPT_BUGS = ("skip_zero_grad", "lr_too_high", "lr_too_low")
+_LR_FACTORS = {"lr_too_high": 100.0, "lr_too_low": 1e-3}
+NEEDS_A_FACTORY = "needs an experiment() factory: a script cannot be re-run from a saved state"
+
+
+class _Abort(BaseException):
+    """Raised in the script's thread to end it early (a BaseException: `except Exception` in the
+    script does not catch it)."""
+
+
+class ScriptDriver(DriverBase):
+    """Runs a training script stage by stage (a `Driver`)."""
+
+    twin_enabled = False
+    rewound_events: tuple[StageEvent, ...] = ()
+    rewind_warning: str | None = None
+    rewind_window = 0
+
+    def __init__(
+        self,
+        path: str | Path,
+        argv: list[str] | None = None,
+        *,
+        probe: bool = True,
+        history: History | None = None,
+        on_event: Callable[[StageEvent], None] | None = None,
+        bugs: tuple[str, ...] | list[str] = (),
+        diagnose: bool = True,
+    ) -> None:
+        self.path = Path(path).resolve()
+        if not self.path.is_file():
+            raise UserError(f"no such file: {path}")
+        self.folder = self.path.parent
+        self.argv = [str(path), *(argv or [])]
+        self.device = torch.device("cpu")  # the script chooses its own; durations are not synchronised
+        self.state = LoopState()
+        self.history = history if history is not None else History()
+        self.recorder = EventRecorder(self.device, self.history, None, on_event, sync_cuda=False)
+        self.diagnose = diagnose
+        self.probe = probe
+        self._caught = None
+        self._bugs: set[str] = set()
+        for bug in bugs:
+            self.set_bug(bug, True)
+        self._turn = threading.Semaphore(0)  # the script may go on
+        self._handed: queue.Queue[StageEvent | None] = queue.Queue()  # what the script hands over
+        self._thread: threading.Thread | None = None
+        self._abort = False
+        self._trailing = True  # after a step (or before anything): at an iteration boundary
+        self._first_optimizer: weakref.ref[torch.optim.Optimizer] | None = None
+        self._train_dataset: Any = None
+        self._train_iterator: weakref.ref[Any] | None = None
+        self._models: list[nn.Module] = []
+        self._backwards_since_step = 0
+        self._loss_since_backward = False
+        self._scales: dict[int, float] = {}  # id of a GradScaler-scaled loss -> the scale
+        self._validation: dict[str, Any] | None = None  # an open group of eval forwards
+        self._forward_started: float | None = None
+        self._stage_now: Stage | None = None  # the stage whose call is running (for errors)
+        self._update_meter = probes.UpdateMeter()
+        self._saved_lrs: list[float] | None = None
+        self._steps_in_scaler = 0
+        # Optimizers (by id) that stepped and have not had their gradients cleared since: a second
+        # step on the same gradients is the stale-gradient mistake, whatever order the calls come in.
+        self._not_cleared: set[int] = set()
+        self._backward_in_step = False
+        self._optimizer_params: dict[int, set[int]] = {}
+
+    # ----- the Driver interface -------------------------------------------------------------
+    @property
+    def at_boundary(self) -> bool:
+        return self._trailing
+
+    @property
+    def active_bugs(self) -> tuple[str, ...]:
+        return tuple(sorted(self._bugs))
+
+    def next_stage(self) -> Stage | None:
+        return None if self.state.finished else self._stage_now
+
+    def iteration_stages(self) -> list[Stage]:
+        return [Stage.LOAD_BATCH, Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD, Stage.STEP]
+
+    def last_iteration_next(self) -> bool:
+        return False
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            name=self.path.name,
+            device="script",
+            task=None,
+            epochs=0,
+            batches_per_epoch=None,
+            iteration_stages=tuple(self.iteration_stages()),
+            epoch_end_stages=(Stage.VALIDATE,),
+            applicable_bugs=SCRIPT_BUGS,
+            options={"script": str(self.path)},
+        )
+
+    def set_bug(self, bug_id: str, on: bool) -> bool:
+        if bug_id not in SCRIPT_BUGS:
+            raise UserError(
+                f"bug {bug_id!r} cannot be applied to a script as written; in script mode: {', '.join(SCRIPT_BUGS)}"
+            )
+        changed = on != (bug_id in self._bugs)
+        (self._bugs.add if on else self._bugs.discard)(bug_id)
+        return changed
+
+    def set_twin(self, on: bool) -> None:
+        if on:
+            raise UserError(f"the clean twin {NEEDS_A_FACTORY}")
+
+    def rewind(self) -> bool:
+        raise UserError(f"stepping back {NEEDS_A_FACTORY}")
+
+    def resume(self) -> None:
+        """A script that raised has ended: there is nothing to resume."""
+
+    def picture_maker(self) -> PictureMaker | None:
+        return None
+
+    def _step_stage(self) -> StageEvent | None:
+        if self.state.finished or self.state.halted is not None:
+            return None
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run_script, name="loopscope-script", daemon=True)
+            self._thread.start()
+        else:
+            self._turn.release()
+        return self._handed.get()
+
+    def run_epoch(self) -> list[StageEvent]:
+        """Run until a new epoch starts (a new iterator over the training DataLoader) or the script
+        ends; a script without a DataLoader has one epoch: its whole run."""
+        events: list[StageEvent] = []
+        start = self.state.epoch
+        with self._warnings_recorded():
+            while (event := self._step_stage()) is not None:
+                events.append(event)
+                if event.error is not None or self.state.epoch != start:
+                    break
+        return events
+
+    def close(self) -> None:
+        """End the script if it is still waiting at a stage (a trace of its first N iterations)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._abort = True
+            self._turn.release()
+            thread.join(timeout=10)
+
+    # ----- the script's thread ----------------------------------------------------------------
+    def _run_script(self) -> None:
+        try:
+            with Interception(self), self._as_main():
+                runpy.run_path(str(self.path), run_name="__main__")
+        except _Abort:
+            return
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                self._fail(RuntimeError(f"the script exited with status {exc.code}"))
+            else:
+                self._finish()
+        except BaseException as exc:  # the script's own error: shown at its stage
+            self._fail(exc)
+        else:
+            self._finish()
+        self._handed.put(None)  # nothing more comes
+
+    def _finish(self) -> None:
+        self._close_validation(wait=False)
+        self._trailing = True
+        self.state.finish("the script finished")
+
+    @contextmanager
+    def _as_main(self) -> Iterator[None]:
+        """sys.argv and sys.path as `python script.py ARGS` has them."""
+        saved_argv, saved_path = sys.argv, list(sys.path)
+        sys.argv = list(self.argv)
+        sys.path.insert(0, str(self.folder))
+        try:
+            yield
+        finally:
+            sys.argv, sys.path[:] = saved_argv, saved_path
+
+    def _fail(self, exc: BaseException) -> None:
+        """The script raised: shown at the stage whose call raised, else after the last stage seen
+        (no stage's hint then: the error is the script's own code between stages)."""
+        last = self.history.last()
+        stage = self._stage_now or (last.stage if last is not None else Stage.LOAD_BATCH)
+        error = explain(exc, stage=self._stage_now)
+        self.state.halt(error)
+        self._handed.put(self._event(stage, StageRecord(), 0.0, error=error))
+
+    def _emit(self, stage: Stage, record: StageRecord, started: float, code_line: Any = None) -> None:
+        """Hand the stage's event to the driver's side and wait for the next turn."""
+        self._stage_now = None
+        duration = (time.perf_counter() - started) * 1000.0
+        self._handed.put(self._event(stage, record, duration, code_line=code_line))
+        self._turn.acquire()
+        if self._abort:
+            raise _Abort
+
+    def _event(
+        self, stage: Stage, record: StageRecord, duration_ms: float, error: Any = None, code_line: Any = None
+    ) -> StageEvent:
+        state = self.state
+        state.iteration = state.completed_iterations + (0 if self._trailing else 1)
+        return self.recorder.emit(
+            stage,
+            record,
+            iteration=max(state.iteration, 1),
+            epoch=state.epoch,
+            bugs=self.active_bugs,
+            duration_ms=duration_ms,
+            error=error,
+            code_line=code_line or self._code_line(),
+        )
+
+    def _code_line(self) -> dict[str, Any] | None:
+        """The script's line that made the call: the innermost frame in the script's folder."""
+        frame = sys._getframe(1)
+        own = str(Path(__file__).resolve().parents[2])
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if name.startswith(str(self.folder)) and not name.startswith(own):
+                text = linecache.getline(name, frame.f_lineno).strip()
+                return {"file": str(Path(name).relative_to(self.folder)), "line": frame.f_lineno, "text": text}
+            frame = frame.f_back  # type: ignore[assignment]
+        return None
+
+    def _training_work(self) -> None:
+        """A stage that starts (or continues) an iteration's work: no longer at a boundary."""
+        self._close_validation()
+        self._trailing = False
+
+    # ----- what the hooks report (Listener) -----------------------------------------------------
+    def batch_loaded(self, iterator: Any, batch: Any) -> None:
+        dataset = getattr(iterator, "_dataset", None)
+        if self._train_dataset is None:
+            self._train_dataset = dataset
+        if dataset is not self._train_dataset or self._validation is not None:
+            return  # another loader's batch (validation's): part of that stage
+        if self._train_iterator is None or self._train_iterator() is not iterator:
+            if self._train_iterator is not None:
+                self.state.epoch += 1
+            self._train_iterator = weakref.ref(iterator)
+        self._training_work()
+        started = time.perf_counter()
+        record = StageRecord()
+        try:
+            inputs, targets = split_batch(batch)
+        except TypeError:
+            inputs, targets = batch, None
+        named = [(n, t, None) for n, t in probes.flatten_tensors("inputs", inputs)]
+        named += [(n, t, None) for n, t in probes.flatten_tensors("targets", targets)]
+        record.tensors = (
+            probes.tensor_stats(named) if self.probe else [probes.describe(n, t, None) for n, t, _ in named]
+        )
+        record.metrics["batch_size"] = batch_size(targets)
+        self._emit(Stage.LOAD_BATCH, record, started)
+
+    def zero_grad(self, owner: Any, call: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        params = _params_of(owner)
+        record = StageRecord()
+        if self.probe:
+            record.metrics["grads_before"] = probes.grad_presence(params)
+        if "skip_zero_grad" in self._bugs:
+            record.metrics["skipped"] = True
+        else:
+            self._stage_now = Stage.ZERO_GRAD
+            call()
+            self._backwards_since_step = 0
+            cleared = {id(p) for p in params}
+            self._not_cleared = {o for o in self._not_cleared if not cleared & self._optimizer_params.get(o, set())}
+        if self.probe:
+            record.metrics["grads_after"] = probes.grad_presence(params)
+        self._close_validation()
+        self._emit(Stage.ZERO_GRAD, record, started)
+
+    def forward_started(self, module: nn.Module) -> None:
+        if isinstance(module, nn.modules.loss._Loss):
+            return
+        if not torch.is_grad_enabled() or not module.training:
+            self._open_validation(module)
+            return
+        self._training_work()
+        self._forward_started = time.perf_counter()
+        self._stage_now = Stage.FORWARD
+
+    def forward_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(module, nn.modules.loss._Loss):
+            self.loss_computed(
+                type(module).__name__, args[0] if args else None, args[1] if len(args) > 1 else None, output
+            )
+            return
+        if self._validation is not None:
+            self._validation_forward(module, output)
+            return
+        if module not in self._models:
+            self._models.append(module)
+        started = self._forward_started or time.perf_counter()
+        record = StageRecord()
+        try:
+            shown = primary_output(output)
+        except TypeError:
+            shown = None
+        record.metrics["model_training"] = module.training
+        if shown is not None:
+            record.metrics["output_requires_grad"] = shown.requires_grad
+            record.tensors = (
+                probes.tensor_stats([("output", shown.detach(), None)])
+                if self.probe
+                else [probes.describe("output", shown, None)]
+            )
+        self._emit(Stage.FORWARD, record, started)
+        loss = _own_loss(output)
+        if loss is not None:  # a model that computes its own loss (nanoGPT, HuggingFace): its loss stage
+            self.loss_computed(type(module).__name__, shown, None, loss)
+
+    def loss_computed(self, name: str, output: Any, target: Any, loss: Any) -> None:
+        if self._validation is not None:
+            self._validation_loss(output, target, loss)
+            return
+        if not isinstance(loss, torch.Tensor):
+            return
+        self._training_work()
+        started = time.perf_counter()
+        if self.recorder.diagnostics is None and self.diagnose:
+            self.recorder.diagnostics = self._diagnostics(name)
+        record = StageRecord()
+        record.loss = float(loss.detach().float().mean()) if loss.numel() else math.nan
+        record.metrics["loss_shape"] = list(loss.shape)
+        named: list[tuple[str, torch.Tensor, str | None]] = []
+        if isinstance(output, torch.Tensor):
+            named.append(("output", output.detach(), None))
+            if self.probe:
+                record.metrics["loss_input"] = describe_loss_input(output)
+        if isinstance(target, torch.Tensor):
+            named.append(("targets", target.detach(), None))
+        named.append(("loss", loss.detach(), None))
+        record.tensors = (
+            probes.tensor_stats(named) if self.probe else [probes.describe(n, t, None) for n, t, _ in named]
+        )
+        self._note_micro_batch(record, self._backwards_since_step + 1)
+        self._loss_since_backward = True
+        self._emit(Stage.LOSS, record, started)
+
+    def scaled(self, scaler: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self._scales[id(output)] = float(scaler.get_scale())
+
+    def backward(self, tensor: torch.Tensor, call: Callable[[], None]) -> None:
+        self._training_work()
+        if not self._loss_since_backward:  # backward of a loss no stage saw: show it first
+            scale = self._scales.get(id(tensor), 1.0)
+            self.loss_computed("loss", None, None, tensor.detach() / scale)
+        started = time.perf_counter()
+        params = self._named_params()
+        scale = self._scales.pop(id(tensor), 1.0)
+        self._backwards_since_step += 1
+        self._backward_in_step = True
+        record = StageRecord()
+        if scale != 1.0:
+            record.metrics["grad_scale"] = scale
+        self._stage_now = Stage.BACKWARD
+        call()
+        if self.probe:
+            layers, total, nonfinite = probes.grad_layers(params, scale)
+            record.layers, record.grad_norm = layers, total
+            record.metrics["nonfinite_grads"] = nonfinite
+            record.metrics["grads_none"] = sum(1 for layer in layers if layer.grad_norm is None)
+        self._note_micro_batch(record, self._backwards_since_step)
+        self._loss_since_backward = False
+        self._emit(Stage.BACKWARD, record, started)
+
+    def clipped(self, max_norm: float, total: Any, parameters: Any) -> None:
+        started = time.perf_counter()
+        record = StageRecord()
+        norm_before = float(total)
+        record.metrics["max_norm"] = float(max_norm)
+        record.metrics["norm_before"] = norm_before
+        record.metrics["clipped"] = norm_before > max_norm
+        if self.probe:
+            layers, after, _ = probes.grad_layers(self._named_params())
+            record.layers, record.grad_norm = layers, after
+        self._emit(Stage.CLIP_GRAD, record, started)
+
+    def unscaled(self, optimizer: torch.optim.Optimizer, call: Callable[[], None]) -> None:
+        """scaler.unscale_(optimizer): the gradients divided by the loss scale, in place."""
+        started = time.perf_counter()
+        self._stage_now = Stage.UNSCALE
+        call()
+        record = StageRecord()
+        if self.probe:
+            layers, total, nonfinite = probes.grad_layers(self._named_params())
+            record.layers, record.grad_norm = layers, total
+            record.metrics["found_inf"] = nonfinite > 0
+        self._emit(Stage.UNSCALE, record, started)
+
+    def step_started(self, optimizer: torch.optim.Optimizer) -> None:
+        self._close_validation()
+        self._trailing = False
+        self._step_began = time.perf_counter()
+        self._stage_now = Stage.STEP
+        params = _params_of(optimizer)
+        self._optimizer_params[id(optimizer)] = {id(p) for p in params}
+        self._backward_in_step = False
+        if self.probe:
+            self._update_meter.before_step(params)
+            self._grads_at_step = probes.grad_presence(params)
+        factors = [_LR_FACTORS[b] for b in self._bugs if b in _LR_FACTORS]
+        if factors:  # the learning rate scaled for this step only: the script's own lr is restored after
+            self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * math.prod(factors)
+
+    def step_done(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._saved_lrs is not None:
+            for group, lr in zip(optimizer.param_groups, self._saved_lrs):
+                group["lr"] = lr
+            self._saved_lrs = None
+        self._steps_in_scaler += 1
+        record = StageRecord()
+        if id(optimizer) in self._not_cleared:  # stepped before, and no zero_grad since (a closure's included)
+            stale = probes.grad_presence(_params_of(optimizer))
+            if stale["nonzero"]:
+                record.metrics["stale_grads"] = stale
+        self._not_cleared.add(id(optimizer))
+        record.metrics["lr"] = optimizer.param_groups[0].get("lr")
+        if len(optimizer.param_groups) > 1:
+            record.metrics["lrs"] = [group.get("lr") for group in optimizer.param_groups]
+        if self.probe:
+            # A closure (LBFGS) computes the gradients inside step(): read them as it left them.
+            params = _params_of(optimizer)
+            record.metrics["grads_at_step"] = (
+                probes.grad_presence(params) if self._backward_in_step else self._grads_at_step
+            )
+            grad_norms = {
+                name: float(p.grad.norm()) if p.grad is not None else None for name, p in self._named_params()
+            }
+            named = [(n, p) for n, p in self._named_params() if any(p is q for q in _params_of(optimizer))]
+            record.layers = self._update_meter.layers(named, grad_norms)
+            ratios = [layer.update_ratio for layer in record.layers if layer.update_ratio is not None]
+            if ratios:
+                record.metrics["max_update_ratio"] = max(ratios)
+        self._stepped(optimizer, record)
+
+    def scaler_step(self, scaler: Any, optimizer: Any, call: Callable[[], Any]) -> Any:
+        """A GradScaler's step: the optimizer's own step runs inside it, unless the gradients hold
+        inf or NaN; then the step is skipped, and shown so."""
+        before, scale = self._steps_in_scaler, float(scaler.get_scale())
+        result = call()
+        if self._steps_in_scaler == before:
+            record = StageRecord()
+            record.metrics["step_skipped"] = True
+            record.metrics["grad_scale_before"] = scale
+            record.metrics["lr"] = optimizer.param_groups[0].get("lr")
+            self._stepped(optimizer, record)
+        return result
+
+    def _stepped(self, optimizer: torch.optim.Optimizer, record: StageRecord) -> None:
+        started = getattr(self, "_step_began", time.perf_counter())
+        if self._first_optimizer is None:
+            self._first_optimizer = weakref.ref(optimizer)
+        if self._first_optimizer() is optimizer:  # an iteration is a step of the first optimizer
+            self.state.completed_iterations += 1
+            self._backwards_since_step = 0
+            self._trailing = True
+        self._emit(Stage.STEP, record, started)
+
+    def scheduler_stepped(self, scheduler: Any, call: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        record = StageRecord()
+        optimizer = getattr(scheduler, "optimizer", None)
+        if optimizer is not None:
+            record.metrics["lr_before"] = optimizer.param_groups[0].get("lr")
+        self._stage_now = Stage.SCHEDULER
+        call()
+        if optimizer is not None:
+            record.metrics["lr"] = optimizer.param_groups[0].get("lr")
+        self._emit(Stage.SCHEDULER, record, started)
+
+    # ----- validation: eval-mode or no-grad forwards, one stage per group --------------------
+    def _open_validation(self, module: nn.Module) -> None:
+        if self._validation is None:
+            self._validation = {
+                "started": time.perf_counter(),
+                "loss_sum": 0.0,
+                "examples": 0,
+                "correct": 0,
+                "counted": 0,
+                "model_training": False,
+                "builds_graph": False,
+                "code_line": self._code_line(),  # where validation began
+            }
+        group = self._validation
+        group["model_training"] = group["model_training"] or any(m.training for m in module.modules())
+        group["builds_graph"] = group["builds_graph"] or torch.is_grad_enabled()
+        self._stage_now = Stage.VALIDATE
+
+    def _validation_forward(self, module: nn.Module, output: Any) -> None:
+        loss = _own_loss(output)
+        if loss is not None:
+            try:
+                shown = primary_output(output)
+            except TypeError:
+                shown = None
+            self._validation_loss(shown, None, loss)
+
+    def _validation_loss(self, output: Any, target: Any, loss: Any) -> None:
+        group = self._validation
+        if group is None or not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return
+        n = int(output.shape[0]) if isinstance(output, torch.Tensor) and output.dim() > 0 else 1
+        group["loss_sum"] += float(loss.detach().float()) * n
+        group["examples"] += n
+        if (
+            isinstance(output, torch.Tensor)
+            and isinstance(target, torch.Tensor)
+            and output.dim() == 2
+            and target.dim() == 1
+            and not target.is_floating_point()
+        ):
+            group["correct"] += int((output.detach().argmax(dim=1) == target).sum())
+            group["counted"] += n
+
+    def _close_validation(self, wait: bool = True) -> None:
+        group, self._validation = self._validation, None
+        if group is None:
+            return
+        record = StageRecord()
+        if group["examples"]:
+            record.metrics["val_loss"] = group["loss_sum"] / group["examples"]
+            record.metrics["val_examples"] = group["examples"]
+        if group["counted"]:
+            record.metrics["val_accuracy"] = group["correct"] / group["counted"]
+        record.metrics["model_training"] = group["model_training"]
+        record.metrics["builds_graph"] = group["builds_graph"]
+        record.metrics["val_seconds"] = time.perf_counter() - group["started"]
+        if wait:
+            self._emit(Stage.VALIDATE, record, group["started"], code_line=group["code_line"])
+        else:  # the script has ended: nothing waits for a turn
+            self._handed.put(self._event(Stage.VALIDATE, record, 0.0, code_line=group["code_line"]))
+
+    # ----- helpers --------------------------------------------------------------------------
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        if len(self._models) == 1:
+            return list(self._models[0].named_parameters())
+        return [(f"{type(m).__name__}{i}.{n}", p) for i, m in enumerate(self._models) for n, p in m.named_parameters()]
+
+    @staticmethod
+    def _note_micro_batch(record: StageRecord, count: int) -> None:
+        if count > 1:  # backward again before a step: gradients accumulated on purpose
+            record.metrics["micro_batch"] = count
+
+    def _diagnostics(self, loss_name: str) -> Diagnostics:
+        functional = getattr(torch.nn.functional, loss_name, None)
+        return Diagnostics(
+            DiagnosticContext(
+                loss_kind=loss_kind(functional) if callable(functional) else _module_kind(loss_name),
+                task=None,
+                features=frozenset(),
+                scheduler_interval="iteration",
+                classes=None,
+                has_trainable_params=lambda: bool(self._named_params()),
+                batch_mixing=lambda: None,
+            )
+        )
+
+
+def _module_kind(name: str) -> Any:
+    """The loss kind of a loss module's class, by name ("other" for a model's own loss)."""
+    module_type = getattr(torch.nn, name, None)
+    if isinstance(module_type, type) and issubclass(module_type, nn.modules.loss._Loss):
+        return loss_kind(module_type())
+    return "other"
+
+
+def _params_of(owner: Any) -> list[nn.Parameter]:
+    if isinstance(owner, torch.optim.Optimizer):
+        return [p for group in owner.param_groups for p in group["params"]]
+    if isinstance(owner, nn.Module):
+        return list(owner.parameters())
+    return []
+
+
+def _own_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model returned beside its outputs, if it did."""
+    if isinstance(output, torch.Tensor):
+        return None
+    try:
+        loss = own_loss(output)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None

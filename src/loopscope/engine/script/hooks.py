@@ -1,0 +1,185 @@
+"""Torch's training calls, intercepted while a script runs.
+
+Where torch has a global hook it is used (optimizer steps, module forwards); elsewhere the call is
+wrapped (zero_grad, backward, clipping, schedulers, DataLoader iterators, functional losses). Each
+interception tells a `Listener` what happened, in the script's own thread: the listener may block
+there (pausing the script). The wrappers read and never write: the script computes what it
+computes without loopscope, bitwise. Everything is undone when the `Interception` closes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import optimizer as optimizer_module
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import dataloader
+
+# torch.nn.functional's losses: called at the top level of a script, each is a `loss` stage.
+FUNCTIONAL_LOSSES = (
+    "cross_entropy",
+    "nll_loss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "mse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "kl_div",
+)
+
+
+class Listener(Protocol):
+    """What the script driver is told, in the script's thread."""
+
+    def batch_loaded(self, loader: Any, batch: Any) -> None: ...
+    def zero_grad(self, owner: Any, call: Callable[[], None]) -> None: ...
+    def forward_started(self, module: nn.Module) -> None: ...
+    def forward_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None: ...
+    def loss_computed(self, name: str, output: Any, target: Any, loss: Any) -> None: ...
+    def backward(self, tensor: torch.Tensor, call: Callable[[], None]) -> None: ...
+    def clipped(self, max_norm: float, total: Any, call_parameters: Any) -> None: ...
+    def step_started(self, optimizer: torch.optim.Optimizer) -> None: ...
+    def step_done(self, optimizer: torch.optim.Optimizer) -> None: ...
+    def scheduler_stepped(self, scheduler: Any, call: Callable[[], None]) -> None: ...
+    def scaled(self, scaler: Any, output: Any) -> None: ...
+    def scaler_step(self, scaler: Any, optimizer: Any, call: Callable[[], Any]) -> Any: ...
+    def unscaled(self, optimizer: Any, call: Callable[[], None]) -> None: ...
+
+
+class Interception:
+    """Installs every interception on entry and removes it on exit. `depth` counts module calls in
+    progress, so only the outermost call (the model, a loss module) is a stage."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.depth = 0
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Interception:
+        stack = self._stack
+        stack.enter_context(_patched(torch.optim.Optimizer, "zero_grad", self._zero_grad))
+        stack.enter_context(_patched(nn.Module, "zero_grad", self._zero_grad))
+        stack.enter_context(_patched(torch.Tensor, "backward", self._tensor_backward))
+        stack.enter_context(_patched(dataloader._BaseDataLoaderIter, "__next__", self._next_batch))
+        stack.enter_context(_patched(LRScheduler, "step", self._scheduler_step))
+        for module in (torch.nn.utils, torch.nn.utils.clip_grad):
+            stack.enter_context(_patched(module, "clip_grad_norm_", self._clip))
+        for name in FUNCTIONAL_LOSSES:
+            stack.enter_context(_patched(F, name, self._functional_loss(name)))
+        stack.enter_context(_patched(torch.amp.GradScaler, "scale", self._scale))
+        stack.enter_context(_patched(torch.amp.GradScaler, "step", self._scaler_step))
+        stack.enter_context(_patched(torch.amp.GradScaler, "unscale_", self._unscale))
+        handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._forward_pre),
+            nn.modules.module.register_module_forward_hook(self._forward_post, always_call=True),
+            optimizer_module.register_optimizer_step_pre_hook(self._step_pre),
+            optimizer_module.register_optimizer_step_post_hook(self._step_post),
+        ]
+        for handle in handles:
+            stack.callback(handle.remove)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    # ----- the interceptions ----------------------------------------------------------------
+    def _zero_grad(self, original: Callable[..., Any], owner: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.depth:  # a model's own zero_grad of its submodules: part of the outer call
+            return original(owner, *args, **kwargs)
+        return _through(functools.partial(self.listener.zero_grad, owner), original, owner, *args, **kwargs)
+
+    def _tensor_backward(self, original: Callable[..., Any], tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.listener.backward(tensor, lambda: original(tensor, *args, **kwargs))
+
+    def _next_batch(self, original: Callable[..., Any], iterator: Any) -> Any:
+        batch = original(iterator)  # StopIteration passes through: the epoch's end
+        self.listener.batch_loaded(iterator, batch)
+        return batch
+
+    def _scheduler_step(self, original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(scheduler, "_step_count", 0) == 0:  # the call its own __init__ makes
+            return original(scheduler, *args, **kwargs)
+        return _through(
+            functools.partial(self.listener.scheduler_stepped, scheduler), original, scheduler, *args, **kwargs
+        )
+
+    def _clip(self, original: Callable[..., Any], parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        parameters = list(parameters)  # a generator can be read once: the call and the probe share it
+        total = original(parameters, max_norm, *args, **kwargs)
+        if not self.depth:
+            self.listener.clipped(max_norm, total, parameters)
+        return total
+
+    def _functional_loss(self, name: str) -> Callable[..., Any]:
+        def loss(original: Callable[..., Any], output: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+            value = original(output, target, *args, **kwargs)
+            if not self.depth:  # inside a loss module (or a model computing its own loss) it is theirs
+                self.listener.loss_computed(name, output, target, value)
+            return value
+
+        return loss
+
+    def _scale(self, original: Callable[..., Any], scaler: Any, outputs: Any) -> Any:
+        scaled = original(scaler, outputs)
+        self.listener.scaled(scaler, scaled)
+        return scaled
+
+    def _scaler_step(self, original: Callable[..., Any], scaler: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.listener.scaler_step(scaler, optimizer, lambda: original(scaler, optimizer, *args, **kwargs))
+
+    def _unscale(self, original: Callable[..., Any], scaler: Any, optimizer: Any) -> Any:
+        return _through(functools.partial(self.listener.unscaled, optimizer), original, scaler, optimizer)
+
+    def _forward_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.depth == 0:
+            self.listener.forward_started(module)
+        self.depth += 1
+
+    def _forward_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.depth = max(0, self.depth - 1)
+        if self.depth == 0 and output is not None:
+            self.listener.forward_done(module, args, output)
+
+    def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.listener.step_started(optimizer)
+
+    def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.listener.step_done(optimizer)
+
+
+@contextmanager
+def _patched(owner: Any, name: str, wrapper: Callable[..., Any]) -> Iterator[None]:
+    """`owner.name` replaced by a function calling `wrapper(original, *args)`, restored on exit."""
+    original = owner.__dict__.get(name, getattr(owner, name))
+
+    @functools.wraps(original)
+    def replacement(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(original, *args, **kwargs)
+
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _through(
+    report: Callable[[Callable[[], None]], None], original: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """Let the listener make the call (it may skip it, under a bug) and return what it returned."""
+    result: list[Any] = [None]
+
+    def call() -> None:
+        result[0] = original(*args, **kwargs)
+
+    report(call)
+    return result[0]

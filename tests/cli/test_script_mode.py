@@ -1,0 +1,102 @@
+"""Script mode: the user's own training script, run as written under `loopscope trace`. The
+contract: with no bug on, the script computes bitwise what `python script.py` computes; its own
+printed losses (10 decimals) are the proof."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FIXTURES
+
+SCRIPTS = FIXTURES / "scripts"
+CLEAN = [
+    "tutorial_loop.py",
+    "nanogpt_style.py",
+    "lbfgs_closure.py",
+    "gan.py",
+    "mnist_functions.py",
+    "fp16_scaler.py",
+    "hf_style.py",
+]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=SCRIPTS.parent.parent.parent
+    )
+
+
+def trace(capsys, *args: str) -> tuple[int, str, str]:
+    """`loopscope trace` in this process: (exit code, stdout, stderr)."""
+    from loopscope.cli.main import main
+
+    code = main(["trace", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def script_lines(stderr: str) -> list[str]:
+    """What the script itself printed (loopscope's own lines start with 'loopscope:')."""
+    return [line for line in stderr.splitlines() if not line.startswith("loopscope:")]
+
+
+@pytest.mark.parametrize("script", CLEAN)
+def test_a_script_computes_bitwise_what_python_computes_and_raises_no_finding(script):
+    plain = run(str(SCRIPTS / script))
+    assert plain.returncode == 0, plain.stderr
+    traced = run("-m", "loopscope", "trace", str(SCRIPTS / script), "--format", "jsonl")
+    assert traced.returncode == 0, traced.stderr
+    assert script_lines(traced.stderr) == plain.stdout.splitlines()  # the losses, to the last digit
+    records = [json.loads(line) for line in traced.stdout.splitlines()]  # JSON lines, whatever it prints
+    assert records and all(r["code_line"]["file"] == script for r in records)
+    said = [line for line in traced.stderr.splitlines() if line.startswith("loopscope: ")]
+    assert not any(" warning at " in line or " error at " in line for line in said), said
+    assert "(the script finished)" in said[0]
+
+
+def test_stages_come_in_the_scripts_order_with_its_own_lines(capsys):
+    code, out, _ = trace(capsys, str(SCRIPTS / "nanogpt_style.py"), "-n", "2", "--format", "jsonl")
+    records = [json.loads(line) for line in out.splitlines()]
+    first = [r for r in records if r["iteration"] == 1]
+    # Four micro-batches (the model's own loss shown at its forward's line), then the update;
+    # zero_grad after the step belongs to the iteration that stepped.
+    stages = ["forward", "loss", "backward"] * 4 + ["unscale", "clip_grad", "step", "zero_grad"]
+    assert code == 0 and [r["stage"] for r in first] == stages
+    texts = {r["stage"]: r["code_line"]["text"] for r in first}
+    assert texts["backward"] == "scaler.scale(loss).backward()"
+    assert texts["step"] == "scaler.step(optimizer)"
+    assert texts["zero_grad"] == "optimizer.zero_grad(set_to_none=True)"
+    assert [r["metrics"].get("micro_batch") for r in first if r["stage"] == "backward"] == [None, 2, 3, 4]
+    assert {r["iteration"] for r in records} == {1, 2}  # -n 2 ends the script after its second step
+
+
+def test_arguments_after_the_double_dash_are_the_scripts(capsys):
+    code, _, err = trace(capsys, str(SCRIPTS / "tutorial_loop.py"), "--format", "jsonl", "--", "1")
+    assert code == 0
+    assert "12 iterations completed, epoch 1" in err  # one epoch of 12 batches, not two
+
+
+@pytest.mark.parametrize("script", ["tutorial_loop.py", "nanogpt_style.py", "lbfgs_closure.py", "gan.py"])
+def test_skip_zero_grad_is_named_at_iteration_2_in_any_loop_shape(capsys, script):
+    _, _, err = trace(capsys, str(SCRIPTS / script), "-n", "3", "--bug", "skip_zero_grad")
+    assert "loopscope: error at iteration 2: step() ran on" in err, err
+
+
+def test_an_exception_in_the_script_is_shown_at_its_stage_with_its_line(capsys):
+    code, out, err = trace(capsys, str(SCRIPTS / "raises_at_5.py"), "--format", "jsonl")
+    assert code == 1
+    last = json.loads(out.splitlines()[-1])
+    assert (last["stage"], last["iteration"]) == ("forward", 5)
+    assert "mat1 and mat2 shapes cannot be multiplied" in last["error"]["message"]
+    assert last["error"]["location"].startswith("raises_at_5.py:11")
+    assert "stage forward failed at iteration 5" in err
+
+
+def test_a_bug_that_needs_a_factory_says_so_in_one_line(capsys):
+    code, _, err = trace(capsys, str(SCRIPTS / "gan.py"), "--bug", "double_softmax")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "cannot be applied to a script" in err
