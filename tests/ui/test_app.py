@@ -437,3 +437,23 @@ async def test_a_script_steps_through_its_own_lines_and_b_says_it_needs_a_factor
         await press_and_wait(pilot, "r", lambda: state(app).finished)
         await expect_text(pilot, "#status", "the script finished")
         assert state(app).completed_iterations == 12
+
+
+async def test_a_scripts_prints_show_in_the_output_panel():
+    from loopscope.shared.protocol import SessionSpec
+    from loopscope.ui.app import LoopscopeApp
+
+    script = str(FIXTURES / "scripts" / "tutorial_loop.py")
+    spec = SessionSpec(script, "cpu", 0, script=True, script_args=("1",), seed_given=False)
+    app = LoopscopeApp(spec, in_process=False)  # a real engine process: its output goes to the log
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.query_one("#epochs-box").border_title == "Output (your script)"
+        # The script prints its loss after optimizer.step(): the line comes as the next stage runs.
+        await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
+        await press_and_wait(pilot, "space", lambda: state(app).iteration == 2)
+        output = app.query_one("#output")
+        await wait_until(pilot, lambda: any(line.startswith("loss ") for line in output.lines))
+        await press_and_wait(pilot, "r", lambda: state(app).finished)
+        await wait_until(pilot, lambda: any(line.startswith("val ") for line in output.lines))
+        assert sum(line.startswith("loss ") for line in output.lines) == 12  # one epoch: -- 1

@@ -141,3 +141,32 @@ def test_sigterm_quits_the_app_and_restores_the_terminal(tmux_session):
     screen = wait_for_pane(tmux_session, "EXIT=0")
     assert "Loop code" not in screen  # the app's screen is gone: the terminal is back to the shell
     assert not _still_running(engines)  # and the app's engine process went with it
+
+
+def test_a_script_in_tmux_walks_its_own_lines_and_survives_its_error(tmux_session):
+    scripts = Path(__file__).resolve().parents[1] / "fixtures" / "scripts"
+    tmux("send-keys", "-t", tmux_session, f"{LOOPSCOPE} run {scripts / 'nanogpt_style.py'}; echo EXIT=$?", "Enter")
+    screen = wait_for_pane(tmux_session, "iter 0")
+    for _ in range(3):  # forward, loss, backward: the script's own lines, marked in turn
+        tmux("send-keys", "-t", tmux_session, "space")
+    deadline = time.monotonic() + 60
+    while not any(row.startswith("│>") and "scaler.scale(loss).backward()" in row for row in screen.splitlines()):
+        assert time.monotonic() < deadline, screen
+        time.sleep(0.2)
+        screen = tmux("capture-pane", "-p", "-t", tmux_session)
+    tmux("send-keys", "-t", tmux_session, "r")
+    screen = wait_for_pane(tmux_session, "the script finished")
+    assert "iter 12" in screen and "iter 11: loss" in screen  # the Output panel shows the script's prints
+    tmux("send-keys", "-t", tmux_session, "q")
+    wait_for_pane(tmux_session, "EXIT=0")
+    tmux("send-keys", "-t", tmux_session, "clear", "Enter")
+    tmux("send-keys", "-t", tmux_session, f"{LOOPSCOPE} run {scripts / 'raises_at_5.py'}; echo EXIT=$?", "Enter")
+    wait_for_pane(tmux_session, "iter 0")
+    tmux("send-keys", "-t", tmux_session, "r")
+    screen = wait_for_pane(tmux_session, "The script stopped here")
+    assert "RuntimeError: mat1" in screen and "raises_at_5.py:11" in screen
+    assert any(row.startswith("│>") and "model(x)" in row for row in screen.splitlines())  # its line marked
+    tmux("send-keys", "-t", tmux_session, "n")  # the app is still up and answers
+    time.sleep(1)
+    tmux("send-keys", "-t", tmux_session, "q")
+    wait_for_pane(tmux_session, "EXIT=0")

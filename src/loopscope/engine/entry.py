@@ -14,6 +14,10 @@ def engine_entry(conn: Any, spec: Any, log_path: str | None) -> None:
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
+        import sys
+
+        # Line by line: the app's Output panel follows the log as a script prints.
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     from loopscope.engine.allocator import tune_allocator
     from loopscope.engine.server import engine_process_main
 

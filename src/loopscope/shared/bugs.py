@@ -26,6 +26,7 @@ class Bug:
     why: str
     fix: str
     requires: tuple[str, ...] = ()
+    script: bool = False  # a hook can apply it to a script as written (script mode, DESIGN.md §8)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -44,6 +45,7 @@ BUGS: tuple[Bug, ...] = (
         "PyTorch adds new gradients to the ones already stored in .grad. Without zero_grad() each "
         "step uses the sum of every gradient so far, so the steps keep getting bigger.",
         "Call optimizer.zero_grad() once per iteration, before loss.backward().",
+        script=True,
     ),
     Bug(
         "zero_grad_after_backward",
@@ -100,6 +102,7 @@ BUGS: tuple[Bug, ...] = (
         "before it squashes the scores into [0, 1], which flattens the gradients.",
         "Feed the logits straight to CrossEntropyLoss; apply softmax only for reporting.",
         requires=("classification",),
+        script=True,
     ),
     Bug(
         "sigmoid_before_bce_with_logits",
@@ -122,6 +125,7 @@ BUGS: tuple[Bug, ...] = (
         "The update/weight ratio is far above 1e-3; the loss jumps around, explodes or becomes NaN.",
         "Each step moves the weights by a big fraction of their size, overshooting the minimum every time.",
         "Lower the learning rate until updates are about 1e-3 of the weights.",
+        script=True,
     ),
     Bug(
         "lr_too_low",
@@ -133,6 +137,7 @@ BUGS: tuple[Bug, ...] = (
         "Each step moves the weights by a tiny fraction of their size, so training needs thousands "
         "of times more steps.",
         "Raise the learning rate until updates are about 1e-3 of the weights.",
+        script=True,
     ),
     Bug(
         "validate_in_train_mode",
@@ -146,6 +151,7 @@ BUGS: tuple[Bug, ...] = (
         "validation measures a randomly damaged model.",
         "Call model.eval() before validating and model.train() after.",
         requires=("validation", "train_eval_differs"),
+        script=True,
     ),
     Bug(
         "train_in_eval_mode",
@@ -168,6 +174,7 @@ BUGS: tuple[Bug, ...] = (
         "Outside torch.no_grad(), every operation records how to compute gradients, even when no backward() follows.",
         "Wrap validation in `with torch.no_grad():` (or torch.inference_mode()).",
         requires=("validation",),
+        script=True,
     ),
     Bug(
         "shuffled_labels",

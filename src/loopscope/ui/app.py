@@ -46,6 +46,7 @@ from loopscope.ui.panels import (
     DiagnosticsPanel,
     EpochsPanel,
     GradientsPanel,
+    OutputPanel,
     PipelineBar,
     StatusLine,
     TensorsPanel,
@@ -138,7 +139,7 @@ class LoopscopeApp(App[None]):
             ("gradients-box", "Gradients", VerticalScroll, lambda: [GradientsPanel(id="gradients")]),
             ("plot-box", "Loss (p: picture)", Vertical, lambda: [LossPlot(id="plot"), PicturePlot(id="picture")]),
             ("diagnostics-box", "Diagnostics", VerticalScroll, lambda: [DiagnosticsPanel(id="diagnostics")]),
-            ("epochs-box", "Epochs", Vertical, lambda: [EpochsPanel(id="epochs")]),
+            ("epochs-box", "Epochs", Vertical, lambda: [EpochsPanel(id="epochs"), OutputPanel(id="output")]),
             (
                 "bugs-box",
                 "Bugs (enter: on/off)",
@@ -149,6 +150,7 @@ class LoopscopeApp(App[None]):
 
     def on_mount(self) -> None:
         self.query_one(PicturePlot).display = False
+        self.query_one(OutputPanel).display = False
         self._apply_width(self.size.width)
         self.redraw(force=True)
         self.set_interval(FRAME_SECONDS, self.redraw)
@@ -229,6 +231,8 @@ class LoopscopeApp(App[None]):
             return
         self._check_busy()
         model = self.model
+        if model.info is not None and "script" in model.info.options and self.session is not None:
+            self.query_one(OutputPanel).follow(self.session.log_path)  # prints come between engine messages
         if model.version == self._drawn_version and not force:
             return
         if force:
@@ -250,6 +254,7 @@ class LoopscopeApp(App[None]):
             "code",
             (
                 event.stage if event else None,
+                str(event.code_line) if event else None,  # script mode: the line, not only the stage
                 state and state.active_bugs,
                 state and state.iteration_stages,
                 model.info is None,
@@ -270,7 +275,7 @@ class LoopscopeApp(App[None]):
         )
         if self._changed("diagnostics", diagnostics_key):
             self.query_one(DiagnosticsPanel).show(model)
-        self.query_one(EpochsPanel).show(model)
+        self._show_epochs_or_output()
         self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
         if self.demo is not None:
             self.query_one(NarrationBar).show(self.demo, model)
@@ -279,6 +284,17 @@ class LoopscopeApp(App[None]):
         else:
             self.query_one(LossPlot).show(model)
         self._sync_bug_list()
+
+    def _show_epochs_or_output(self) -> None:
+        """Script mode shows the script's own output where factory mode shows its epochs."""
+        model = self.model
+        script = model.info is not None and "script" in model.info.options
+        output = self.query_one(OutputPanel)
+        if script and not output.display:
+            output.display, self.query_one(EpochsPanel).display = True, False
+            self.query_one("#epochs-box").border_title = "Output (your script)"
+        if not script:
+            self.query_one(EpochsPanel).show(model)
 
     def _changed(self, panel: str, key: object) -> bool:
         if self._panel_keys.get(panel, object()) == key:

@@ -14,6 +14,7 @@ stepped. An epoch is each new iterator over the first DataLoader the script iter
 
 from __future__ import annotations
 
+import functools
 import linecache
 import math
 import queue
@@ -41,15 +42,17 @@ from loopscope.engine.recorder import EventRecorder, StageRecord
 from loopscope.engine.script.hooks import Interception
 from loopscope.engine.stages import describe_loss_input
 from loopscope.engine.state import LoopState
+from loopscope.shared.bugs import BUGS
 from loopscope.shared.errors import UserError
 from loopscope.shared.events import StageEvent
 from loopscope.shared.history import History
 from loopscope.shared.protocol import SessionInfo
 from loopscope.shared.vocab import Stage
 
-# The bugs a hook can apply to a script as written (DESIGN.md §8).
-SCRIPT_BUGS = ("skip_zero_grad", "lr_too_high", "lr_too_low")
+# The bugs a hook can apply to a script as written (DESIGN.md §8): the catalog marks them.
+SCRIPT_BUGS = tuple(bug.id for bug in BUGS if bug.script)
 _LR_FACTORS = {"lr_too_high": 100.0, "lr_too_low": 1e-3}
+_OWN_SOURCE = str(Path(__file__).resolve().parents[2])  # loopscope's own files are never the script's
 NEEDS_A_FACTORY = "needs an experiment() factory: a script cannot be re-run from a saved state"
 
 
@@ -113,6 +116,7 @@ class ScriptDriver(DriverBase):
         # Optimizers (by id) that stepped and have not had their gradients cleared since: a second
         # step on the same gradients is the stale-gradient mistake, whatever order the calls come in.
         self._not_cleared: set[int] = set()
+        self._undo: list[Callable[[], object]] = []  # what a validation bug changed for one forward
         self._backward_in_step = False
         self._optimizer_params: dict[int, set[int]] = {}
 
@@ -240,7 +244,7 @@ class ScriptDriver(DriverBase):
         stage = self._stage_now or (last.stage if last is not None else Stage.LOAD_BATCH)
         error = explain(exc, stage=self._stage_now)
         self.state.halt(error)
-        self._handed.put(self._event(stage, StageRecord(), 0.0, error=error))
+        self._handed.put(self._event(stage, StageRecord(), 0.0, error=error, code_line=self._raising_line(exc)))
 
     def _emit(self, stage: Stage, record: StageRecord, started: float, code_line: Any = None) -> None:
         """Hand the stage's event to the driver's side and wait for the next turn."""
@@ -270,14 +274,28 @@ class ScriptDriver(DriverBase):
     def _code_line(self) -> dict[str, Any] | None:
         """The script's line that made the call: the innermost frame in the script's folder."""
         frame = sys._getframe(1)
-        own = str(Path(__file__).resolve().parents[2])
         while frame is not None:
-            name = frame.f_code.co_filename
-            if name.startswith(str(self.folder)) and not name.startswith(own):
-                text = linecache.getline(name, frame.f_lineno).strip()
-                return {"file": str(Path(name).relative_to(self.folder)), "line": frame.f_lineno, "text": text}
+            if self._in_script(frame.f_code.co_filename):
+                return self._line(frame.f_code.co_filename, frame.f_lineno)
             frame = frame.f_back  # type: ignore[assignment]
         return None
+
+    def _raising_line(self, exc: BaseException) -> dict[str, Any] | None:
+        """The script's innermost line in an exception's traceback (the stack is unwound by now)."""
+        found = None
+        tb = exc.__traceback__
+        while tb is not None:
+            if self._in_script(tb.tb_frame.f_code.co_filename):
+                found = self._line(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+            tb = tb.tb_next
+        return found
+
+    def _in_script(self, filename: str) -> bool:
+        return filename.startswith(str(self.folder)) and not filename.startswith(_OWN_SOURCE)
+
+    def _line(self, filename: str, number: int) -> dict[str, Any]:
+        text = linecache.getline(filename, number).strip()
+        return {"file": str(Path(filename).relative_to(self.folder)), "line": number, "text": text}
 
     def _training_work(self) -> None:
         """A stage that starts (or continues) an iteration's work: no longer at a boundary."""
@@ -334,20 +352,26 @@ class ScriptDriver(DriverBase):
             return
         if not torch.is_grad_enabled() or not module.training:
             self._open_validation(module)
+            self._apply_validation_bugs(module)
             return
         self._training_work()
         self._forward_started = time.perf_counter()
         self._stage_now = Stage.FORWARD
 
-    def forward_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def forward_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        """Records the forward stage; returns a replacement output under `double_softmax`."""
         if isinstance(module, nn.modules.loss._Loss):
             self.loss_computed(
                 type(module).__name__, args[0] if args else None, args[1] if len(args) > 1 else None, output
             )
-            return
+            return None
         if self._validation is not None:
+            self._undo_validation_bugs()
             self._validation_forward(module, output)
-            return
+            return None
+        replaced = None
+        if "double_softmax" in self._bugs and isinstance(output, torch.Tensor) and output.dim() >= 2:
+            output = replaced = output.softmax(dim=1)  # the bug: probabilities where the loss wants logits
         if module not in self._models:
             self._models.append(module)
         started = self._forward_started or time.perf_counter()
@@ -368,6 +392,7 @@ class ScriptDriver(DriverBase):
         loss = _own_loss(output)
         if loss is not None:  # a model that computes its own loss (nanoGPT, HuggingFace): its loss stage
             self.loss_computed(type(module).__name__, shown, None, loss)
+        return replaced
 
     def loss_computed(self, name: str, output: Any, target: Any, loss: Any) -> None:
         if self._validation is not None:
@@ -550,6 +575,26 @@ class ScriptDriver(DriverBase):
         group["builds_graph"] = group["builds_graph"] or torch.is_grad_enabled()
         self._stage_now = Stage.VALIDATE
 
+    def _apply_validation_bugs(self, module: nn.Module) -> None:
+        """validate_in_train_mode: the forward runs in training mode; validate_with_grad: with
+        gradients recorded. Both are undone when the forward returns."""
+        group = self._validation
+        assert group is not None
+        if "validate_in_train_mode" in self._bugs and not module.training:
+            modes = {m: m.training for m in module.modules()}
+            module.train()
+            self._undo.append(functools.partial(_restore_modes, modes))
+            group["model_training"] = True
+        if "validate_with_grad" in self._bugs and not torch.is_grad_enabled():
+            torch.set_grad_enabled(True)
+            self._undo.append(lambda: torch.set_grad_enabled(False))
+            group["builds_graph"] = True
+
+    def _undo_validation_bugs(self) -> None:
+        undo, self._undo = self._undo, []
+        for step in undo:
+            step()
+
     def _validation_forward(self, module: nn.Module, output: Any) -> None:
         loss = _own_loss(output)
         if loss is not None:
@@ -605,13 +650,21 @@ class ScriptDriver(DriverBase):
         if count > 1:  # backward again before a step: gradients accumulated on purpose
             record.metrics["micro_batch"] = count
 
+    def _features(self) -> frozenset[str]:
+        """What the discovered models are made of, as the factory's features name it."""
+        modules = [m for model in self._models for m in model.modules()]
+        found = {"validation"}  # a script may validate at any point: judge it when it does
+        if any(isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)) for m in modules):
+            found.add("train_eval_differs")
+        return frozenset(found)
+
     def _diagnostics(self, loss_name: str) -> Diagnostics:
         functional = getattr(torch.nn.functional, loss_name, None)
         return Diagnostics(
             DiagnosticContext(
                 loss_kind=loss_kind(functional) if callable(functional) else _module_kind(loss_name),
                 task=None,
-                features=frozenset(),
+                features=self._features(),
                 scheduler_interval="iteration",
                 classes=None,
                 has_trainable_params=lambda: bool(self._named_params()),
@@ -626,6 +679,11 @@ def _module_kind(name: str) -> Any:
     if isinstance(module_type, type) and issubclass(module_type, nn.modules.loss._Loss):
         return loss_kind(module_type())
     return "other"
+
+
+def _restore_modes(modes: dict[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
 
 
 def _params_of(owner: Any) -> list[nn.Parameter]:

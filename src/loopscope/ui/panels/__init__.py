@@ -6,6 +6,7 @@ from loopscope.ui.panels.epochs import EPOCHS_HEADER, EpochsPanel, epoch_line
 from loopscope.ui.panels.findings import BugInfo, DiagnosticsPanel
 from loopscope.ui.panels.gradients import GradientsPanel
 from loopscope.ui.panels.header import PipelineBar, StatusLine
+from loopscope.ui.panels.output import OutputPanel
 from loopscope.ui.panels.tensors import TensorsPanel
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "DiagnosticsPanel",
     "EpochsPanel",
     "GradientsPanel",
+    "OutputPanel",
     "PipelineBar",
     "StatusLine",
     "TensorsPanel",

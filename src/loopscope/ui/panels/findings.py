@@ -35,7 +35,10 @@ class DiagnosticsPanel(TextPanel):
                 text.append(f"  {'' if err.location.startswith('in ') else 'at '}{err.location}\n")
             if err.hint:
                 text.append(f"  {err.hint}\n", style="yellow")
-            text.append("  Step on (space/n) to start the next iteration.\n\n", style="dim")
+            if model.info is not None and "script" in model.info.options:  # a script cannot go on past it
+                text.append("  The script stopped here; ctrl+r runs it afresh.\n\n", style="dim")
+            else:
+                text.append("  Step on (space/n) to start the next iteration.\n\n", style="dim")
         if not model.findings and not text:
             self.update(Text("no findings yet", style="dim"))
             return
