@@ -46,6 +46,14 @@ def test_compare_takes_turns_and_reports_the_median_of_its_chunks(monkeypatch):
     assert row == {"name": "mlp", "batch": bench.BATCH, "plain_ms": 2.0, "stepper_ms": 2.2, "ratio": 2.0}
 
 
+def test_script_mode_is_timed_against_the_same_script_run_as_written():
+    row = bench.script_compare(iterations=5, rounds=1)
+    assert set(row) == {"name", "plain_ms", "script_ms", "ratio"}
+    plain, ours = row["plain_ms"], row["script_ms"]
+    assert 0 < plain < math.inf and 0 < ours < math.inf
+    assert abs(row["ratio"] - ours / plain) <= 0.01 * row["ratio"] + HALF_UNIT  # one round: its own ratio
+
+
 def test_plot_render_times_the_downsampled_plot_of_the_whole_history(monkeypatch):
     import plotext
 
@@ -153,6 +161,11 @@ def test_bench_json_has_the_design_fields(monkeypatch, capsys):
             "ratio": 1.0,
         },
     )
+    monkeypatch.setattr(
+        bench,
+        "script_compare",
+        lambda iterations, rounds: {"name": "wide_mlp", "plain_ms": 1.0, "script_ms": 1.05, "ratio": 1.05},
+    )
     assert main(["bench", "--json", "--quick"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
@@ -166,3 +179,4 @@ def test_bench_json_has_the_design_fields(monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "ratios are rough" in table  # a quick run's verdicts are not the figures to judge by
     assert "1.00x the plain loop's rate, the median of 1 rounds" in table
+    assert "under loopscope 1.050 ms/it, ratio 1.050  (target <= 1.10: ok)" in table

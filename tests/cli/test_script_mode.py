@@ -22,6 +22,7 @@ CLEAN = [
     "mnist_functions.py",
     "fp16_scaler.py",
     "hf_style.py",
+    "checkpoint_early_stop.py",
 ]
 
 
@@ -83,6 +84,22 @@ def test_stages_come_in_the_scripts_order_with_its_own_lines(capsys):
     assert {r["iteration"] for r in records} == {1, 2}  # -n 2 ends the script after its second step
 
 
+def test_torch_save_is_a_checkpoint_stage_at_its_line_and_the_script_keeps_the_main_thread(capsys):
+    # The script installs a SIGTERM handler: signal.signal raises anywhere but on the main thread.
+    code, out, err = trace(capsys, str(SCRIPTS / "checkpoint_early_stop.py"), "--format", "jsonl")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    saves = [r for r in records if r["stage"] == "checkpoint"]
+    assert len(saves) == 2  # the two epochs whose validation loss improved
+    assert {r["code_line"]["text"] for r in saves} == {
+        'torch.save(model.state_dict(), os.path.join(folder, "best.pt"))'
+    }
+    assert all(r["metrics"]["saved_tensors"] == 6 and r["metrics"]["path"].endswith("best.pt") for r in saves)
+    stages = [r["stage"] for r in records]
+    assert stages.index("checkpoint") == stages.index("validate") + 1  # validated, then saved
+    assert "early stop after epoch 4" in err
+
+
 def test_arguments_after_the_double_dash_are_the_scripts(capsys):
     code, _, err = trace(capsys, str(SCRIPTS / "tutorial_loop.py"), "--format", "jsonl", "--", "1")
     assert code == 0
@@ -124,6 +141,17 @@ def test_hooks_apply_the_script_mode_bugs_and_the_diagnostics_name_them(capsys, 
     assert code == 0 and finding in err and f"[suspects: {bug}" in err, err
 
 
+@pytest.mark.parametrize("script", ["tutorial_loop.py", "nanogpt_style.py", "fp16_scaler.py", "lbfgs_closure.py"])
+def test_missing_step_leaves_the_parameters_unchanged_and_is_named(capsys, script):
+    code, out, err = trace(capsys, str(SCRIPTS / script), "-n", "6", "--format", "jsonl", "--bug", "missing_step")
+    records = [json.loads(line) for line in out.splitlines()]
+    steps = [r for r in records if r["stage"] == "step"]
+    assert code == 0 and len({r["iteration"] for r in steps}) == 6  # still six iterations, each a left-out step
+    assert all(r["metrics"]["skipped"] for r in steps)
+    assert all(layer["update_norm"] == 0 for r in steps for layer in r["layers"])
+    assert "step() changed no parameter" in err and "[suspects: missing_step" in err, err
+
+
 def test_a_scaled_learning_rate_is_restored_after_every_step(capsys):
     def lrs_and_losses(*bugs: str) -> tuple[list[float], list[float]]:
         _, out, _ = trace(capsys, str(SCRIPTS / "hf_style.py"), "--format", "jsonl", *bugs)
@@ -136,3 +164,21 @@ def test_a_scaled_learning_rate_is_restored_after_every_step(capsys):
     buggy_lrs, buggy_losses = lrs_and_losses("--bug", "lr_too_high")
     assert buggy_lrs == clean_lrs  # the script's own warmup, untouched: the bug scales each step only
     assert buggy_losses[0] == clean_losses[0] and buggy_losses[-1] != clean_losses[-1]
+
+
+def test_missing_step_switched_on_and_off_while_a_script_runs():
+    from loopscope.engine.script.driver import ScriptDriver
+
+    # The tutorial's StepLR wrapped optimizer.step before the bug goes on: both wrappers must hold.
+    driver = ScriptDriver(SCRIPTS / "tutorial_loop.py", ["1"])
+    try:
+        driver.run(2)
+        driver.set_bug("missing_step", True)
+        driver.run(2)
+        driver.set_bug("missing_step", False)
+        driver.run(2)
+    finally:
+        driver.close()
+    steps = [e for e in driver.history.recent() if e.stage == "step"]
+    assert [e.metrics.get("skipped", False) for e in steps] == [False, False, True, True, False, False]
+    assert [e.bugs for e in steps][2:4] == [("missing_step",)] * 2

@@ -420,6 +420,10 @@ async def test_a_script_steps_through_its_own_lines_and_b_says_it_needs_a_factor
     app = LoopscopeApp(SessionSpec(script, "cpu", 0, script=True, seed_given=False), in_process=True)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
+        bug_list = app.query_one("#bug-list")
+        await wait_until(pilot, lambda: bug_list.option_count > 0)
+        labels = {str(bug_list.get_option_at_index(i).prompt) for i in range(bug_list.option_count)}
+        assert {"missing_step", "missing_backward (needs an experiment() factory)"} <= labels
         marked = {1: "logits, loss = model(X, Y)", 3: "scaler.scale(loss).backward()"}
         for presses, line in ((1, marked[1]), (2, marked[3])):
             for _ in range(presses):
@@ -434,17 +438,28 @@ async def test_a_script_steps_through_its_own_lines_and_b_says_it_needs_a_factor
         await press_and_wait(pilot, "n", lambda: state(app).completed_iterations == 1)
         await expect_text(pilot, "#pipeline", "[step]")
         await press_and_wait(pilot, "b", lambda: "needs an experiment() factory" in (app.model.notice or ""))
+        # c: the four checks on copies of the script's model, optimizer and batches, while it waits.
+        await press_and_wait(pilot, "c", lambda: app.model.checks is not None)
+        await expect_text(pilot, "#diagnostics", "Sanity checks")
+        # After one iteration the initial loss is no longer the initial loss; the other three run.
+        assert [c.id for c in app.model.checks if c.skipped] == ["init_loss"] and len(app.model.checks) == 4
         await press_and_wait(pilot, "r", lambda: state(app).finished)
         await expect_text(pilot, "#status", "the script finished")
         assert state(app).completed_iterations == 12
 
 
-async def test_a_scripts_prints_show_in_the_output_panel():
+async def test_a_scripts_prints_show_in_the_output_panel_as_python_prints_them():
+    import subprocess
+    import sys
+
     from loopscope.shared.protocol import SessionSpec
     from loopscope.ui.app import LoopscopeApp
 
-    script = str(FIXTURES / "scripts" / "tutorial_loop.py")
-    spec = SessionSpec(script, "cpu", 0, script=True, script_args=("1",), seed_given=False)
+    # Clipping, torch.save checkpoints, early stopping and a SIGTERM handler (main thread only).
+    script = str(FIXTURES / "scripts" / "checkpoint_early_stop.py")
+    plain = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    spec = SessionSpec(script, "cpu", 0, script=True, seed_given=False)
     app = LoopscopeApp(spec, in_process=False)  # a real engine process: its output goes to the log
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
@@ -455,5 +470,6 @@ async def test_a_scripts_prints_show_in_the_output_panel():
         output = app.query_one("#output")
         await wait_until(pilot, lambda: any(line.startswith("loss ") for line in output.lines))
         await press_and_wait(pilot, "r", lambda: state(app).finished)
-        await wait_until(pilot, lambda: any(line.startswith("val ") for line in output.lines))
-        assert sum(line.startswith("loss ") for line in output.lines) == 12  # one epoch: -- 1
+        await expect_text(pilot, "#status", "the script finished")
+        expected = plain.stdout.splitlines()  # every loss to 10 decimals, the early stop included
+        await wait_until(pilot, lambda: [line for line in output.lines if line] == expected)

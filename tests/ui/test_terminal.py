@@ -157,6 +157,18 @@ def test_a_script_in_tmux_walks_its_own_lines_and_survives_its_error(tmux_sessio
     tmux("send-keys", "-t", tmux_session, "r")
     screen = wait_for_pane(tmux_session, "the script finished")
     assert "iter 12" in screen and "iter 11: loss" in screen  # the Output panel shows the script's prints
+    assert any("\u2800" < ch <= "\u28ff" for ch in screen)  # the loss plot drew its braille line
+    tmux("send-keys", "-t", tmux_session, "q")
+    wait_for_pane(tmux_session, "EXIT=0")
+    tmux("send-keys", "-t", tmux_session, "clear", "Enter")
+    bug = f"{LOOPSCOPE} run {scripts / 'nanogpt_style.py'} --bug skip_zero_grad; echo EXIT=$?"
+    tmux("send-keys", "-t", tmux_session, bug, "Enter")
+    wait_for_pane(tmux_session, "iter 0")
+    for _ in range(2):  # two iterations: the second step adds to the first one's gradients
+        tmux("send-keys", "-t", tmux_session, "n")
+        time.sleep(0.5)
+    screen = wait_for_pane(tmux_session, "suspects: skip_zero_grad")
+    assert "x it 2: step() ran on" in screen
     tmux("send-keys", "-t", tmux_session, "q")
     wait_for_pane(tmux_session, "EXIT=0")
     tmux("send-keys", "-t", tmux_session, "clear", "Enter")

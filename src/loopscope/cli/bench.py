@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import statistics
 import subprocess
@@ -114,6 +116,65 @@ def compare(
         "plain_ms": round(statistics.median(p / n for _, p, n in chunks) * 1000, 3),
         "stepper_ms": round(statistics.median(o / n for o, _, n in chunks) * 1000, 3),
         "ratio": round(statistics.median(o / p for o, p, _ in chunks), 3),
+    }
+
+
+# ----- script mode vs python script.py ------------------------------------------------------
+def script_compare(iterations: int = 300, rounds: int = 6) -> dict[str, Any]:
+    """The wide MLP written as a plain script (`scenarios/wide_mlp_script.py`), run as written and
+    under script mode as the app's engine runs it (whole iterations a turn, full statistics on the
+    probe schedule), in this process, taking turns script run by script run. Each run times its
+    own iterations after a warm-up; the ratio is the median of the rounds' ratios."""
+    import runpy
+    import tempfile
+
+    from loopscope.engine.script.driver import ScriptDriver
+    from loopscope.engine.script.main_thread import lend_main_thread
+    from loopscope.scenarios import wide_mlp_script
+
+    tune_allocator()  # as the app's engine process does; the plain run gets it too
+    path = wide_mlp_script.__file__
+
+    def timed(run: Callable[[list[str]], None]) -> float:
+        with tempfile.NamedTemporaryFile("r", suffix=".txt") as times:
+            run([path, times.name, str(iterations)])
+            return float(times.read())
+
+    def plain(argv: list[str]) -> None:
+        saved = sys.argv
+        sys.argv = argv
+        try:
+            runpy.run_path(path, run_name="__main__")
+        finally:
+            sys.argv = saved
+
+    def under_loopscope(argv: list[str]) -> None:
+        driver = ScriptDriver(path, argv[1:])
+        schedule = ProbeSchedule()
+
+        def drive() -> None:
+            try:
+                while not driver.finished and driver.halted is None:
+                    started = time.perf_counter()
+                    driver.probe = schedule.should_probe(started)
+                    if not driver.run_iteration():
+                        break
+                    schedule.record(driver.probe, started, time.perf_counter() - started)
+            finally:
+                driver.close()
+
+        lend_main_thread(drive)  # the script on the main thread, as the engine process runs it
+
+    plain_times, our_times = [], []
+    with contextlib.redirect_stdout(io.StringIO()):  # the script prints its final loss
+        for _ in range(rounds):
+            plain_times.append(timed(plain))
+            our_times.append(timed(under_loopscope))
+    return {
+        "name": "wide_mlp",
+        "plain_ms": round(statistics.median(plain_times) * 1000, 3),
+        "script_ms": round(statistics.median(our_times) * 1000, 3),
+        "ratio": round(statistics.median(o / p for o, p in zip(our_times, plain_times)), 3),
     }
 
 
@@ -258,6 +319,8 @@ def run(
         models.append(
             compare(name, iterations=100 if quick else 600, rounds=4 if quick else 10, device=device, batch=batch)
         )
+    progress("script mode vs python script.py: the wide MLP written as a script, in turns")
+    script = script_compare(iterations=100 if quick else 300, rounds=3 if quick else 6)
     progress("loss-plot render time at 1e3, 1e5 and 1e6 points")
     plot = {str(n): round(plot_render_ms(n), 2) for n in (1_000, 100_000, 1_000_000)}
     progress("memory of a 1e6-iteration history")
@@ -268,6 +331,7 @@ def run(
         "device": device,
         "quick": quick,
         "models": models,
+        "script": script,
         "plot_render_ms": plot,
         "history_memory_mb": memory,
         "app": {k: app[k] for k in ("plain_its", "app_its", "ratio", "rounds")},
@@ -276,6 +340,7 @@ def run(
 
 
 TARGETS = {"wide_mlp": 1.10, "cnn": 1.10}  # stepper/plain, from the issue; the tiny MLP has none
+SCRIPT_TARGET = 1.10  # script mode / python script.py on the wide MLP
 
 
 def _verdict(ok: bool) -> str:
@@ -299,6 +364,12 @@ def print_table(result: dict[str, Any]) -> None:
             f"{row['name']:<10} {row['batch']:>6} {row['plain_ms']:>12.3f} {row['stepper_ms']:>14.3f} "
             f"{row['ratio']:>7.3f}  {judged}"
         )
+    script = result["script"]
+    print(
+        f"script mode ({script['name']} as a script): python script.py {script['plain_ms']:.3f} ms/it, "
+        f"under loopscope {script['script_ms']:.3f} ms/it, ratio {script['ratio']:.3f}  "
+        f"(target <= {SCRIPT_TARGET:.2f}: {_verdict(script['ratio'] <= SCRIPT_TARGET)})"
+    )
     worst_plot = max(result["plot_render_ms"].values())
     print(
         "loss plot render: "

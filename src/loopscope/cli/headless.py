@@ -76,16 +76,21 @@ def _trace_script(args: argparse.Namespace, note: str | None) -> int:
     """`loopscope trace script.py [-- ARGS]`: the user's own script, run as written."""
     from loopscope.engine.experiment import seed_everything
     from loopscope.engine.script.driver import ScriptDriver
+    from loopscope.engine.script.main_thread import lend_main_thread
 
     if args.twin:
         raise UserError("--twin needs an experiment() factory: a script cannot be run twice from one state")
     if args.seed is not None:  # a script seeds itself; --seed only when asked for
         seed_everything(args.seed)
     driver = ScriptDriver(args.target, list(args.script_args), probe=not args.fast, bugs=args.bug)
-    try:
-        code = _write_trace(driver, args, note)
-    finally:
-        driver.close()
+
+    def write() -> int:
+        try:
+            return _write_trace(driver, args, note)
+        finally:
+            driver.close()
+
+    code = lend_main_thread(write)
     if not driver.history.event_count:
         sys.stderr.write(
             "loopscope: the script ran no training stage (no model forward, backward or optimizer step); "

@@ -106,6 +106,8 @@ def _describe(event: StageEvent) -> str:
             text += f"  val accuracy {m['val_accuracy']:.1%}"
         return text + f"  ({m.get('val_examples')} examples)"
     if stage == "checkpoint":
+        if "best_val_loss" not in m:  # a script's torch.save: what it wrote, not why
+            return f"saved {m.get('saved_tensors', 0)} tensors to {m.get('path', 'a file object')}"
         return f"{'saved' if m.get('saved') else 'kept'} best (val loss {_num(m.get('best_val_loss'))})"
     if stage == "early_stop":
         verdict = "STOP" if m.get("stop") else "continue"

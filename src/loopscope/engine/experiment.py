@@ -69,7 +69,7 @@ class Experiment:
             )
         elif not isinstance(self.optimizer, torch.optim.Optimizer):
             problems.append(f"optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
-        elif _steps_with_closure(self.optimizer):
+        elif steps_with_closure(self.optimizer):
             problems.append(
                 f"{type(self.optimizer).__name__}.step() needs a closure that recomputes the loss: factory mode "
                 "cannot step it; use script mode (your own training script, run as written)"
@@ -106,7 +106,7 @@ class Experiment:
             raise UserError("invalid Experiment: " + "; ".join(problems))
 
 
-def _steps_with_closure(optimizer: Any) -> bool:
+def steps_with_closure(optimizer: Any) -> bool:
     """True for optimizers whose step() cannot run without a closure (LBFGS)."""
     import inspect
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from loopscope.engine.batches import split_batch
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.losses import loss_kind
+from loopscope.shared.bugs import BUGS, requirement_text
 from loopscope.shared.protocol import SessionInfo
 from loopscope.shared.vocab import Stage, Task
 
@@ -143,4 +144,5 @@ def experiment_info(
         epoch_end_stages=tuple(epoch_end_stages),
         applicable_bugs=tuple(applicable_bugs),
         options=options,
+        bug_reasons={bug.id: f"needs {requirement_text(bug)}" for bug in BUGS if bug.id not in applicable_bugs},
     )

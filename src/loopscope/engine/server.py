@@ -221,10 +221,14 @@ class EngineServer:
         from loopscope.engine.checks import run_checks
         from loopscope.engine.stepper import Stepper
 
-        if not isinstance(self.stepper, Stepper):
-            self.conn.send(Failed("the sanity checks need an experiment() factory", fatal=False))
-            return
-        self.conn.send(Checks(tuple(run_checks(self.stepper))))
+        subject: Any = self.stepper
+        if not isinstance(subject, Stepper):  # a script: copies of what it trains, while it waits
+            try:
+                subject = subject.check_subject()
+            except UserError as exc:
+                self.conn.send(Failed(str(exc), fatal=False))
+                return
+        self.conn.send(Checks(tuple(run_checks(subject))))
 
     def _rewind(self) -> None:
         s = self.stepper
@@ -298,8 +302,24 @@ class EngineServer:
 
 def engine_process_main(conn: Any, spec: SessionSpec) -> None:
     """Entry point of the engine process."""
+    from loopscope.engine.script.main_thread import lend_main_thread
+    from loopscope.engine.script.target import is_script
+
+    server = EngineServer(conn, spec)
+
+    def serve() -> None:
+        try:
+            server.serve()
+        finally:
+            close = getattr(server.stepper, "close", None)
+            if close is not None:  # a script waiting at a stage is ended, giving the main thread back
+                close()
+
     try:
-        EngineServer(conn, spec).serve()
+        if is_script(spec.target, spec.script):  # the script gets the main thread, as under python
+            lend_main_thread(serve)
+        else:
+            serve()
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
     finally:

@@ -77,6 +77,7 @@ BUGS: tuple[Bug, ...] = (
         "Gradients are computed every iteration but the parameters never change; the loss stays flat.",
         "backward() only computes gradients. The parameters change only when the optimizer's step() applies them.",
         "Call optimizer.step() after loss.backward().",
+        script=True,
     ),
     Bug(
         "step_before_backward",

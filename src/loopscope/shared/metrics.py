@@ -105,6 +105,7 @@ class CheckpointMetrics(TypedDict, total=False):
     saved: bool
     best_val_loss: float
     path: str
+    saved_tensors: int  # script mode: the tensors torch.save wrote
 
 
 class EarlyStopMetrics(TypedDict, total=False):

@@ -133,6 +133,7 @@ class SessionInfo:
     epoch_end_stages: tuple[Stage, ...]
     applicable_bugs: tuple[str, ...]
     options: dict[str, object] = field(default_factory=dict)  # clip_grad_norm, scheduler, ...
+    bug_reasons: dict[str, str] = field(default_factory=dict)  # why each other bug does not apply
 
 
 @dataclass(frozen=True)

@@ -330,7 +330,7 @@ class LoopscopeApp(App[None]):
         bug_list.clear_options()
         for bug in BUGS:
             applies = bug.id in info.applicable_bugs
-            label = bug.id if applies else f"{bug.id} (does not apply)"
+            label = bug.id if applies else f"{bug.id} ({info.bug_reasons.get(bug.id, 'does not apply')})"
             if bug.id in state.active_bugs:
                 label += "  ON"
             bug_list.add_option(Selection(label, bug.id, bug.id in state.active_bugs, disabled=not applies))

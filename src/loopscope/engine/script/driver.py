@@ -1,11 +1,12 @@
-"""The script driver: runs the user's training script as `__main__`, unmodified, in a thread of
-its own, and turns what torch's hooks report (`script.hooks`) into the same StageEvents the
+"""The script driver: runs the user's training script as `__main__`, unmodified, on the main
+thread where it is lent (`main_thread`), and turns what torch's hooks report (`script.hooks`) into the same StageEvents the
 factory driver makes.
 
 The two threads take turns: `step_stage()` lets the script run to its next training stage and
 waits; the stage's hook records the event, hands it over and waits for the next turn. Only one of
 them runs at any time, so the driver's state needs no locks, and the script computes exactly what
-`python script.py` computes (probes read tensors; they draw no random numbers).
+`python script.py` computes (probes read tensors; they draw no random numbers). Running (not
+stepping), the script hands over once an iteration, not once a stage: a turn costs a thread switch.
 
 An iteration is one step of the first optimizer seen; the calls that follow a step before any new
 training work (nanoGPT's `zero_grad` after `step`, a scheduler) belong to the iteration that
@@ -17,11 +18,13 @@ from __future__ import annotations
 import functools
 import linecache
 import math
+import os
 import queue
 import runpy
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,7 +42,9 @@ from loopscope.engine.explain import explain
 from loopscope.engine.losses import loss_kind
 from loopscope.engine.pictures import PictureMaker
 from loopscope.engine.recorder import EventRecorder, StageRecord
+from loopscope.engine.script.check_subject import CHECKABLE_BUGS, OWN_LOSS, CheckMaterial
 from loopscope.engine.script.hooks import Interception
+from loopscope.engine.script.main_thread import start_script
 from loopscope.engine.stages import describe_loss_input
 from loopscope.engine.state import LoopState
 from loopscope.shared.bugs import BUGS
@@ -93,11 +98,15 @@ class ScriptDriver(DriverBase):
         self.probe = probe
         self._caught = None
         self._bugs: set[str] = set()
-        for bug in bugs:
-            self.set_bug(bug, True)
         self._turn = threading.Semaphore(0)  # the script may go on
-        self._handed: queue.Queue[StageEvent | None] = queue.Queue()  # what the script hands over
-        self._thread: threading.Thread | None = None
+        # What the script hands over: the events since the last turn (one, when stepping).
+        self._handed: queue.Queue[list[StageEvent] | None] = queue.Queue()
+        self._pending: list[StageEvent] = []
+        self._whole_iterations = False  # hand over at iteration boundaries only (running, not stepping)
+        self._new_epoch = False  # the stage being recorded is a new epoch's first batch
+        self._worked = False  # this turn has done training work (a turn at a boundary may start with trailing calls)
+        self._started = False
+        self._ended = threading.Event()  # the script's run is over (it ended or was ended)
         self._abort = False
         self._trailing = True  # after a step (or before anything): at an iteration boundary
         self._first_optimizer: weakref.ref[torch.optim.Optimizer] | None = None
@@ -119,6 +128,16 @@ class ScriptDriver(DriverBase):
         self._undo: list[Callable[[], object]] = []  # what a validation bug changed for one forward
         self._backward_in_step = False
         self._optimizer_params: dict[int, set[int]] = {}
+        self._last_forward: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None = None
+        self._check_material = CheckMaterial()
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._skippable: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # see _make_skippable
+        self._skipping = False  # the step being recorded was left out (missing_step)
+        # Run mode pays these per stage: which code objects are the script's, and its lines' text.
+        self._script_code: dict[Any, bool] = {}
+        self._lines: dict[tuple[str, int], dict[str, Any]] = {}
+        for bug in bugs:
+            self.set_bug(bug, True)
 
     # ----- the Driver interface -------------------------------------------------------------
     @property
@@ -149,6 +168,7 @@ class ScriptDriver(DriverBase):
             epoch_end_stages=(Stage.VALIDATE,),
             applicable_bugs=SCRIPT_BUGS,
             options={"script": str(self.path)},
+            bug_reasons={bug.id: "needs an experiment() factory" for bug in BUGS if not bug.script},
         )
 
     def set_bug(self, bug_id: str, on: bool) -> bool:
@@ -158,6 +178,9 @@ class ScriptDriver(DriverBase):
             )
         changed = on != (bug_id in self._bugs)
         (self._bugs.add if on else self._bugs.discard)(bug_id)
+        if bug_id == "missing_step" and on:
+            for optimizer in list(self._optimizers):
+                self._make_skippable(optimizer)
         return changed
 
     def set_twin(self, on: bool) -> None:
@@ -173,15 +196,38 @@ class ScriptDriver(DriverBase):
     def picture_maker(self) -> PictureMaker | None:
         return None
 
+    def check_subject(self) -> Any:
+        """A stepper over copies of the script's model and optimizer, fed the batches it trained on
+        last: what the sanity checks try things on. Raises UserError saying why there is none."""
+        optimizers = [ref() for ref in (self._first_optimizer,) if ref is not None] or list(self._optimizers)
+        return self._check_material.subject(
+            self._models,
+            [o for o in optimizers if o is not None],
+            len(self._optimizers),
+            self.completed_iterations,
+            [b for b in self.active_bugs if b in CHECKABLE_BUGS],
+        )
+
     def _step_stage(self) -> StageEvent | None:
+        events = self._take_turn(whole_iterations=False)
+        return events[0] if events else None
+
+    def _take_turn(self, whole_iterations: bool) -> list[StageEvent]:
+        """Let the script run to its next stage (or iteration boundary) and return what it did."""
         if self.state.finished or self.state.halted is not None:
-            return None
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run_script, name="loopscope-script", daemon=True)
-            self._thread.start()
+            return []
+        self._whole_iterations = whole_iterations  # read by the script's thread once it has the turn
+        if not self._started:
+            self._started = True
+            start_script(self._run_script)
         else:
             self._turn.release()
-        return self._handed.get()
+        return self._handed.get() or []
+
+    def run_iteration(self) -> list[StageEvent]:
+        """Run to the next iteration boundary (or a new epoch's first batch, or an error) in one turn."""
+        with self._warnings_recorded():
+            return self._take_turn(whole_iterations=True)
 
     def run_epoch(self) -> list[StageEvent]:
         """Run until a new epoch starts (a new iterator over the training DataLoader) or the script
@@ -189,22 +235,43 @@ class ScriptDriver(DriverBase):
         events: list[StageEvent] = []
         start = self.state.epoch
         with self._warnings_recorded():
-            while (event := self._step_stage()) is not None:
-                events.append(event)
-                if event.error is not None or self.state.epoch != start:
+            while taken := self._take_turn(whole_iterations=True):
+                events += taken
+                if taken[-1].error is not None or self.state.epoch != start:
                     break
         return events
 
+    def run(self, iterations: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
+        """As DriverBase.run, an iteration a turn."""
+        target = None if iterations is None else self.state.completed_iterations + iterations
+        produced = 0
+        with self._warnings_recorded():
+            while not self.state.finished and self.state.halted is None:
+                if target is not None and self.state.completed_iterations >= target and self.at_boundary:
+                    break
+                if should_stop is not None and should_stop():
+                    break
+                taken = self._take_turn(whole_iterations=True)
+                if not taken:
+                    break
+                produced += len(taken)
+        return produced
+
     def close(self) -> None:
         """End the script if it is still waiting at a stage (a trace of its first N iterations)."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
+        if self._started and not self._ended.is_set():
             self._abort = True
             self._turn.release()
-            thread.join(timeout=10)
+            self._ended.wait(timeout=10)
 
     # ----- the script's thread ----------------------------------------------------------------
     def _run_script(self) -> None:
+        try:
+            self._run_to_end()
+        finally:
+            self._ended.set()
+
+    def _run_to_end(self) -> None:
         try:
             with Interception(self), self._as_main():
                 runpy.run_path(str(self.path), run_name="__main__")
@@ -219,6 +286,8 @@ class ScriptDriver(DriverBase):
             self._fail(exc)
         else:
             self._finish()
+        if self._pending:
+            self._hand_over()
         self._handed.put(None)  # nothing more comes
 
     def _finish(self) -> None:
@@ -244,16 +313,28 @@ class ScriptDriver(DriverBase):
         stage = self._stage_now or (last.stage if last is not None else Stage.LOAD_BATCH)
         error = explain(exc, stage=self._stage_now)
         self.state.halt(error)
-        self._handed.put(self._event(stage, StageRecord(), 0.0, error=error, code_line=self._raising_line(exc)))
+        self._pending.append(self._event(stage, StageRecord(), 0.0, error=error, code_line=self._raising_line(exc)))
 
     def _emit(self, stage: Stage, record: StageRecord, started: float, code_line: Any = None) -> None:
-        """Hand the stage's event to the driver's side and wait for the next turn."""
+        """Record the stage's event; hand over and wait for the next turn when stepping, at an
+        iteration boundary, or when a new epoch has begun."""
         self._stage_now = None
         duration = (time.perf_counter() - started) * 1000.0
-        self._handed.put(self._event(stage, record, duration, code_line=code_line))
+        self._pending.append(self._event(stage, record, duration, code_line=code_line))
+        new_epoch, self._new_epoch = self._new_epoch, False
+        # Running, a turn is one iteration: its work up to the step, after the calls that trail the
+        # step before it (nanoGPT's zero_grad after step is the previous iteration's).
+        if self._whole_iterations and not (self._trailing and self._worked) and not new_epoch:
+            return
+        self._hand_over()
         self._turn.acquire()
+        self._worked = False
         if self._abort:
             raise _Abort
+
+    def _hand_over(self) -> None:
+        pending, self._pending = self._pending, []
+        self._handed.put(pending)
 
     def _event(
         self, stage: Stage, record: StageRecord, duration_ms: float, error: Any = None, code_line: Any = None
@@ -274,9 +355,14 @@ class ScriptDriver(DriverBase):
     def _code_line(self) -> dict[str, Any] | None:
         """The script's line that made the call: the innermost frame in the script's folder."""
         frame = sys._getframe(1)
+        known = self._script_code
         while frame is not None:
-            if self._in_script(frame.f_code.co_filename):
-                return self._line(frame.f_code.co_filename, frame.f_lineno)
+            code = frame.f_code
+            in_script = known.get(code)
+            if in_script is None:
+                in_script = known[code] = self._in_script(code.co_filename)
+            if in_script:
+                return self._line(code.co_filename, frame.f_lineno)
             frame = frame.f_back  # type: ignore[assignment]
         return None
 
@@ -294,13 +380,18 @@ class ScriptDriver(DriverBase):
         return filename.startswith(str(self.folder)) and not filename.startswith(_OWN_SOURCE)
 
     def _line(self, filename: str, number: int) -> dict[str, Any]:
-        text = linecache.getline(filename, number).strip()
-        return {"file": str(Path(filename).relative_to(self.folder)), "line": number, "text": text}
+        line = self._lines.get((filename, number))
+        if line is None:
+            text = linecache.getline(filename, number).strip()
+            line = {"file": str(Path(filename).relative_to(self.folder)), "line": number, "text": text}
+            self._lines[(filename, number)] = line
+        return dict(line)  # each event its own: a reader may change it
 
     def _training_work(self) -> None:
         """A stage that starts (or continues) an iteration's work: no longer at a boundary."""
         self._close_validation()
         self._trailing = False
+        self._worked = True
 
     # ----- what the hooks report (Listener) -----------------------------------------------------
     def batch_loaded(self, iterator: Any, batch: Any) -> None:
@@ -312,6 +403,7 @@ class ScriptDriver(DriverBase):
         if self._train_iterator is None or self._train_iterator() is not iterator:
             if self._train_iterator is not None:
                 self.state.epoch += 1
+                self._new_epoch = True
             self._train_iterator = weakref.ref(iterator)
         self._training_work()
         started = time.perf_counter()
@@ -340,8 +432,9 @@ class ScriptDriver(DriverBase):
             self._stage_now = Stage.ZERO_GRAD
             call()
             self._backwards_since_step = 0
-            cleared = {id(p) for p in params}
-            self._not_cleared = {o for o in self._not_cleared if not cleared & self._optimizer_params.get(o, set())}
+            if self._not_cleared:
+                cleared = {id(p) for p in params}
+                self._not_cleared = {o for o in self._not_cleared if not cleared & self._optimizer_params.get(o, set())}
         if self.probe:
             record.metrics["grads_after"] = probes.grad_presence(params)
         self._close_validation()
@@ -358,11 +451,11 @@ class ScriptDriver(DriverBase):
         self._forward_started = time.perf_counter()
         self._stage_now = Stage.FORWARD
 
-    def forward_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def forward_done(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         """Records the forward stage; returns a replacement output under `double_softmax`."""
         if isinstance(module, nn.modules.loss._Loss):
             self.loss_computed(
-                type(module).__name__, args[0] if args else None, args[1] if len(args) > 1 else None, output
+                type(module).__name__, args[0] if args else None, args[1] if len(args) > 1 else None, output, module
             )
             return None
         if self._validation is not None:
@@ -374,6 +467,7 @@ class ScriptDriver(DriverBase):
             output = replaced = output.softmax(dim=1)  # the bug: probabilities where the loss wants logits
         if module not in self._models:
             self._models.append(module)
+        self._last_forward = (module, args, kwargs)
         started = self._forward_started or time.perf_counter()
         record = StageRecord()
         try:
@@ -391,15 +485,16 @@ class ScriptDriver(DriverBase):
         self._emit(Stage.FORWARD, record, started)
         loss = _own_loss(output)
         if loss is not None:  # a model that computes its own loss (nanoGPT, HuggingFace): its loss stage
-            self.loss_computed(type(module).__name__, shown, None, loss)
+            self.loss_computed(type(module).__name__, shown, None, loss, OWN_LOSS)
         return replaced
 
-    def loss_computed(self, name: str, output: Any, target: Any, loss: Any) -> None:
+    def loss_computed(self, name: str, output: Any, target: Any, loss: Any, loss_fn: Any = None) -> None:
         if self._validation is not None:
             self._validation_loss(output, target, loss)
             return
         if not isinstance(loss, torch.Tensor):
             return
+        self._check_material.saw_loss(self._last_forward, target, loss_fn)
         self._training_work()
         started = time.perf_counter()
         if self.recorder.diagnostics is None and self.diagnose:
@@ -432,7 +527,6 @@ class ScriptDriver(DriverBase):
             scale = self._scales.get(id(tensor), 1.0)
             self.loss_computed("loss", None, None, tensor.detach() / scale)
         started = time.perf_counter()
-        params = self._named_params()
         scale = self._scales.pop(id(tensor), 1.0)
         self._backwards_since_step += 1
         self._backward_in_step = True
@@ -442,7 +536,7 @@ class ScriptDriver(DriverBase):
         self._stage_now = Stage.BACKWARD
         call()
         if self.probe:
-            layers, total, nonfinite = probes.grad_layers(params, scale)
+            layers, total, nonfinite = probes.grad_layers(self._named_params(), scale)
             record.layers, record.grad_norm = layers, total
             record.metrics["nonfinite_grads"] = nonfinite
             record.metrics["grads_none"] = sum(1 for layer in layers if layer.grad_norm is None)
@@ -474,13 +568,46 @@ class ScriptDriver(DriverBase):
             record.metrics["found_inf"] = nonfinite > 0
         self._emit(Stage.UNSCALE, record, started)
 
+    def optimizer_created(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizers.add(optimizer)
+        if "missing_step" in self._bugs:
+            self._make_skippable(optimizer)
+
+    def _make_skippable(self, optimizer: torch.optim.Optimizer) -> None:
+        """Let missing_step leave out this optimizer's step() (and a closure's work inside it).
+
+        torch's step hooks cannot cancel a step, so the optimizer's `step` is wrapped on the
+        instance, as an LR scheduler wraps it; once there the wrapper stays, and with the bug off it
+        calls the step it wrapped (a scheduler made after it wraps it in turn)."""
+        if optimizer in self._skippable:
+            return
+        self._skippable.add(optimizer)
+        wrapped = optimizer.step
+        driver = self
+
+        @functools.wraps(wrapped)
+        def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if "missing_step" not in driver._bugs:
+                return wrapped(*args, **kwargs)
+            driver.step_started(opt)
+            closure = args[0] if args else kwargs.get("closure")
+            with torch.enable_grad():  # a closure's gradients are computed still, and its loss returned
+                loss = closure() if closure is not None else None
+            driver._skipping = True  # the stage is recorded as a step that changed nothing
+            driver.step_done(opt)
+            return loss
+
+        optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+
     def step_started(self, optimizer: torch.optim.Optimizer) -> None:
         self._close_validation()
         self._trailing = False
+        self._worked = True
         self._step_began = time.perf_counter()
         self._stage_now = Stage.STEP
         params = _params_of(optimizer)
-        self._optimizer_params[id(optimizer)] = {id(p) for p in params}
+        if len(self._optimizer_params.get(id(optimizer), ())) != len(params):
+            self._optimizer_params[id(optimizer)] = {id(p) for p in params}
         self._backward_in_step = False
         if self.probe:
             self._update_meter.before_step(params)
@@ -498,6 +625,9 @@ class ScriptDriver(DriverBase):
             self._saved_lrs = None
         self._steps_in_scaler += 1
         record = StageRecord()
+        if self._skipping:
+            self._skipping = False
+            record.metrics["skipped"] = True
         if id(optimizer) in self._not_cleared:  # stepped before, and no zero_grad since (a closure's included)
             stale = probes.grad_presence(_params_of(optimizer))
             if stale["nonzero"]:
@@ -515,7 +645,8 @@ class ScriptDriver(DriverBase):
             grad_norms = {
                 name: float(p.grad.norm()) if p.grad is not None else None for name, p in self._named_params()
             }
-            named = [(n, p) for n, p in self._named_params() if any(p is q for q in _params_of(optimizer))]
+            names = {id(p): n for n, p in self._named_params()}  # models seen in a forward so far
+            named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(_params_of(optimizer))]
             record.layers = self._update_meter.layers(named, grad_norms)
             ratios = [layer.update_ratio for layer in record.layers if layer.update_ratio is not None]
             if ratios:
@@ -556,6 +687,19 @@ class ScriptDriver(DriverBase):
         if optimizer is not None:
             record.metrics["lr"] = optimizer.param_groups[0].get("lr")
         self._emit(Stage.SCHEDULER, record, started)
+
+    def saved(self, obj: Any, where: Any, call: Callable[[], None]) -> None:
+        """torch.save: the script's checkpoint, with what it wrote and where."""
+        started = time.perf_counter()
+        self._stage_now = Stage.CHECKPOINT
+        call()
+        record = StageRecord()
+        record.metrics["saved"] = True
+        record.metrics["saved_tensors"] = sum(1 for _ in probes.flatten_tensors("saved", obj))
+        if isinstance(where, (str, os.PathLike)):
+            record.metrics["path"] = os.fspath(where)
+        self._close_validation()
+        self._emit(Stage.CHECKPOINT, record, started)
 
     # ----- validation: eval-mode or no-grad forwards, one stage per group --------------------
     def _open_validation(self, module: nn.Module) -> None:
@@ -637,7 +781,7 @@ class ScriptDriver(DriverBase):
         if wait:
             self._emit(Stage.VALIDATE, record, group["started"], code_line=group["code_line"])
         else:  # the script has ended: nothing waits for a turn
-            self._handed.put(self._event(Stage.VALIDATE, record, 0.0, code_line=group["code_line"]))
+            self._pending.append(self._event(Stage.VALIDATE, record, 0.0, code_line=group["code_line"]))
 
     # ----- helpers --------------------------------------------------------------------------
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:

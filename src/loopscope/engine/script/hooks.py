@@ -1,15 +1,18 @@
 """Torch's training calls, intercepted while a script runs.
 
 Where torch has a global hook it is used (optimizer steps, module forwards); elsewhere the call is
-wrapped (zero_grad, backward, clipping, schedulers, DataLoader iterators, functional losses). Each
+wrapped (zero_grad, backward, clipping, schedulers, DataLoader iterators, functional losses,
+torch.save). Each
 interception tells a `Listener` what happened, in the script's own thread: the listener may block
-there (pausing the script). The wrappers read and never write: the script computes what it
+there (pausing the script). Calls from any other thread (loopscope's own sanity checks on copies,
+run while the script is paused) pass straight through. The wrappers read and never write: the script computes what it
 computes without loopscope, bitwise. Everything is undone when the `Interception` closes.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
@@ -41,8 +44,8 @@ class Listener(Protocol):
     def batch_loaded(self, loader: Any, batch: Any) -> None: ...
     def zero_grad(self, owner: Any, call: Callable[[], None]) -> None: ...
     def forward_started(self, module: nn.Module) -> None: ...
-    def forward_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any: ...
-    def loss_computed(self, name: str, output: Any, target: Any, loss: Any) -> None: ...
+    def forward_done(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any: ...
+    def loss_computed(self, name: str, output: Any, target: Any, loss: Any, loss_fn: Any = None) -> None: ...
     def backward(self, tensor: torch.Tensor, call: Callable[[], None]) -> None: ...
     def clipped(self, max_norm: float, total: Any, call_parameters: Any) -> None: ...
     def step_started(self, optimizer: torch.optim.Optimizer) -> None: ...
@@ -51,6 +54,8 @@ class Listener(Protocol):
     def scaled(self, scaler: Any, output: Any) -> None: ...
     def scaler_step(self, scaler: Any, optimizer: Any, call: Callable[[], Any]) -> Any: ...
     def unscaled(self, optimizer: Any, call: Callable[[], None]) -> None: ...
+    def saved(self, obj: Any, where: Any, call: Callable[[], None]) -> None: ...
+    def optimizer_created(self, optimizer: torch.optim.Optimizer) -> None: ...
 
 
 class Interception:
@@ -61,8 +66,14 @@ class Interception:
         self.listener = listener
         self.depth = 0
         self._stack = ExitStack()
+        self._script_thread = threading.get_ident()
+
+    def _elsewhere(self) -> bool:
+        """The call comes from another thread than the script's: not the script's training."""
+        return threading.get_ident() != self._script_thread
 
     def __enter__(self) -> Interception:
+        self._script_thread = threading.get_ident()
         stack = self._stack
         stack.enter_context(_patched(torch.optim.Optimizer, "zero_grad", self._zero_grad))
         stack.enter_context(_patched(nn.Module, "zero_grad", self._zero_grad))
@@ -76,9 +87,11 @@ class Interception:
         stack.enter_context(_patched(torch.amp.GradScaler, "scale", self._scale))
         stack.enter_context(_patched(torch.amp.GradScaler, "step", self._scaler_step))
         stack.enter_context(_patched(torch.amp.GradScaler, "unscale_", self._unscale))
+        stack.enter_context(_patched(torch, "save", self._save))
+        stack.enter_context(_patched(torch.optim.Optimizer, "__init__", self._optimizer_init))
         handles = [
             nn.modules.module.register_module_forward_pre_hook(self._forward_pre),
-            nn.modules.module.register_module_forward_hook(self._forward_post, always_call=True),
+            nn.modules.module.register_module_forward_hook(self._forward_post, with_kwargs=True, always_call=True),
             optimizer_module.register_optimizer_step_pre_hook(self._step_pre),
             optimizer_module.register_optimizer_step_post_hook(self._step_post),
         ]
@@ -91,20 +104,23 @@ class Interception:
 
     # ----- the interceptions ----------------------------------------------------------------
     def _zero_grad(self, original: Callable[..., Any], owner: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.depth:  # a model's own zero_grad of its submodules: part of the outer call
+        if self.depth or self._elsewhere():  # a model's own zero_grad of its submodules: part of the outer call
             return original(owner, *args, **kwargs)
         return _through(functools.partial(self.listener.zero_grad, owner), original, owner, *args, **kwargs)
 
     def _tensor_backward(self, original: Callable[..., Any], tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self._elsewhere():
+            return original(tensor, *args, **kwargs)
         self.listener.backward(tensor, lambda: original(tensor, *args, **kwargs))
 
     def _next_batch(self, original: Callable[..., Any], iterator: Any) -> Any:
         batch = original(iterator)  # StopIteration passes through: the epoch's end
-        self.listener.batch_loaded(iterator, batch)
+        if not self._elsewhere():
+            self.listener.batch_loaded(iterator, batch)
         return batch
 
     def _scheduler_step(self, original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(scheduler, "_step_count", 0) == 0:  # the call its own __init__ makes
+        if getattr(scheduler, "_step_count", 0) == 0 or self._elsewhere():  # 0: the call its own __init__ makes
             return original(scheduler, *args, **kwargs)
         return _through(
             functools.partial(self.listener.scheduler_stepped, scheduler), original, scheduler, *args, **kwargs
@@ -115,46 +131,71 @@ class Interception:
             parameters = [parameters]
         parameters = list(parameters)  # a generator can be read once: the call and the probe share it
         total = original(parameters, max_norm, *args, **kwargs)
-        if not self.depth:
+        if not self.depth and not self._elsewhere():
             self.listener.clipped(max_norm, total, parameters)
         return total
 
     def _functional_loss(self, name: str) -> Callable[..., Any]:
         def loss(original: Callable[..., Any], output: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
             value = original(output, target, *args, **kwargs)
-            if not self.depth:  # inside a loss module (or a model computing its own loss) it is theirs
-                self.listener.loss_computed(name, output, target, value)
+            if (
+                not self.depth and not self._elsewhere()
+            ):  # inside a loss module (or a model computing its own loss) it is theirs
+                # The call as a loss_fn(output, target) the sanity checks can replay (keywords kept).
+                replay = None if args else functools.partial(original, **kwargs)
+                self.listener.loss_computed(name, output, target, value, replay)
             return value
 
         return loss
 
     def _scale(self, original: Callable[..., Any], scaler: Any, outputs: Any) -> Any:
         scaled = original(scaler, outputs)
-        self.listener.scaled(scaler, scaled)
+        if not self._elsewhere():
+            self.listener.scaled(scaler, scaled)
         return scaled
 
     def _scaler_step(self, original: Callable[..., Any], scaler: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._elsewhere():
+            return original(scaler, optimizer, *args, **kwargs)
         return self.listener.scaler_step(scaler, optimizer, lambda: original(scaler, optimizer, *args, **kwargs))
 
     def _unscale(self, original: Callable[..., Any], scaler: Any, optimizer: Any) -> Any:
+        if self._elsewhere():
+            return original(scaler, optimizer)
         return _through(functools.partial(self.listener.unscaled, optimizer), original, scaler, optimizer)
 
+    def _optimizer_init(self, original: Callable[..., Any], optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        original(optimizer, *args, **kwargs)
+        if not self._elsewhere():
+            self.listener.optimizer_created(optimizer)
+
+    def _save(self, original: Callable[..., Any], obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.depth or self._elsewhere():
+            return original(obj, f, *args, **kwargs)
+        return _through(functools.partial(self.listener.saved, obj, f), original, obj, f, *args, **kwargs)
+
     def _forward_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._elsewhere():
+            return
         if self.depth == 0:
             self.listener.forward_started(module)
         self.depth += 1
 
-    def _forward_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def _forward_post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if self._elsewhere():
+            return None
         self.depth = max(0, self.depth - 1)
         if self.depth == 0 and output is not None:
-            return self.listener.forward_done(module, args, output)  # None keeps the output
+            return self.listener.forward_done(module, args, kwargs, output)  # None keeps the output
         return None
 
     def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.listener.step_started(optimizer)
+        if not self._elsewhere():
+            self.listener.step_started(optimizer)
 
     def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.listener.step_done(optimizer)
+        if not self._elsewhere():
+            self.listener.step_done(optimizer)
 
 
 @contextmanager
