@@ -98,6 +98,10 @@ def test_torch_save_is_a_checkpoint_stage_at_its_line_and_the_script_keeps_the_m
     stages = [r["stage"] for r in records]
     assert stages.index("checkpoint") == stages.index("validate") + 1  # validated, then saved
     assert "early stop after epoch 4" in err
+    # ReduceLROnPlateau steps its own way (step(metrics)): still a scheduler stage, at its line.
+    plateau = [r for r in records if r["stage"] == "scheduler"]
+    assert {r["code_line"]["text"] for r in plateau} == {"plateau.step(val_loss)"} and len(plateau) == 5
+    assert [(r["metrics"]["lr_before"], r["metrics"]["lr"]) for r in plateau][1:3] == [(0.01, 0.01), (0.01, 0.005)]
 
 
 def test_arguments_after_the_double_dash_are_the_scripts(capsys):

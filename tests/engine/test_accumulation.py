@@ -11,7 +11,7 @@ import torch
 from loopscope.engine.checks import run_checks
 from loopscope.engine.experiment import load_experiment, seed_everything
 from loopscope.engine.stepper import Stepper
-from loopscope.ui.loopcode import render_loop
+from loopscope.shared.loopcode import render_loop
 from tests.fixtures import third_party_models
 
 K = 4

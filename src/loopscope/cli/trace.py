@@ -6,6 +6,7 @@ import json
 from typing import TextIO
 
 from loopscope.shared.events import StageEvent, TensorStat
+from loopscope.shared.loopcode import LOOP_FILE
 
 TABLE_HEADER = f"{'iter':>6} {'epoch':>5}  {'stage':<11} {'ms':>7}  what happened"
 
@@ -42,7 +43,7 @@ def describe(event: StageEvent) -> str:
         of = f"/{m['micro_batches']}" if "micro_batches" in m else ""
         text = f"[micro-batch {m['micro_batch']}{of}] " + text
     line = event.code_line
-    if isinstance(line, dict) and "file" in line:  # script mode: the script's own line
+    if isinstance(line, dict) and "file" in line and line["file"] != LOOP_FILE:  # a script's own line
         text += f"  [{line['file']}:{line['line']}]"
     return text
 

@@ -38,6 +38,7 @@ from loopscope.shared.bugs import applicable
 from loopscope.shared.errors import UserError
 from loopscope.shared.events import StageEvent
 from loopscope.shared.history import History
+from loopscope.shared.loopcode import stage_lines
 from loopscope.shared.protocol import SessionInfo
 from loopscope.shared.vocab import Stage
 
@@ -82,6 +83,7 @@ class Stepper(DriverBase):
         self.twin_enabled = twin
         for bug_id in bugs:
             self.set_bug(bug_id, True)
+        self._stage_lines: dict[Stage, dict[str, object]] | None = None  # code_line per stage (clean loop)
         self.recorder = EventRecorder(
             self.device, self.history, self._diagnostics() if diagnose else None, on_event, sync_cuda
         )
@@ -512,6 +514,10 @@ class Stepper(DriverBase):
             error = explain(exc, module=self.body.failing_module, stage=stage)
             self.body.failing_module = None
             self.state.halt(error)
+        if self._stage_lines is None:
+            info = self.info()
+            self._stage_lines = stage_lines(info.options, (*info.iteration_stages, *info.epoch_end_stages))
+        line = self._stage_lines.get(stage)
         return self.recorder.emit(
             stage,
             record,
@@ -520,4 +526,5 @@ class Stepper(DriverBase):
             bugs=self.active_bugs if bugs is None else bugs,
             duration_ms=duration_ms,
             error=error,
+            code_line=dict(line) if line is not None else None,
         )

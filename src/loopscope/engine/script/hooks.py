@@ -65,6 +65,7 @@ class Interception:
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.depth = 0
+        self._in_scheduler = False
         self._stack = ExitStack()
         self._script_thread = threading.get_ident()
 
@@ -79,7 +80,8 @@ class Interception:
         stack.enter_context(_patched(nn.Module, "zero_grad", self._zero_grad))
         stack.enter_context(_patched(torch.Tensor, "backward", self._tensor_backward))
         stack.enter_context(_patched(dataloader._BaseDataLoaderIter, "__next__", self._next_batch))
-        stack.enter_context(_patched(LRScheduler, "step", self._scheduler_step))
+        for scheduler_class in _own_steps(LRScheduler):  # ReduceLROnPlateau, SequentialLR, ... step their own way
+            stack.enter_context(_patched(scheduler_class, "step", self._scheduler_step))
         for module in (torch.nn.utils, torch.nn.utils.clip_grad):
             stack.enter_context(_patched(module, "clip_grad_norm_", self._clip))
         for name in FUNCTIONAL_LOSSES:
@@ -120,11 +122,17 @@ class Interception:
         return batch
 
     def _scheduler_step(self, original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(scheduler, "_step_count", 0) == 0 or self._elsewhere():  # 0: the call its own __init__ makes
+        # _step_count 0: the call its own __init__ makes; a scheduler inside another (SequentialLR's):
+        # part of the outer one's stage.
+        if getattr(scheduler, "_step_count", None) == 0 or self._elsewhere() or self._in_scheduler:
             return original(scheduler, *args, **kwargs)
-        return _through(
-            functools.partial(self.listener.scheduler_stepped, scheduler), original, scheduler, *args, **kwargs
-        )
+        self._in_scheduler = True
+        try:
+            return _through(
+                functools.partial(self.listener.scheduler_stepped, scheduler), original, scheduler, *args, **kwargs
+            )
+        finally:
+            self._in_scheduler = False
 
     def _clip(self, original: Callable[..., Any], parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
         if isinstance(parameters, torch.Tensor):
@@ -196,6 +204,18 @@ class Interception:
     def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._elsewhere():
             self.listener.step_done(optimizer)
+
+
+def _own_steps(base: type) -> list[type]:
+    """`base` and every subclass of it that defines its own `step`."""
+    found: list[type] = [base]
+    pending: list[type] = list(base.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if "step" in cls.__dict__:
+            found.append(cls)
+    return found
 
 
 @contextmanager

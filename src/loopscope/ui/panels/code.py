@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.syntax import Syntax
 from rich.text import Text
 
+from loopscope.shared.loopcode import render_loop
 from loopscope.shared.vocab import Change
-from loopscope.ui.loopcode import render_loop
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.panels.base import TextPanel
 

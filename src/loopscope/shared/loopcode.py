@@ -1,7 +1,8 @@
 """The training loop as a person writes it, line by line, with active bugs shown as a diff.
 
-Torch-free: the code panel renders this. Each line knows the stage it belongs to, so the panel
-can highlight the line of the stage just run.
+Torch-free: the code panel renders this, and factory mode's trace records each stage's line of the
+clean loop as its `code_line`. Each line knows the stage it belongs to, so the panel can highlight
+the line of the stage just run.
 """
 
 from __future__ import annotations
@@ -95,6 +96,22 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
 CANONICAL_ORDER: tuple[Stage, ...] = ITERATION_STAGES
 # With gradient accumulation these run once every K micro-batches, inside `if (i + 1) % K == 0:`.
 _AFTER_ACCUMULATION = (Stage.UNSCALE, Stage.CLIP_GRAD, Stage.STEP, Stage.SCHEDULER)
+
+
+LOOP_FILE = "<loopscope loop>"  # factory mode's code_line file: the loop loopscope writes
+
+
+def stage_lines(options: Mapping[str, object], stages: Sequence[Stage]) -> dict[Stage, dict[str, object]]:
+    """Each stage's line in the clean loop (the code panel without bugs), as a trace's code_line
+    `{file, line, text}`: the stage's first statement, not the `if`/`with` that opens its block."""
+    clean_order = sorted(stages, key=lambda s: CANONICAL_ORDER.index(s) if s in CANONICAL_ORDER else 99)
+    found: dict[Stage, dict[str, object]] = {}
+    for number, line in enumerate(loop_lines(options, [s for s in clean_order if s in CANONICAL_ORDER]), 1):
+        text = line.text.strip()
+        if line.stage is None or line.stage in found or text.startswith(("if ", "with ")):
+            continue
+        found[line.stage] = {"file": LOOP_FILE, "line": number, "text": text}
+    return found
 
 
 def _code(text: str) -> str:
