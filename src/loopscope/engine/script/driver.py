@@ -349,7 +349,8 @@ class ScriptDriver(DriverBase):
             bugs=self.active_bugs,
             duration_ms=duration_ms,
             error=error,
-            code_line=code_line or self._code_line(),
+            # Running, an unprobed iteration's events are not shown: their lines are not looked up.
+            code_line=code_line or (self._code_line() if self.probe or not self._whole_iterations else None),
         )
 
     def _code_line(self) -> dict[str, Any] | None:
