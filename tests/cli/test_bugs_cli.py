@@ -86,3 +86,13 @@ def test_bugs_for_a_target_says_which_apply_and_what_the_others_need(fixtures, c
     rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
     assert rows["double_softmax"]["applies"] and rows["target_shape_broadcast"]["missing"]
     assert main(["bugs", "--for", "nosuch.py"]) == 2
+
+
+@pytest.mark.parametrize(("argv", "meant"), [(["bug", "skip_zero_grad"], "bugs"), (["trac", "blobs"], "trace")])
+def test_a_misspelt_command_is_named_with_the_one_meant(capsys, argv, meant):
+    from loopscope.cli.main import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == 2
+    assert f"unknown command {argv[0]!r}; did you mean `loopscope {meant}`?" in capsys.readouterr().err

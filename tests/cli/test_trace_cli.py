@@ -128,7 +128,7 @@ def test_bad_targets_are_one_line_and_exit_2(name, tmp_path, capsys):
         (["trace", "blobs", "--format", "xml"], "invalid choice"),
         (["trace", "blobs", "--seed", "-3"], "must be between 0"),
         (["frobnicate"], "unknown target 'frobnicate'"),
-        (["trase"], "did you mean trace?"),
+        (["trase"], "did you mean `loopscope trace`?"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args, expected, capsys):

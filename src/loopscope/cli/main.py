@@ -237,6 +237,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         at = argv.index("--")
         argv, script_args = argv[:at], argv[at + 1 :]
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        _refuse_a_misspelt_command(argv[0] if argv else None)
         argv = ["run", *argv]  # `loopscope spirals --bug X` means `loopscope run spirals --bug X`
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -246,6 +247,23 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         raise SystemExit(EXIT_USAGE)
     args.script_args = script_args
     return args
+
+
+def _refuse_a_misspelt_command(word: str | None) -> None:
+    """`loopscope bug X` is a typo for `loopscope bugs X`, not a target named "bug" to run."""
+    import difflib
+
+    if word is None or word.startswith("-") or word in SCENARIOS or any(c in word for c in "./:"):
+        return
+    if os.path.exists(word):
+        return
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    if close:
+        sys.stderr.write(
+            f"loopscope: unknown command {word!r}; did you mean `loopscope {close[0]}`? "
+            "(loopscope --help lists the commands)\n"
+        )
+        raise SystemExit(EXIT_USAGE)
 
 
 class _Terminated(BaseException):
