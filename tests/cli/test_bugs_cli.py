@@ -96,3 +96,12 @@ def test_a_misspelt_command_is_named_with_the_one_meant(capsys, argv, meant):
         main(argv)
     assert ended.value.code == 2
     assert f"unknown command {argv[0]!r}; did you mean `loopscope {meant}`?" in capsys.readouterr().err
+
+
+def test_run_and_demo_take_a_folder_for_screenshots():
+    from loopscope.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run", "blobs"]).svg_dir == "loopscope-shots"
+    assert parser.parse_args(["run", "blobs", "--svg-dir", "/tmp/shots"]).svg_dir == "/tmp/shots"
+    assert parser.parse_args(["demo", "demos/01.toml", "--svg-dir", "slides"]).svg_dir == "slides"

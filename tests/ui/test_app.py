@@ -214,16 +214,30 @@ async def test_p_switches_the_plot_to_a_picture_of_the_model():
         assert app.query_one("#plot").display
 
 
-async def test_s_saves_the_screen_as_svg(tmp_path, monkeypatch):
+async def test_s_saves_the_screen_as_svg_in_its_own_folder_and_says_where(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = make_app("blobs")
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await pilot.press("s")
-        await pilot.pause(0.2)
-        saved = list(tmp_path.glob("loopscope-*.svg"))
+        await wait_until(pilot, lambda: list(tmp_path.glob("loopscope-shots/loopscope-*.svg")))
+        saved = list(tmp_path.glob("loopscope-shots/loopscope-*.svg"))
         assert len(saved) == 1 and "<svg" in saved[0].read_text()[:500]
-        await expect_text(pilot, "#status", "saved")
+        assert not list(tmp_path.glob("*.svg"))  # nothing lands in the folder the app was started from
+        assert app.model.notice == f"saved {saved[0]}"  # the absolute path, to find it from anywhere
+
+
+async def test_s_into_a_folder_that_cannot_be_made_says_so_and_the_app_goes_on(tmp_path):
+    from loopscope.shared.protocol import SessionSpec
+    from loopscope.ui.app import LoopscopeApp
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    app = LoopscopeApp(SessionSpec("blobs", "cpu"), in_process=True, svg_dir=str(blocked / "shots"))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "s", lambda: "could not save the screen" in (app.model.notice or ""))
+        await press_and_wait(pilot, "space", lambda: state(app).iteration == 1)
 
 
 async def test_b_steps_back_and_the_replay_shows_the_same_values():

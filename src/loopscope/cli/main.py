@@ -66,6 +66,15 @@ def _bug_id(text: str) -> str:
     return text
 
 
+def _add_svg_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--svg-dir",
+        default="loopscope-shots",
+        metavar="DIR",
+        help="where s saves the screen as SVG (default: ./loopscope-shots, created when first needed)",
+    )
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", default=DEFAULT_SCENARIO, help=TARGET_HELP)
     parser.add_argument(
@@ -123,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Keys: space stage, n iteration, e epoch, r run/pause, +/- speed, t twin, c checks, ? help, q quit.",
     )
     _add_run_arguments(run_parser)
+    _add_svg_dir(run_parser)
     run_parser.add_argument(
         "--history",
         type=_non_negative_int,
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("file", help="a demo TOML file, e.g. demos/02_forgetting_zero_grad.toml")
     demo.add_argument("--check", action="store_true", help="only validate the file (exit 0 if it is playable)")
     demo.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
+    _add_svg_dir(demo)
 
     serve = commands.add_parser(
         "serve",
@@ -378,7 +389,7 @@ def _run_app(args: argparse.Namespace) -> int:
         script_args=tuple(args.script_args),
         seed_given=args.seed is not None or not script,
     )
-    app = LoopscopeApp(spec)
+    app = LoopscopeApp(spec, svg_dir=args.svg_dir)
     # SIGTERM quits like `q`: Textual restores the terminal and the engine process is stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
     app.run()
@@ -404,7 +415,8 @@ def _demo(args: argparse.Namespace) -> int:
     from loopscope.shared.protocol import SessionSpec
     from loopscope.ui.app import LoopscopeApp
 
-    app = LoopscopeApp(SessionSpec(demo.target, args.device, demo.seed, demo.bugs, demo.twin), demo=demo)
+    spec = SessionSpec(demo.target, args.device, demo.seed, demo.bugs, demo.twin)
+    app = LoopscopeApp(spec, demo=demo, svg_dir=args.svg_dir)
     signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
     app.run()
     return EXIT_OK

@@ -67,6 +67,9 @@ class EngineMessage(Message):
         self.payload = payload
 
 
+SVG_DIR = "loopscope-shots"  # where `s` saves the screen, created on first use (--svg-dir)
+
+
 class LoopscopeApp(App[None]):
     """Step through a real training loop."""
 
@@ -100,9 +103,12 @@ class LoopscopeApp(App[None]):
         *(Binding(str(n), f"demo_choose({n - 1})", show=False, priority=True) for n in range(1, 5)),
     ]
 
-    def __init__(self, spec: SessionSpec, in_process: bool = False, demo: Demo | None = None) -> None:
+    def __init__(
+        self, spec: SessionSpec, in_process: bool = False, demo: Demo | None = None, svg_dir: str = SVG_DIR
+    ) -> None:
         super().__init__()
         self.spec = spec
+        self.svg_dir = svg_dir
         self.in_process = in_process
         self.demo = DemoController(demo, self.send) if demo is not None else None
         self.showing_picture = False
@@ -458,8 +464,14 @@ class LoopscopeApp(App[None]):
 
     def action_save_svg(self) -> None:
         """The screen as an SVG, for slides."""
-        path = self.save_screenshot(path=".", filename=f"loopscope-{time.strftime('%Y%m%d-%H%M%S')}.svg")
-        self.model.notice = f"saved {path}"
+        folder = Path(self.svg_dir).expanduser().resolve()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = self.save_screenshot(path=str(folder), filename=f"loopscope-{time.strftime('%Y%m%d-%H%M%S')}.svg")
+        except OSError as exc:  # a folder that cannot be written: say so, the app goes on
+            self.model.notice = f"could not save the screen in {folder}: {exc.strerror or exc}"
+        else:
+            self.model.notice = f"saved {path}"
         self.model.version += 1
 
     def action_restart_engine(self) -> None:
