@@ -27,6 +27,26 @@ def test_at_least_six_valid_demos_two_with_questions(capsys):
     assert len(with_questions) >= 2
 
 
+def test_demo_list_names_every_shipped_demo_and_a_name_or_number_plays_it(capsys):
+    import tomllib
+
+    assert main(["demo", "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == [path.stem for path in DEMOS]
+    assert "Forgetting optimizer.zero_grad() (scenario blobs, 7 steps)" in listed[1]
+    for name in ("02_forgetting_zero_grad", "forgetting_zero_grad", "2", "02"):
+        assert main(["demo", name, "--check"]) == 0, name
+    assert capsys.readouterr().out.count("'Forgetting optimizer.zero_grad()'") == 4
+    assert main(["demo"]) == 2  # no demo named: the list, on stderr, says what there is
+    assert "which demo?" in capsys.readouterr().err
+    assert main(["demo", "forgeting", "--check"]) == 2
+    assert "no demo named 'forgeting'; `loopscope demo --list` lists them" in capsys.readouterr().err
+    # The wheel carries them: pyproject puts demos/ into the package (checked in an installed wheel
+    # by hand: shipped_demos() finds site-packages/loopscope/demos first).
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"] == {"demos": "loopscope/demos"}
+
+
 BAD = {
     "no title": ('scenario = "blobs"\n[[step]]\ndo = "stage"\nsay = "x"\n', ":1: the demo needs a title"),
     "bad toml": ('title = "x"\nscenario = blobs\n', ":2: not valid TOML"),

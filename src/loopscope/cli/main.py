@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from loopscope import __version__
 from loopscope.cli.codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
@@ -194,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Play a scripted demo: right arrow or space runs the next step, left arrow goes back, "
         "escape leaves the script to explore freely.",
     )
-    demo.add_argument("file", help="a demo TOML file, e.g. demos/02_forgetting_zero_grad.toml")
+    demo.add_argument(
+        "file",
+        nargs="?",
+        help="a demo TOML file, or a shipped demo's name or number (02_forgetting_zero_grad, forgetting_zero_grad, 2)",
+    )
+    demo.add_argument("--list", action="store_true", help="list the demos that come with loopscope")
     demo.add_argument("--check", action="store_true", help="only validate the file (exit 0 if it is playable)")
     demo.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
     _add_svg_dir(demo)
@@ -399,8 +404,27 @@ def _run_app(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _list_demos(out: TextIO) -> None:
+    from loopscope.shared.demo import DemoError, load_demo, shipped_demos
+
+    for name, path in shipped_demos().items():
+        try:
+            demo = load_demo(path)
+            out.write(f"{name:<34} {demo.title} (scenario {demo.target}, {len(demo.steps)} steps)\n")
+        except DemoError as exc:
+            out.write(f"{name:<34} cannot be played: {exc}\n")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from loopscope.shared.demo import DemoError, load_demo
+
+    if args.list:
+        _list_demos(sys.stdout)
+        return EXIT_OK
+    if args.file is None:
+        sys.stderr.write("loopscope demo: which demo? `loopscope demo NAME` plays one of these:\n")
+        _list_demos(sys.stderr)
+        return EXIT_USAGE
 
     try:
         demo = load_demo(args.file)

@@ -62,9 +62,39 @@ class Demo:
     description: str = ""
 
 
+def shipped_demos() -> dict[str, Path]:
+    """The demos that come with loopscope, by name (`02_forgetting_zero_grad`): inside the package
+    when installed from a wheel, the repository's demos/ folder in a checkout."""
+    import importlib.resources
+
+    for folder in (
+        Path(str(importlib.resources.files("loopscope"))) / "demos",
+        Path(__file__).resolve().parents[3] / "demos",
+    ):
+        if folder.is_dir():
+            return {path.stem: path for path in sorted(folder.glob("*.toml"))}
+    return {}
+
+
+def find_demo(name: str) -> Path:
+    """A demo file by path, by name (`02_forgetting_zero_grad`), by its name without the number
+    (`forgetting_zero_grad`) or by its number (`02`, `2`)."""
+    if Path(name).is_file():
+        return Path(name)
+    demos = shipped_demos()
+    for stem, path in demos.items():
+        number, _, rest = stem.partition("_")
+        if name in (stem, rest) or (name.isdigit() and number.isdigit() and int(name) == int(number)):
+            return path
+    if name.endswith(".toml") or "/" in name:
+        raise DemoError(f"no such demo file: {name}")
+    raise DemoError(f"no demo named {name!r}; `loopscope demo --list` lists them ({', '.join(demos) or 'none found'})")
+
+
 def load_demo(path: str | Path) -> Demo:
-    """Parse and check a demo file; every problem is a DemoError naming the file and line."""
-    path = Path(path)
+    """Parse and check a demo file (or a shipped demo's name); every problem is a DemoError naming
+    the file and line."""
+    path = find_demo(str(path))
     if not path.is_file():
         raise DemoError(f"no such demo file: {path}")
     text = path.read_text(encoding="utf-8")
