@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -37,17 +37,22 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def map_tensors(value: Any, change: Callable[[torch.Tensor], Any]) -> Any:
+    """`value` with `change` applied to every tensor inside it (tuples, lists and mappings rebuilt)."""
+    if isinstance(value, torch.Tensor):
+        return change(value)
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, change) for v in value)
+    if isinstance(value, list):
+        return [map_tensors(v, change) for v in value]
+    if isinstance(value, Mapping):
+        return {k: map_tensors(v, change) for k, v in value.items()}
+    return value
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     """Move every tensor inside `value` to `device` (a no-op for tensors already there)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    if isinstance(value, Mapping):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda tensor: tensor.to(device))
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

@@ -190,12 +190,18 @@ class DriverBase:
         """
         target = None if iterations is None else self.state.completed_iterations + iterations
         produced = 0
-        while not self.state.finished and self.state.halted is None:
-            if target is not None and self.state.completed_iterations >= target and self.at_boundary:
-                break
-            if should_stop is not None and should_stop():
-                break
-            if self.step_stage() is None:
-                break
-            produced += 1
+        with self._warnings_recorded():
+            while not self.state.finished and self.state.halted is None:
+                if target is not None and self.state.completed_iterations >= target and self.at_boundary:
+                    break
+                if should_stop is not None and should_stop():
+                    break
+                advanced = self._advance()
+                if not advanced:
+                    break
+                produced += advanced
         return produced
+
+    def _advance(self) -> int:
+        """Move the loop on by the smallest step `run` takes (a stage here); returns the events it made."""
+        return 0 if self.step_stage() is None else 1

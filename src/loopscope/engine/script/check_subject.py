@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loopscope.engine.batches import map_tensors
 from loopscope.engine.copies import copy_model_and_optimizer
 from loopscope.shared.errors import UserError
 
@@ -39,7 +40,10 @@ class CheckMaterial:
             return
         _, args, kwargs = forward
         if loss_fn is OWN_LOSS:
-            batch = _detached(dict(kwargs) if kwargs and not args else tuple(args[:2]) if len(args) >= 2 else None)
+            batch = map_tensors(
+                dict(kwargs) if kwargs and not args else tuple(args[:2]) if len(args) >= 2 else None,
+                torch.Tensor.detach,
+            )
             if batch is None:
                 self.why_not = "the model computes its own loss from inputs loopscope cannot replay"
                 return
@@ -51,7 +55,7 @@ class CheckMaterial:
             self.why_not = "the model takes more than one input tensor: its calls cannot be replayed"
             return
         else:
-            batch = _detached((args[0], target))
+            batch = map_tensors((args[0], target), torch.Tensor.detach)
             self.loss_fn = loss_fn
         self.batches.append(batch)
         self.why_not = None
@@ -91,13 +95,3 @@ class CheckMaterial:
         stepper = Stepper(experiment, parameter.device, probe=False, diagnose=False, bugs=bugs)
         stepper.state.completed_iterations = completed_iterations  # the initial-loss check asks
         return stepper
-
-
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value

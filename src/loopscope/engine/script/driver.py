@@ -1,6 +1,6 @@
-"""The script driver: runs the user's training script as `__main__`, unmodified, on the main
-thread where it is lent (`main_thread`), and turns what torch's hooks report (`script.hooks`) into the same StageEvents the
-factory driver makes.
+"""The script driver: runs the user's training script as `__main__`, unmodified (on the main
+thread where `main_thread` lends it), and turns what torch's hooks report (`script.hooks`) into
+the same StageEvents the factory driver makes.
 
 The two threads take turns: `step_stage()` lets the script run to its next training stage and
 waits; the stage's hook records the event, hands it over and waits for the next turn. Only one of
@@ -199,10 +199,10 @@ class ScriptDriver(DriverBase):
     def check_subject(self) -> Any:
         """A stepper over copies of the script's model and optimizer, fed the batches it trained on
         last: what the sanity checks try things on. Raises UserError saying why there is none."""
-        optimizers = [ref() for ref in (self._first_optimizer,) if ref is not None] or list(self._optimizers)
+        first = self._first_optimizer() if self._first_optimizer is not None else None
         return self._check_material.subject(
             self._models,
-            [o for o in optimizers if o is not None],
+            [first] if first is not None else list(self._optimizers),
             len(self._optimizers),
             self.completed_iterations,
             [b for b in self.active_bugs if b in CHECKABLE_BUGS],
@@ -241,21 +241,9 @@ class ScriptDriver(DriverBase):
                     break
         return events
 
-    def run(self, iterations: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
-        """As DriverBase.run, an iteration a turn."""
-        target = None if iterations is None else self.state.completed_iterations + iterations
-        produced = 0
-        with self._warnings_recorded():
-            while not self.state.finished and self.state.halted is None:
-                if target is not None and self.state.completed_iterations >= target and self.at_boundary:
-                    break
-                if should_stop is not None and should_stop():
-                    break
-                taken = self._take_turn(whole_iterations=True)
-                if not taken:
-                    break
-                produced += len(taken)
-        return produced
+    def _advance(self) -> int:
+        """`run` goes an iteration a turn."""
+        return len(self.run_iteration())
 
     def close(self) -> None:
         """End the script if it is still waiting at a stage (a trace of its first N iterations)."""
