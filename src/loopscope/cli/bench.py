@@ -93,17 +93,20 @@ def compare(
     # As the app runs it: snapshots for stepping back, full statistics on the schedule.
     stepper = Stepper(experiment, dev, keep_snapshots=DEFAULT_HISTORY)
     stepper.sync_cuda = False  # as the app's engine runs: no GPU sync per stage
+    stepper.quiet = True  # and its unprobed iterations make no events but the loss's
     clock = RunClock()
     stepper.rewinder.clock = clock
     schedule = ProbeSchedule()
     plain = PlainLoop(experiment, dev)
-    for _ in range(10):  # warm up
-        clock.stop_while(plain.step)
-        _stepper_iteration(stepper, schedule, clock)
     plain_times, our_times = [], []
-    for _ in range(iterations):
-        plain_times.append(clock.stop_while(plain.step))
-        our_times.append(_stepper_iteration(stepper, schedule, clock))
+    # As the app's engine does, one recorder of warnings serves many iterations.
+    with stepper.recording_warnings():
+        for _ in range(10):  # warm up
+            clock.stop_while(plain.step)
+            _stepper_iteration(stepper, schedule, clock)
+        for _ in range(iterations):
+            plain_times.append(clock.stop_while(plain.step))
+            our_times.append(_stepper_iteration(stepper, schedule, clock))
     rounds = max(1, min(rounds, iterations))
     size = iterations // rounds
     chunks = [
@@ -150,6 +153,7 @@ def script_compare(iterations: int = 300, rounds: int = 6) -> dict[str, Any]:
 
     def under_loopscope(argv: list[str]) -> None:
         driver = ScriptDriver(path, argv[1:])
+        driver.quiet = True  # as the app's engine runs it: unprobed iterations make no events but the loss's
         schedule = ProbeSchedule()
 
         def drive() -> None:
@@ -157,8 +161,7 @@ def script_compare(iterations: int = 300, rounds: int = 6) -> dict[str, Any]:
                 while not driver.finished and driver.halted is None:
                     started = time.perf_counter()
                     driver.probe = schedule.should_probe(started)
-                    if not driver.run_iteration():
-                        break
+                    driver.run_iteration()  # quiet: its events are held, so the list may be empty
                     schedule.record(driver.probe, started, time.perf_counter() - started)
             finally:
                 driver.close()
@@ -325,8 +328,10 @@ def run(
     plot = {str(n): round(plot_render_ms(n), 2) for n in (1_000, 100_000, 1_000_000)}
     progress("memory of a 1e6-iteration history")
     memory = round(history_memory_mb(), 2)
-    progress("throughput inside the app (engine process, live plot) vs the plain loop, taking turns")
-    app = app_throughput(seconds=6.0 if quick else 16.0, rounds=4 if quick else 8, device=device)
+    apps = {}
+    for name in APP_MODELS:
+        progress(f"throughput inside the app on {name} (engine process, live plot) vs the plain loop, taking turns")
+        apps[name] = app_throughput(name, seconds=6.0 if quick else 16.0, rounds=4 if quick else 8, device=device)
     return {
         "device": device,
         "quick": quick,
@@ -334,13 +339,18 @@ def run(
         "script": script,
         "plot_render_ms": plot,
         "history_memory_mb": memory,
-        "app": {k: app[k] for k in ("plain_its", "app_its", "ratio", "rounds")},
-        "first_frame_ms": app["first_frame_ms"],
+        "app": {name: {k: app[k] for k in ("plain_its", "app_its", "ratio", "rounds")} for name, app in apps.items()},
+        "first_frame_ms": apps[APP_MODELS[0]]["first_frame_ms"],
     }
 
 
-TARGETS = {"wide_mlp": 1.10, "cnn": 1.10}  # stepper/plain, from the issue; the tiny MLP has none
+APP_MODELS = (
+    "mlp",
+    "wide_mlp",
+)  # a small model (under 1 ms an iteration here), where bookkeeping shows, and a wide one
+TARGETS = {"mlp": 1.05, "wide_mlp": 1.05, "cnn": 1.05}  # stepper/plain in run mode
 SCRIPT_TARGET = 1.10  # script mode / python script.py on the wide MLP
+APP_TARGET = 0.90  # iterations a second inside the app / the plain loop's
 
 
 def _verdict(ok: bool) -> str:
@@ -358,8 +368,8 @@ def print_table(result: dict[str, Any]) -> None:
     )
     print(f"{'model':<10} {'batch':>6} {'plain ms/it':>12} {'stepper ms/it':>14} {'ratio':>7}  target")
     for row in result["models"]:
-        target = TARGETS.get(row["name"])
-        judged = f"<= {target:.2f} {_verdict(row['ratio'] <= target)}" if target else "-"
+        target = TARGETS[row["name"]]
+        judged = f"<= {target:.2f} {_verdict(row['ratio'] <= target)}"
         print(
             f"{row['name']:<10} {row['batch']:>6} {row['plain_ms']:>12.3f} {row['stepper_ms']:>14.3f} "
             f"{row['ratio']:>7.3f}  {judged}"
@@ -380,12 +390,13 @@ def print_table(result: dict[str, Any]) -> None:
         f"history of 1e6 iterations: {result['history_memory_mb']:.2f} MB  "
         f"(target < 50 MB: {_verdict(result['history_memory_mb'] < 50)})"
     )
-    app = result["app"]
-    print(
-        f"in the app (wide_mlp, engine process, live plot): {app['ratio']:.2f}x the plain loop's rate, the median "
-        f"of {len(app['rounds'])} rounds ({', '.join(f'{r:.2f}' for r in app['rounds'])}; about {app['app_its']:.0f} "
-        f"vs {app['plain_its']:.0f} it/s)  (target >= 0.90x: {_verdict(app['ratio'] >= 0.9)})"
-    )
+    for name, app in result["app"].items():
+        print(
+            f"in the app ({name}, engine process, live plot): {app['ratio']:.2f}x the plain loop's rate, the median "
+            f"of {len(app['rounds'])} rounds ({', '.join(f'{r:.2f}' for r in app['rounds'])}; about "
+            f"{app['app_its']:.0f} vs {app['plain_its']:.0f} it/s)  "
+            f"(target >= {APP_TARGET:.2f}x: {_verdict(app['ratio'] >= APP_TARGET)})"
+        )
     print(
         f"first frame of the app: {result['first_frame_ms']:.0f} ms  "
         f"(target < 500 ms: {_verdict(result['first_frame_ms'] < 500)})"

@@ -1,11 +1,12 @@
 """The diagnostics quality matrix: does every bug get named, and does a clean run stay quiet?
 
-    python -m loopscope.devtools.quality [--budget 200] [--clean-iterations 1000] [--json]
+    python -m loopscope.devtools.quality [--budget 200] [--clean-iterations 1000] [--probe-every K] [--json]
 
 Recall: each bug, on each scenario it applies to, runs from the start for at most `budget`
 iterations; it counts as caught when a finding names it among its suspects, or a stage raises an
 error explained at that stage. False alarms: each scenario runs clean for `clean-iterations`
-iterations; any warning or error finding is a false alarm.
+iterations; any warning or error finding is a false alarm. With `--probe-every K` the runs go as the
+app's run mode goes: whole quiet iterations, full statistics on every K-th only.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
+
+from loopscope.shared.events import StageEvent
 
 
 @dataclass
@@ -28,14 +31,32 @@ class RecallRow:
     how: str
 
 
-def recall_run(bug: str, scenario: str, budget: int, seed: int = 0) -> RecallRow:
+def _events(stepper: Any, probe_every: int | None) -> Iterator[StageEvent]:
+    """Every event of the run, in order: stage by stage, fully probed (`probe_every` None), or as the
+    app runs (whole iterations, `quiet`, statistics only on every `probe_every`-th iteration; the
+    losses of the others handed on in batches, as the app's engine hands them on per frame)."""
+    if probe_every is None:
+        while (event := stepper.step_stage()) is not None:
+            yield event
+        return
+    stepper.quiet = True
+    caught_up: list[StageEvent] = []
+    stepper.on_event = caught_up.append
+    while not stepper.finished and stepper.halted is None:
+        stepper.probe = stepper.completed_iterations % probe_every == 0
+        stepper.run_iteration()
+        stepper.catch_up()
+        yield from caught_up
+        caught_up.clear()
+
+
+def recall_run(bug: str, scenario: str, budget: int, seed: int = 0, probe_every: int | None = None) -> RecallRow:
     from loopscope.engine.experiment import load_experiment
     from loopscope.engine.stepper import Stepper
 
     stepper = Stepper(load_experiment(scenario, seed), bugs=[bug])
-    while stepper.completed_iterations < budget and not stepper.finished:
-        event = stepper.step_stage()
-        if event is None:
+    for event in _events(stepper, probe_every):
+        if stepper.completed_iterations > budget:
             break
         for finding in event.diagnostics:
             if bug in finding.suspects:
@@ -52,7 +73,9 @@ def recall_run(bug: str, scenario: str, budget: int, seed: int = 0) -> RecallRow
     return RecallRow(bug, scenario, False, None, None, "not named within the budget")
 
 
-def clean_run(scenario: str, iterations: int, seed: int = 0) -> list[tuple[int, str, str, str]]:
+def clean_run(
+    scenario: str, iterations: int, seed: int = 0, probe_every: int | None = None
+) -> list[tuple[int, str, str, str]]:
     """(iteration, severity, id, message) of every warning/error finding in a clean run."""
     from loopscope.engine.experiment import load_experiment
     from loopscope.engine.stepper import Stepper
@@ -64,9 +87,8 @@ def clean_run(scenario: str, iterations: int, seed: int = 0) -> list[tuple[int, 
     experiment.early_stopping_patience = None
     stepper = Stepper(experiment)
     alarms: list[tuple[int, str, str, str]] = []
-    while stepper.completed_iterations < iterations and not stepper.finished:
-        event = stepper.step_stage()
-        if event is None:
+    for event in _events(stepper, probe_every):
+        if stepper.completed_iterations > iterations:
             break
         for finding in event.diagnostics:
             if finding.severity in ("warning", "error"):
@@ -84,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bug", action="append", help="only these bugs")
     parser.add_argument("--scenario", action="append", help="only these scenarios")
     parser.add_argument("--seed", type=int, default=0, help="seed for every run (default 0)")
+    parser.add_argument(
+        "--probe-every",
+        type=int,
+        metavar="K",
+        help="run as the app runs (quiet iterations, full statistics every K-th); default: every stage probed",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     import torch
@@ -96,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for info in scenarios:
             if bug.id in info.bugs:
-                rows.append(recall_run(bug.id, info.name, args.budget, args.seed))
+                rows.append(recall_run(bug.id, info.name, args.budget, args.seed, args.probe_every))
                 if not args.json:
                     r = rows[-1]
                     print(
@@ -107,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     alarms = {}
     if args.clean_iterations > 0:
         for info in scenarios:
-            alarms[info.name] = clean_run(info.name, args.clean_iterations, args.seed)
+            alarms[info.name] = clean_run(info.name, args.clean_iterations, args.seed, args.probe_every)
             if not args.json:
                 found = alarms[info.name]
                 print(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 from loopscope.engine.diagnostics import Diagnostics
@@ -29,6 +29,7 @@ class Driver(Protocol):
     history: History
     on_event: Callable[[StageEvent], None] | None
     probe: bool  # full statistics for the stages run next
+    quiet: bool  # running: unprobed training stages make no events but the loss's
     sync_cuda: bool  # per-stage GPU sync (true durations) when stepping
 
     # ----- where the loop is -------------------------------------------------------------
@@ -64,6 +65,11 @@ class Driver(Protocol):
     def run_epoch(self) -> list[StageEvent]: ...
     def run(self, iterations: int | None = None, should_stop: Callable[[], bool] | None = None) -> int: ...
     def resume(self) -> None: ...
+    def recording_warnings(self) -> AbstractContextManager[None]:
+        """One recorder of user code's warnings for every stage run inside it."""
+
+    def catch_up(self) -> None:
+        """Hand on the events `quiet` iterations held back (to the history, diagnostics, on_event)."""
 
     # ----- control -----------------------------------------------------------------------
     def set_bug(self, bug_id: str, on: bool) -> bool: ...
@@ -93,7 +99,7 @@ class DriverBase:
     state: LoopState
     recorder: EventRecorder
     history: History
-    _caught: list[warnings.WarningMessage] | None  # see _warnings_recorded
+    _caught: list[warnings.WarningMessage] | None  # see recording_warnings
 
     # ----- where the loop is (read-only: the state changes only by running) -------------------
     @property
@@ -146,12 +152,16 @@ class DriverBase:
     def diagnostics(self) -> Diagnostics | None:
         return self.recorder.diagnostics
 
+    def catch_up(self) -> None:
+        self.recorder.catch_up()
+
     # ----- running ----------------------------------------------------------------------------
     def _step_stage(self) -> StageEvent | None:
+        """Run one stage: its event, or None when it ran `quiet` or training is over (`finished`)."""
         raise NotImplementedError
 
     @contextmanager
-    def _warnings_recorded(self) -> Iterator[None]:
+    def recording_warnings(self) -> Iterator[None]:
         """Record the warnings user code raises, for the stage that raised them to show. One
         recorder serves every stage of a call: entering one per stage cost ~40 us an iteration."""
         if self._caught is not None:
@@ -166,20 +176,21 @@ class DriverBase:
                 self._caught = None
 
     def step_stage(self) -> StageEvent | None:
-        """Run one stage; None once training is over."""
-        with self._warnings_recorded():
+        """Run one stage; None once training is over (or when it ran `quiet`)."""
+        with self.recording_warnings():
             return self._step_stage()
 
     def run_iteration(self) -> list[StageEvent]:
-        """Run to the end of the current block: the rest of this iteration, or the epoch's end."""
+        """Run to the end of the current block: the rest of this iteration, or the epoch's end.
+        Returns the events it made (running `quiet`, the loss's and few others)."""
         events = []
-        with self._warnings_recorded():
-            while True:
+        state = self.state
+        with self.recording_warnings():
+            while not state.finished:
                 event = self._step_stage()
-                if event is None:
-                    break
-                events.append(event)
-                if event.error is not None or self.at_boundary:
+                if event is not None:
+                    events.append(event)
+                if state.halted is not None or self.at_boundary:
                     break
         return events
 
@@ -190,16 +201,13 @@ class DriverBase:
         """
         target = None if iterations is None else self.state.completed_iterations + iterations
         produced = 0
-        with self._warnings_recorded():
+        with self.recording_warnings():
             while not self.state.finished and self.state.halted is None:
                 if target is not None and self.state.completed_iterations >= target and self.at_boundary:
                     break
                 if should_stop is not None and should_stop():
                     break
-                advanced = self._advance()
-                if not advanced:
-                    break
-                produced += advanced
+                produced += self._advance()
         return produced
 
     def _advance(self) -> int:

@@ -237,11 +237,14 @@ def binary_threshold(kind: LossKind, output: torch.Tensor) -> float:
     return 0.5 if inside else 0.0
 
 
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def autocast_for(amp: str | None, device: torch.device) -> contextlib.AbstractContextManager[object]:
     """torch.autocast in bfloat16 for amp="bf16", in float16 for amp="fp16"; nothing otherwise."""
     if amp in ("bf16", "fp16"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-    return contextlib.nullcontext()
+    return _NO_AUTOCAST
 
 
 def grad_scaler_for(amp: str | None, device: torch.device) -> torch.amp.GradScaler | None:

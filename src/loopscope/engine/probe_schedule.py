@@ -26,6 +26,10 @@ class ProbeSchedule:
         extra = max(0.0, self.probed_seconds - self.plain_seconds)
         return max(self.frame_seconds, extra / self.budget)
 
+    def probe_next(self) -> None:
+        """Probe the next iteration whatever the spacing (a bug went on or off)."""
+        self.last_probe = float("-inf")
+
     def should_probe(self, now: float) -> bool:
         if self.probed_seconds is not None and self.plain_seconds is None:
             return False  # learn what an unprobed iteration costs before probing again

@@ -138,6 +138,7 @@ class EngineServer:
             self._events.append(event)
 
     def _flush(self) -> None:
+        self.stepper.catch_up()
         self.conn.send(Update(tuple(self._events), tuple(self._losses), self._state()))
         self._events, self._losses = [], []
         self._last_frame = time.monotonic()
@@ -179,11 +180,12 @@ class EngineServer:
 
     def _handle(self, command: Any) -> None:
         s = self.stepper
+        s.catch_up()  # whatever the command reads or changes, the history is complete first
         try:
             match command:
                 case Step(kind=kind):
                     self.running = False
-                    s.probe = True
+                    s.probe, s.quiet = True, False
                     s.sync_cuda = True  # stepping: true per-stage durations (on CUDA)
                     if s.halted is not None:
                         s.resume()  # stepping on after an error starts a fresh iteration
@@ -202,6 +204,7 @@ class EngineServer:
                     self.speed = speed
                 case SetBug(bug_id=bug_id, on=on):
                     s.set_bug(bug_id, on)
+                    self.schedule.probe_next()  # the loop's code changed: let the screen see it at once
                 case SetTwin(on=on):
                     s.set_twin(on)
                 case Rewind():
@@ -266,7 +269,21 @@ class EngineServer:
         """Run whole iterations until a frame is due; probe fully only the one the frame shows."""
         s = self.stepper
         s.sync_cuda = False  # running: never force a GPU sync per stage
+        s.quiet = True  # and the unprobed iterations make no events but their losses
         frame_due = self._last_frame + FRAME_SECONDS
+        with s.recording_warnings():
+            self._run_until_frame(frame_due)
+        if (
+            time.monotonic() >= frame_due
+            or self.speed is not None
+            or s.finished
+            or s.halted is not None
+            or not self.running
+        ):
+            self._flush()
+
+    def _run_until_frame(self, frame_due: float) -> None:
+        s = self.stepper
         while True:
             started = time.monotonic()
             probed = False
@@ -290,14 +307,6 @@ class EngineServer:
                 break
             if time.monotonic() >= frame_due or self.conn.poll():
                 break
-        if (
-            time.monotonic() >= frame_due
-            or self.speed is not None
-            or s.finished
-            or s.halted is not None
-            or not self.running
-        ):
-            self._flush()
 
 
 def engine_process_main(conn: Any, spec: SessionSpec) -> None:

@@ -40,10 +40,11 @@ from loopscope.engine.twin import CleanTwin, rng_state
 from loopscope.shared.metrics import LossInput
 from loopscope.shared.vocab import Stage, Task
 
+_UNCHANGED = contextlib.nullcontext()
 MAX_CLASS_COUNTS = 12  # per batch: beyond this, the largest and 'others'
 
 
-@dataclass
+@dataclass(slots=True)
 class IterationValues:
     """What the stages of one iteration hand each other, like the local variables of a loop body."""
 
@@ -76,6 +77,7 @@ class LoopBody(EpochEndStages):
         # Deduplicated like the optimizer sees them: shared weights appear once.
         self.named_params: list[tuple[str, nn.Parameter]] = list(self.model.named_parameters())
         self.probe = True  # full statistics; the loss and error checks run regardless
+        self.quiet_when_unprobed = False  # running: unprobed stages but the loss make no event
         self.twin: CleanTwin | None = None
         self.values = IterationValues()
         self.failing_module: str | None = None  # the module a failed probed forward was in
@@ -109,6 +111,11 @@ class LoopBody(EpochEndStages):
             case Stage.EARLY_STOP:
                 self.early_stop(record)
 
+    @property
+    def quiet(self) -> bool:
+        """This stage's event will not be made unless it carries a loss: describe nothing for it."""
+        return self.quiet_when_unprobed and not self.probe
+
     def new_iteration(self) -> None:
         self.values = IterationValues()
 
@@ -128,6 +135,8 @@ class LoopBody(EpochEndStages):
         values.inputs, values.targets = self.injector.prepare_batch(inputs, targets)
         if self.state.batches_this_epoch == 1:
             self.state.running_loss = 0.0  # the loop's per-epoch report starts afresh
+        if self.quiet:
+            return
         named = [(n, t, None) for n, t in probes.flatten_tensors("inputs", values.inputs)]
         named += [(n, t, None) for n, t in probes.flatten_tensors("targets", values.targets)]
         if self.probe:
@@ -167,7 +176,11 @@ class LoopBody(EpochEndStages):
             record.metrics["grads_after"] = probes.grad_presence(params)
 
     def forward(self, record: StageRecord) -> None:
-        grad_mode = torch.no_grad() if "forward_under_no_grad" in self.injector else torch.enable_grad()
+        grad_mode: contextlib.AbstractContextManager[object] = _UNCHANGED
+        if "forward_under_no_grad" in self.injector:
+            grad_mode = torch.no_grad()
+        elif not torch.is_grad_enabled():  # entering enable_grad() when it is already on cost ~4 us
+            grad_mode = torch.enable_grad()
         values = self.values
         self._note_micro_batch(record)
         record.metrics["model_training"] = self.model.training
@@ -187,9 +200,11 @@ class LoopBody(EpochEndStages):
             with grad_mode, self.autocast():
                 raw = self._call_model()
                 output = self._output_of(raw)
-            record.tensors = [probes.describe("output", output, None)]
-        record.metrics["output_requires_grad"] = output.requires_grad
+            if not self.quiet:
+                record.tensors = [probes.describe("output", output, None)]
         values.raw_output, values.output = raw, output
+        if not self.quiet:
+            record.metrics["output_requires_grad"] = output.requires_grad
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         """The mixed precision the experiment asks for (forward and loss), or nothing."""
@@ -249,6 +264,8 @@ class LoopBody(EpochEndStages):
         record.metrics["running_loss_holds_graph"] = isinstance(state.running_loss, torch.Tensor) and (
             state.running_loss.grad_fn is not None
         )
+        if self.quiet:  # the loss is kept for the plot and the trend checks; its tensors are not shown
+            return
         named: list[tuple[str, torch.Tensor, str | None]] = [("output", output.detach(), None)]
         if isinstance(targets, torch.Tensor):
             named.append(("targets", targets.detach(), None))

@@ -29,7 +29,7 @@ from loopscope.engine.features import experiment_features, experiment_info, infe
 from loopscope.engine.inject import BugInjector
 from loopscope.engine.losses import loss_kind
 from loopscope.engine.pictures import PictureMaker
-from loopscope.engine.recorder import EventRecorder, StageRecord
+from loopscope.engine.recorder import QUIET_STAGES, EventRecorder, StageRecord
 from loopscope.engine.rewind import Rewinder, capture_rng, restore_rng
 from loopscope.engine.stages import LoopBody
 from loopscope.engine.state import LoopState
@@ -91,6 +91,7 @@ class Stepper(DriverBase):
         self.rewind_warning: str | None = None  # the last step back's replay gave other numbers
         self._caught = None
         self._block_seconds = 0.0  # training time since the last iteration boundary
+        self._queues: dict[tuple[str, ...], list[Stage]] = {}  # see _iteration_queue
 
     def _diagnostics(self) -> Diagnostics:
         linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
@@ -124,6 +125,15 @@ class Stepper(DriverBase):
     @probe.setter
     def probe(self, on: bool) -> None:
         self.body.probe = on
+
+    @property
+    def quiet(self) -> bool:
+        """Running: an unprobed iteration's training stages make no events (see QUIET_STAGES)."""
+        return self.body.quiet_when_unprobed
+
+    @quiet.setter
+    def quiet(self, on: bool) -> None:
+        self.body.quiet_when_unprobed = on
 
     @property
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -264,23 +274,97 @@ class Stepper(DriverBase):
             return self._load_micro_batch()
         return self._run(stage)
 
+    def run_iteration(self) -> list[StageEvent]:
+        if self.body.quiet and self.experiment.accumulation == 1:
+            with self.recording_warnings():
+                events = self._quiet_iteration()
+            if events is not None:
+                return events
+        return super().run_iteration()
+
+    def _quiet_iteration(self) -> list[StageEvent] | None:
+        """A whole unprobed iteration while running, at close to a hand-written loop's cost: the
+        same stage bodies, without the per-stage scheduling, events and diagnostics (only the loss,
+        errors, warnings and skipped fp16 steps make events). None, having run nothing, where the
+        next block is not a plain iteration (the epoch ends, an error waits, the first batch of an
+        epoch under a reordering bug): the stage-by-stage path runs it."""
+        state = self.state
+        if state.queue or state.halted is not None or state.finished or state.prefetched is not None:
+            return None
+        if state.train_iter is None or state.loader_exhausted:
+            return None
+        if state.batches_this_epoch == 0 and plan.epoch_scheduler_first(self.experiment, self.injector):
+            return None
+        self.rewinder.take(self, self._take_block_seconds())
+        start = time.perf_counter()
+        try:
+            batch = next(state.train_iter, _END)
+        except Exception as exc:
+            state.prefetched = (time.perf_counter() - start, None, exc)
+            return None
+        if batch is _END:
+            state.prefetched = (time.perf_counter() - start, _END, None)
+            return None
+        state.iteration += 1
+        state.batches_this_epoch += 1
+        state.micro_batch = 1
+        self.body.new_iteration()
+        stages = (Stage.LOAD_BATCH, *self._iteration_queue())
+        state.iteration_last_stage = stages[-1]
+        bugs = self.active_bugs
+        caught = self._caught
+        assert caught is not None
+        caught.clear()
+        events: list[StageEvent] = []
+        body = self.body
+        for stage in stages:
+            record = StageRecord()
+            try:
+                body.run(stage, record, batch)
+            except Exception as exc:  # shown at its stage, as the stage-by-stage path shows it
+                events.append(self._finish(stage, record, start, exc, bugs))
+                return events
+            if stage is stages[-1]:
+                self._end_iteration()
+            if caught:
+                record.metrics["warnings"] = sorted({str(w.message).splitlines()[0][:300] for w in caught})
+                caught.clear()
+                events.append(self._finish(stage, record, start, None, bugs))
+            elif stage not in QUIET_STAGES or record.metrics.get("step_skipped"):
+                events.append(self._finish(stage, record, start, None, bugs))
+            else:
+                self._done_quietly(stage, record, start, bugs)
+            start = time.perf_counter()
+        return events
+
+    def _done_quietly(self, stage: Stage, record: StageRecord, start: float, bugs: tuple[str, ...]) -> None:
+        """A quiet stage makes no event; a loss is held, for the plot and the trend checks."""
+        seconds = time.perf_counter() - start
+        self._block_seconds += seconds
+        if record.loss is not None:
+            state = self.state
+            self.recorder.hold(
+                stage, record, iteration=state.iteration, epoch=state.epoch, bugs=bugs, duration_ms=seconds * 1000.0
+            )
+
     def run_epoch(self) -> list[StageEvent]:
         """Run to the end of the current epoch, its validation and bookkeeping stages included."""
         events: list[StageEvent] = []
         start_epoch = self.state.epoch
+        ran = False
         while not self.state.finished and self.state.halted is None:
             if self.at_boundary and self.state.epoch != start_epoch:
                 break
-            if self.at_boundary and events and not self.epoch_end_stages() and self._loader_exhausted():
+            if self.at_boundary and ran and not self.epoch_end_stages() and self._loader_exhausted():
                 # No epoch-end stages to show: close the epoch here so the next call starts the new one.
                 self.state.prefetched = None
                 self.state.train_iter = None
                 self._advance_epoch()
                 break
             event = self.step_stage()
-            if event is None:
-                break
-            events.append(event)
+            ran = True
+            if event is not None:
+                events.append(event)
         return events
 
     def resume(self) -> None:
@@ -330,6 +414,7 @@ class Stepper(DriverBase):
 
         Afterwards `rewound_events` are the training stages of the iteration the loop is back at
         the end of, with full statistics where they can be had, for the panels to show."""
+        self.recorder.catch_up()  # the history must hold every loss before it is rewritten
         events = self.rewinder.step_back(self)
         if events is None:
             return False
@@ -341,12 +426,13 @@ class Stepper(DriverBase):
     def quietly(self) -> Iterator[None]:
         """Stages run without telling anyone (no events out, no diagnostics): a replay."""
         recorder = self.recorder
-        saved = recorder.on_event, recorder.diagnostics, self.probe
-        recorder.on_event, recorder.diagnostics = None, None
+        recorder.catch_up()
+        saved = recorder.on_event, recorder.diagnostics, self.probe, self.quiet
+        recorder.on_event, recorder.diagnostics, self.quiet = None, None, False  # a replay's events are its result
         try:
             yield
         finally:
-            recorder.on_event, recorder.diagnostics, self.probe = saved
+            recorder.on_event, recorder.diagnostics, self.probe, self.quiet = saved
 
     # ----- blocks ---------------------------------------------------------------------------
     def _start_block(self) -> StageEvent | None:
@@ -363,7 +449,7 @@ class Stepper(DriverBase):
                 state.batches_this_epoch += 1
                 self.body.new_iteration()
                 state.micro_batch = 1
-                stages = plan.iteration_queue(self.experiment, self.injector)[1:]
+                stages = self._iteration_queue()
                 if state.batches_this_epoch == 1 and plan.epoch_scheduler_first(self.experiment, self.injector):
                     stages.insert(0, Stage.SCHEDULER)  # the bug: scheduler.step() at the top of the epoch
                 # Fixed when the iteration starts: a bug switched mid-iteration changes the next one.
@@ -390,6 +476,14 @@ class Stepper(DriverBase):
                 return self._run(end_stages[0])
             if not self._advance_epoch():
                 return None
+
+    def _iteration_queue(self) -> list[Stage]:
+        """The stages after load_batch of an iteration starting now (the plan, kept per set of bugs)."""
+        bugs = self.injector.ids()
+        stages = self._queues.get(bugs)
+        if stages is None:
+            stages = self._queues[bugs] = plan.iteration_queue(self.experiment, self.injector)[1:]
+        return list(stages)
 
     def _load_micro_batch(self) -> StageEvent | None:
         """The next micro-batch of an accumulating iteration. If the loader runs out first, the
@@ -486,6 +580,9 @@ class Stepper(DriverBase):
             record.metrics["warnings"] = sorted({str(w.message).splitlines()[0][:300] for w in caught})
         if stage == state.iteration_last_stage and not state.queue and not state.epoch_ending:
             self._end_iteration()
+        if self.body.quiet and stage in QUIET_STAGES and not caught and not record.metrics.get("step_skipped"):
+            self._done_quietly(stage, record, start, bugs_now)
+            return None
         event = self._finish(stage, record, start, None, bugs_now)
         if state.epoch_ending and not state.queue:
             state.epoch_ending = False

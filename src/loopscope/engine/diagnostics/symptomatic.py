@@ -29,6 +29,7 @@ from loopscope.engine.diagnostics.findings import (
     SKIPPED_STEPS_STREAK,
     SLOW_LOSS_FRACTION,
     STALLED_FRACTION,
+    UNIT_INTERVAL_ITERATIONS,
     UPDATE_RATIO_HIGH,
     UPDATE_RATIO_LOW,
     UPDATE_RATIO_SLOW,
@@ -53,10 +54,12 @@ class SymptomChecks:
         self._classes_seen: set[str] = set()
         self._zero_fraction: dict[str, deque[float]] = {}
         self._zero_grad_streak: dict[str, int] = {}
-        self._unit_interval_streak = 0
+        self._inside_since: int | None = None  # the first iteration of a run of outputs inside [0, 1]
+        self._inside_seen = 0  # how many of them were looked at
         self._grad_ratio_streak = [0, 0]  # exploding, vanishing
         self._unchanged_streak = 0
         self._skipped_streak = 0
+        self._last_skipped = -1  # the iteration of the last skipped step
         self._validations: list[dict[str, Any]] = []
 
     # ----- load_batch ------------------------------------------------------------------
@@ -222,15 +225,22 @@ class SymptomChecks:
             return
         assert output.max is not None
         inside = output.min >= 0.0 and output.max <= 1.0
-        self._unit_interval_streak = self._unit_interval_streak + 1 if inside else 0
-        if self._unit_interval_streak >= 50:
+        # Judged over iterations, not observations: running, only some iterations are looked at.
+        if not inside:
+            self._inside_since, self._inside_seen = None, 0
+            return
+        if self._inside_since is None:
+            self._inside_since = event.iteration
+        self._inside_seen += 1
+        span = event.iteration - self._inside_since + 1
+        if span >= UNIT_INTERVAL_ITERATIONS and self._inside_seen >= 3:
             self.fire(
                 event.iteration,
                 Finding(
                     "logits_squashed",
                     "warning",
-                    f"every input to BCEWithLogitsLoss has stayed inside [0, 1] for "
-                    f"{self._unit_interval_streak} iterations: they look like probabilities, not logits.",
+                    f"every input to BCEWithLogitsLoss has stayed inside [0, 1] for {span} iterations "
+                    f"({self._inside_seen} looked at): they look like probabilities, not logits.",
                     ("sigmoid_before_bce_with_logits",),
                     "Feed raw scores to BCEWithLogitsLoss; it applies the sigmoid itself.",
                 ),
@@ -240,7 +250,9 @@ class SymptomChecks:
         it = event.iteration
         if it < WARMUP_ITERATIONS or len(self.losses) != self.losses.maxlen or not self.first_losses:
             return
-        start, recent = statistics.fmean(self.first_losses), statistics.fmean(self.losses)
+        # fmean's own arithmetic (fsum / n), without its per-call overhead: this runs every iteration.
+        start = math.fsum(self.first_losses) / len(self.first_losses)
+        recent = math.fsum(self.losses) / len(self.losses)
         if recent >= DIVERGING_FACTOR * start:
             self.fire(
                 it,
@@ -438,7 +450,10 @@ class SymptomChecks:
         if not event.metrics.get("step_skipped"):
             self._skipped_streak = 0
             return False
-        self._skipped_streak += 1
+        # In a row means in consecutive iterations: running, the steps between are not all seen.
+        consecutive = event.iteration == self._last_skipped + 1
+        self._skipped_streak = self._skipped_streak + 1 if consecutive else 1
+        self._last_skipped = event.iteration
         if self._skipped_streak >= SKIPPED_STEPS_STREAK:
             self.fire(
                 event.iteration,

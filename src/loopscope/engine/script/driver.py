@@ -41,7 +41,7 @@ from loopscope.engine.driver import DriverBase
 from loopscope.engine.explain import explain
 from loopscope.engine.losses import loss_kind
 from loopscope.engine.pictures import PictureMaker
-from loopscope.engine.recorder import EventRecorder, StageRecord
+from loopscope.engine.recorder import QUIET_STAGES, EventRecorder, StageRecord
 from loopscope.engine.script.check_subject import CHECKABLE_BUGS, OWN_LOSS, CheckMaterial
 from loopscope.engine.script.hooks import Interception
 from loopscope.engine.script.main_thread import start_script
@@ -96,6 +96,7 @@ class ScriptDriver(DriverBase):
         self.recorder = EventRecorder(self.device, self.history, None, on_event, sync_cuda=False)
         self.diagnose = diagnose
         self.probe = probe
+        self.quiet = False  # running: unprobed stages make no events but the loss's (held)
         self._caught = None
         self._bugs: set[str] = set()
         self._turn = threading.Semaphore(0)  # the script may go on
@@ -226,7 +227,7 @@ class ScriptDriver(DriverBase):
 
     def run_iteration(self) -> list[StageEvent]:
         """Run to the next iteration boundary (or a new epoch's first batch, or an error) in one turn."""
-        with self._warnings_recorded():
+        with self.recording_warnings():
             return self._take_turn(whole_iterations=True)
 
     def run_epoch(self) -> list[StageEvent]:
@@ -234,7 +235,7 @@ class ScriptDriver(DriverBase):
         ends; a script without a DataLoader has one epoch: its whole run."""
         events: list[StageEvent] = []
         start = self.state.epoch
-        with self._warnings_recorded():
+        with self.recording_warnings():
             while taken := self._take_turn(whole_iterations=True):
                 events += taken
                 if taken[-1].error is not None or self.state.epoch != start:
@@ -308,7 +309,10 @@ class ScriptDriver(DriverBase):
         iteration boundary, or when a new epoch has begun."""
         self._stage_now = None
         duration = (time.perf_counter() - started) * 1000.0
-        self._pending.append(self._event(stage, record, duration, code_line=code_line))
+        if self._quiet_now(stage, record):
+            self._hold(stage, record, duration)
+        else:
+            self._pending.append(self._event(stage, record, duration, code_line=code_line))
         new_epoch, self._new_epoch = self._new_epoch, False
         # Running, a turn is one iteration: its work up to the step, after the calls that trail the
         # step before it (nanoGPT's zero_grad after step is the previous iteration's).
@@ -320,6 +324,28 @@ class ScriptDriver(DriverBase):
         if self._abort:
             raise _Abort
 
+    def _quiet_now(self, stage: Stage, record: StageRecord) -> bool:
+        """Running, an unprobed stage makes no event (see QUIET_STAGES)."""
+        return (
+            self.quiet
+            and not self.probe
+            and self._whole_iterations
+            and stage in QUIET_STAGES
+            and not record.metrics.get("step_skipped")
+        )
+
+    def _hold(self, stage: Stage, record: StageRecord, duration_ms: float) -> None:
+        """A quiet stage: its loss is held for the plot and the trend checks; the rest is dropped."""
+        place = self._place()
+        if record.loss is not None:
+            self.recorder.hold(stage, record, duration_ms=duration_ms, **place)
+
+    def _place(self) -> dict[str, Any]:
+        """Where the loop is, for the event being made (the iteration a trailing call belongs to)."""
+        state = self.state
+        state.iteration = state.completed_iterations + (0 if self._trailing else 1)
+        return {"iteration": max(state.iteration, 1), "epoch": state.epoch, "bugs": self.active_bugs}
+
     def _hand_over(self) -> None:
         pending, self._pending = self._pending, []
         self._handed.put(pending)
@@ -327,14 +353,10 @@ class ScriptDriver(DriverBase):
     def _event(
         self, stage: Stage, record: StageRecord, duration_ms: float, error: Any = None, code_line: Any = None
     ) -> StageEvent:
-        state = self.state
-        state.iteration = state.completed_iterations + (0 if self._trailing else 1)
         return self.recorder.emit(
             stage,
             record,
-            iteration=max(state.iteration, 1),
-            epoch=state.epoch,
-            bugs=self.active_bugs,
+            **self._place(),
             duration_ms=duration_ms,
             error=error,
             # Running, an unprobed iteration's events are not shown: their lines are not looked up.
