@@ -344,10 +344,8 @@ def run(
     }
 
 
-APP_MODELS = (
-    "mlp",
-    "wide_mlp",
-)  # a small model (under 1 ms an iteration here), where bookkeeping shows, and a wide one
+# In the app: a small model (under 1 ms an iteration here), where bookkeeping shows, and a wide one.
+APP_MODELS = ("mlp", "wide_mlp")
 TARGETS = {"mlp": 1.05, "wide_mlp": 1.05, "cnn": 1.05}  # stepper/plain in run mode
 SCRIPT_TARGET = 1.10  # script mode / python script.py on the wide MLP
 APP_TARGET = 0.90  # iterations a second inside the app / the plain loop's

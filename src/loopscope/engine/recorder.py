@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -20,24 +21,25 @@ from loopscope.engine.diagnostics import Diagnostics
 from loopscope.shared.events import LayerStat, StageError, StageEvent, TensorStat
 from loopscope.shared.history import History
 from loopscope.shared.metrics import StageMetrics
-from loopscope.shared.vocab import Stage
+from loopscope.shared.vocab import ITERATION_STAGES, Stage
 
-# Running unprobed (`quiet`), these stages make no event: nothing of them is shown, and the
-# per-stage bookkeeping cost more than a small model's step; the loss's event is held and handed
-# on in a batch (EventRecorder.hold). The epoch's stages, errors, warnings and skipped fp16 steps
-# make theirs at once.
-QUIET_STAGES = frozenset(
-    {
-        Stage.LOAD_BATCH,
-        Stage.ZERO_GRAD,
-        Stage.FORWARD,
-        Stage.LOSS,
-        Stage.BACKWARD,
-        Stage.UNSCALE,
-        Stage.CLIP_GRAD,
-        Stage.STEP,
-    }
-)
+# Running unprobed (`quiet`), an iteration's training stages make no event: nothing of them is
+# shown, and the per-stage bookkeeping cost more than a small model's step; the loss's event is
+# held and handed on in a batch (EventRecorder.hold). The scheduler's (the learning rate changes),
+# the epoch's stages, errors, warnings and skipped fp16 steps make theirs at once.
+QUIET_STAGES = frozenset(ITERATION_STAGES) - {Stage.SCHEDULER}
+
+
+def quiet_stage(stage: Stage, record: StageRecord) -> bool:
+    """Whether this stage, run unprobed while running, makes no event of its own (see QUIET_STAGES)."""
+    return stage in QUIET_STAGES and "warnings" not in record.metrics and not record.metrics.get("step_skipped")
+
+
+def warning_lines(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The warnings a stage raised, as its event shows them: each first line once, sorted."""
+    return sorted({str(w.message).splitlines()[0][:300] for w in caught})
+
+
 HELD_AT_MOST = 256  # quiet events held before they are handed on (see EventRecorder.hold)
 
 

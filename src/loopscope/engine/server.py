@@ -13,6 +13,7 @@ from typing import Any
 from loopscope.engine.driver import Driver
 from loopscope.engine.pictures import PictureMaker
 from loopscope.engine.probe_schedule import ProbeSchedule
+from loopscope.engine.recorder import QUIET_STAGES
 from loopscope.shared.errors import UserError
 from loopscope.shared.history import loss_point
 from loopscope.shared.protocol import (
@@ -40,8 +41,6 @@ from loopscope.shared.protocol import (
 from loopscope.shared.vocab import Stage, StepKind
 
 PICTURE_SECONDS = 0.5  # a picture costs a forward pass over a grid: at most two a second
-
-KEEP_WHEN_UNPROBED = (Stage.VALIDATE, Stage.CHECKPOINT, Stage.EARLY_STOP, Stage.SCHEDULER)
 
 
 class EngineServer:
@@ -134,7 +133,7 @@ class EngineServer:
         if event.stage == Stage.LOSS:
             x, loss, twin_loss = loss_point(event)
             self._losses.append((x, event.epoch, loss, twin_loss))
-        if self.stepper.probe or event.stage in KEEP_WHEN_UNPROBED or event.diagnostics or event.error:
+        if self.stepper.probe or event.stage not in QUIET_STAGES or event.diagnostics or event.error:
             self._events.append(event)
 
     def _flush(self) -> None:

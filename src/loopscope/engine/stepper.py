@@ -29,7 +29,7 @@ from loopscope.engine.features import experiment_features, experiment_info, infe
 from loopscope.engine.inject import BugInjector
 from loopscope.engine.losses import loss_kind
 from loopscope.engine.pictures import PictureMaker
-from loopscope.engine.recorder import QUIET_STAGES, EventRecorder, StageRecord
+from loopscope.engine.recorder import EventRecorder, StageRecord, quiet_stage, warning_lines
 from loopscope.engine.rewind import Rewinder, capture_rng, restore_rng
 from loopscope.engine.stages import LoopBody
 from loopscope.engine.state import LoopState
@@ -305,12 +305,7 @@ class Stepper(DriverBase):
         if batch is _END:
             state.prefetched = (time.perf_counter() - start, _END, None)
             return None
-        state.iteration += 1
-        state.batches_this_epoch += 1
-        state.micro_batch = 1
-        self.body.new_iteration()
-        stages = (Stage.LOAD_BATCH, *self._iteration_queue())
-        state.iteration_last_stage = stages[-1]
+        stages = (Stage.LOAD_BATCH, *self._begin_iteration())
         bugs = self.active_bugs
         caught = self._caught
         assert caught is not None
@@ -327,13 +322,12 @@ class Stepper(DriverBase):
             if stage is stages[-1]:
                 self._end_iteration()
             if caught:
-                record.metrics["warnings"] = sorted({str(w.message).splitlines()[0][:300] for w in caught})
+                record.metrics["warnings"] = warning_lines(caught)
                 caught.clear()
-                events.append(self._finish(stage, record, start, None, bugs))
-            elif stage not in QUIET_STAGES or record.metrics.get("step_skipped"):
-                events.append(self._finish(stage, record, start, None, bugs))
-            else:
+            if quiet_stage(stage, record):
                 self._done_quietly(stage, record, start, bugs)
+            else:
+                events.append(self._finish(stage, record, start, None, bugs))
             start = time.perf_counter()
         return events
 
@@ -445,16 +439,7 @@ class Stepper(DriverBase):
                 state.iteration += 1
                 return self._finish(Stage.LOAD_BATCH, StageRecord(), start, failure)
             if batch is not _END:
-                state.iteration += 1
-                state.batches_this_epoch += 1
-                self.body.new_iteration()
-                state.micro_batch = 1
-                stages = self._iteration_queue()
-                if state.batches_this_epoch == 1 and plan.epoch_scheduler_first(self.experiment, self.injector):
-                    stages.insert(0, Stage.SCHEDULER)  # the bug: scheduler.step() at the top of the epoch
-                # Fixed when the iteration starts: a bug switched mid-iteration changes the next one.
-                state.iteration_last_stage = stages[-1] if stages else Stage.LOAD_BATCH
-                state.queue.extend(stages)
+                state.queue.extend(self._begin_iteration())
                 return self._run(Stage.LOAD_BATCH, batch=batch, start=start)
             if state.batches_this_epoch == 0:
                 state.iteration += 1
@@ -476,6 +461,20 @@ class Stepper(DriverBase):
                 return self._run(end_stages[0])
             if not self._advance_epoch():
                 return None
+
+    def _begin_iteration(self) -> list[Stage]:
+        """A batch was taken: count the new iteration; returns its stages after load_batch."""
+        state = self.state
+        state.iteration += 1
+        state.batches_this_epoch += 1
+        self.body.new_iteration()
+        state.micro_batch = 1
+        stages = self._iteration_queue()
+        if state.batches_this_epoch == 1 and plan.epoch_scheduler_first(self.experiment, self.injector):
+            stages.insert(0, Stage.SCHEDULER)  # the bug: scheduler.step() at the top of the epoch
+        # Fixed when the iteration starts: a bug switched mid-iteration changes the next one.
+        state.iteration_last_stage = stages[-1] if stages else Stage.LOAD_BATCH
+        return stages
 
     def _iteration_queue(self) -> list[Stage]:
         """The stages after load_batch of an iteration starting now (the plan, kept per set of bugs)."""
@@ -577,10 +576,10 @@ class Stepper(DriverBase):
         except Exception as exc:  # user code failing is shown at its stage, never a crash
             return self._finish(stage, record, start, exc, bugs_now)
         if caught:
-            record.metrics["warnings"] = sorted({str(w.message).splitlines()[0][:300] for w in caught})
+            record.metrics["warnings"] = warning_lines(caught)
         if stage == state.iteration_last_stage and not state.queue and not state.epoch_ending:
             self._end_iteration()
-        if self.body.quiet and stage in QUIET_STAGES and not caught and not record.metrics.get("step_skipped"):
+        if self.body.quiet and quiet_stage(stage, record):
             self._done_quietly(stage, record, start, bugs_now)
             return None
         event = self._finish(stage, record, start, None, bugs_now)

@@ -41,7 +41,7 @@ from loopscope.engine.driver import DriverBase
 from loopscope.engine.explain import explain
 from loopscope.engine.losses import loss_kind
 from loopscope.engine.pictures import PictureMaker
-from loopscope.engine.recorder import QUIET_STAGES, EventRecorder, StageRecord
+from loopscope.engine.recorder import EventRecorder, StageRecord, quiet_stage
 from loopscope.engine.script.check_subject import CHECKABLE_BUGS, OWN_LOSS, CheckMaterial
 from loopscope.engine.script.hooks import Interception
 from loopscope.engine.script.main_thread import start_script
@@ -325,14 +325,8 @@ class ScriptDriver(DriverBase):
             raise _Abort
 
     def _quiet_now(self, stage: Stage, record: StageRecord) -> bool:
-        """Running, an unprobed stage makes no event (see QUIET_STAGES)."""
-        return (
-            self.quiet
-            and not self.probe
-            and self._whole_iterations
-            and stage in QUIET_STAGES
-            and not record.metrics.get("step_skipped")
-        )
+        """Running, an unprobed stage makes no event (see recorder.quiet_stage)."""
+        return self.quiet and not self.probe and self._whole_iterations and quiet_stage(stage, record)
 
     def _hold(self, stage: Stage, record: StageRecord, duration_ms: float) -> None:
         """A quiet stage: its loss is held for the plot and the trend checks; the rest is dropped."""
