@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -34,14 +35,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server():
+def start_server(target: str) -> tuple[subprocess.Popen, str]:
+    """`loopscope serve TARGET` in a session of its own, so that every process it starts can be
+    found (and, whatever happens, killed) by that session's id; returns it with its URL."""
     if not os.path.exists(CHROMIUM) or shutil.which("chromium") is None:
         pytest.skip("Debian's chromium is not installed")
     pytest.importorskip("playwright.sync_api")
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "loopscope", "serve", "blobs", "--port", str(port)],
+        [sys.executable, "-m", "loopscope", "serve", target, "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -51,14 +53,43 @@ def server():
     while True:
         try:
             urllib.request.urlopen(url, timeout=1).read()
-            break
+            return process, url
         except OSError as exc:
             if time.monotonic() > deadline or process.poll() is not None:
                 process.kill()
                 raise AssertionError(f"the server did not start: {process.stdout.read()!r}") from exc
             time.sleep(0.2)
+
+
+def processes_in_session(session: int) -> list[str]:
+    """The live (not zombie) processes of a session, as `pid command` lines, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone while we looked
+            continue
+        state, session_id = fields[0], int(fields[3])
+        if session_id == session and state != "Z":
+            found.append(f"{entry} {command}")
+    return found
+
+
+def kill_session(session: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(session, signal.SIGKILL)  # what a test started goes, whatever the test found
+
+
+@pytest.fixture
+def server():
+    process, url = start_server("blobs")
     yield url
-    os.killpg(process.pid, signal.SIGTERM)  # the server and the app sessions it started
+    kill_session(process.pid)
     process.wait(10)
 
 
@@ -196,3 +227,60 @@ def test_serve_rejects_a_bad_target_before_starting(capsys):
 
     assert main(["serve", "nosuch.py"]) == 2
     assert "no such file: nosuch.py" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM) or shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def wait_for_screen(page, *texts: str, seconds: float = 60) -> str:
+    for _ in range(int(seconds * 4)):
+        screen = page.evaluate(SCREEN_TEXT) or ""
+        if all(text in screen for text in texts):
+            return screen
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the page never showed {texts!r}; it shows:\n{screen}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_stopped_server_leaves_no_process_behind(browser, signum):
+    """Two pages: one runs the digits CNN (an engine busy training, a screen redrawn all the time),
+    the other waits at iteration 0 (an app that writes nothing, an engine that waits). The server
+    gets `signum`; every process it started is gone 5 s later, and on SIGTERM the server itself
+    stops within 2 s and says so."""
+    process, url = start_server("digits")
+    try:
+        running, waiting = browser.new_page(viewport=VIEWPORT), browser.new_page(viewport=VIEWPORT)
+        for page in (running, waiting):
+            page.add_init_script(CATCH_THE_TERMINAL)
+            page.goto(url)
+            wait_for_screen(page, "iter 0")
+        running.mouse.click(700, 450)
+        running.keyboard.press("r")
+        wait_for_screen(running, "running")
+        started = processes_in_session(process.pid)
+        assert len(started) >= 5, started  # the server, and each page's app and engine
+
+        os.kill(process.pid, signum)
+        sent = time.monotonic()
+        output, _ = process.communicate(timeout=10)
+        stopped_after = time.monotonic() - sent
+        while processes_in_session(process.pid) and time.monotonic() - sent < 5:
+            time.sleep(0.1)
+        left = processes_in_session(process.pid)
+        running.close()
+        waiting.close()
+    finally:
+        kill_session(process.pid)
+        process.wait(10)
+    assert left == [], f"still running 5 s after {signum.name}: {left}"
+    if signum == signal.SIGTERM:
+        assert stopped_after < 2.0, f"the server took {stopped_after:.1f} s to stop"
+        assert b"SIGTERM, stopping the server" in output, output

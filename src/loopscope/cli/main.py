@@ -474,11 +474,9 @@ def _serve(args: argparse.Namespace) -> int:
             *[f"--bug={b}" for b in args.bug],
             *(["--twin"] if args.twin else []),
         ]
-    from textual_serve.server import Server
+    from loopscope.cli.serve import serve
 
-    print(f"loopscope: serving on http://127.0.0.1:{args.port} (ctrl+c stops)", flush=True)
-    # Loopback only: a lecture laptop should not expose a Python process to the room's network.
-    Server(shlex.join(command), host="127.0.0.1", port=args.port, title="loopscope").serve()
+    serve(shlex.join(command), args.port)
     return EXIT_OK
 
 

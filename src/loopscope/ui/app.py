@@ -6,6 +6,8 @@ them (at most ~20 frames a second) and sends commands back. It never imports tor
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from textual.widgets.selection_list import Selection
 
 from loopscope.shared.bugs import BUGS
 from loopscope.shared.demo import Demo
+from loopscope.shared.lifeline import ORPHAN_CHECK_SECONDS, input_closed
 from loopscope.shared.protocol import (
     DETAIL_SECONDS,
     FRAME_SECONDS,
@@ -57,6 +60,7 @@ from loopscope.ui.session import EngineSession
 BUSY_WARNING_SECONDS = 3.0  # silence from the engine this long means a slow or stuck stage
 SPEEDS: tuple[float | None, ...] = (1.0, 2.0, 5.0, 20.0, 100.0, None)  # iterations per second; None: max
 NARROW_WIDTH = 110
+EXIT_GRACE_SECONDS = 3.0
 
 
 class EngineMessage(Message):
@@ -162,6 +166,21 @@ class LoopscopeApp(App[None]):
         self.set_interval(FRAME_SECONDS, self.redraw)
         # The first frame is on screen before the engine has even imported torch.
         self.call_after_refresh(self.start_engine)
+        if self.is_web:
+            self._lifeline = self.set_interval(ORPHAN_CHECK_SECONDS, self._leave_if_the_server_is_gone)
+
+    def _leave_if_the_server_is_gone(self) -> None:
+        """In the browser view our input is the server's pipe: closed, the server died (even by
+        SIGKILL) and nobody will ever see this app again, so it ends, and its engine with it."""
+        if not input_closed():
+            return
+        self._lifeline.stop()
+        last_resort = threading.Timer(EXIT_GRACE_SECONDS, os._exit, (0,))  # should exiting hang on the dead pipe
+        last_resort.daemon = True
+        last_resort.start()
+        if self.session is not None:
+            self.session.stop(timeout=1.0)
+        self.exit()
 
     def on_resize(self, event: Any) -> None:
         self._apply_width(event.size.width)
