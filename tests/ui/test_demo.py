@@ -69,6 +69,14 @@ BAD = {
         "`run N` needs N between 1",
     ),
     "no steps": ('title = "x"\nscenario = "blobs"\n', "needs at least one [[step]]"),
+    "a claim that does not parse": (
+        'title = "x"\nscenario = "blobs"\n[[step]]\ndo = "run 5"\nsay = "a"\nexpect = "loss wanders"\n',
+        ':3: step 1: expect = "QUANTITY rises|falls|stays"',
+    ),
+    "a claim on a step that does not train": (
+        'title = "x"\nscenario = "blobs"\n[[step]]\ndo = "twin on"\nsay = "a"\nexpect = "loss falls"\n',
+        "only a step that trains (stage, iteration, epoch, run) can expect a change",
+    ),
 }
 
 
@@ -95,31 +103,78 @@ def test_any_demo_text_gets_a_clear_answer(text, tmp_path, capsys):
     assert code in (0, 2) and "Traceback" not in err
 
 
-async def test_a_demo_plays_predicts_reveals_goes_back_and_lets_you_explore():
-    demo = load_demo(DEMOS[1])  # forgetting zero_grad
-    app = LoopscopeApp(SessionSpec(demo.target, "cpu", demo.seed, demo.bugs, demo.twin), in_process=True, demo=demo)
+# Demo 02's steps, with a first run short enough to play at 5 iterations a second.
+ZERO_GRAD_DEMO = DEMOS[1].read_text().replace('do = "run 200"', 'do = "run 20"')
+
+
+async def test_a_demo_plays_predicts_reveals_goes_back_and_lets_you_explore(tmp_path):
+    (tmp_path / "demo.toml").write_text(ZERO_GRAD_DEMO)
+    demo = load_demo(tmp_path / "demo.toml")
+    spec = SessionSpec(demo.target, "cpu", demo.seed, demo.bugs, demo.twin, speed=5.0)
+    app = LoopscopeApp(spec, in_process=True, demo=demo)
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot)
         await expect_text(pilot, "#narration", demo.title)
-        await pilot.press("right")
-        await wait_until(pilot, lambda: app.model.state.completed_iterations == 30)
-        await expect_text(pilot, "#narration", "Step 1/7")
-        await pilot.press("right", "right")
+        await pilot.press("right")  # step 1: run 20, 4 s at this speed
+        await wait_until(pilot, lambda: app.model.state.running)
+        await expect_text(pilot, "#narration", "running...")
+        await pilot.press("right", "right")  # too early: the step runs to its end first
+        await pilot.pause(0.2)
+        assert "Step 1/7" in text_of(app, "#narration") and not app.model.state.active_bugs
+        await wait_until(pilot, lambda: "What the loop did" in text_of(app, "#narration"))
+        assert app.model.state.completed_iterations == 20
+        first_reveal = text_of(app, "#narration")
+        assert "loss, mean of its first 10 iterations against its last 10:" in first_reveal
+        for _ in range(2):  # twin on, bug on: each waits for the one before
+            await pilot.press("right")
+            await pilot.pause(0.3)
         await wait_until(pilot, lambda: "skip_zero_grad" in app.model.state.active_bugs and app.model.state.twin)
         await pilot.press("right")  # the question comes first; nothing runs yet
         await pilot.pause(0.2)
         await expect_text(pilot, "#narration", "Predict:")
-        assert app.model.state.completed_iterations == 30
+        await expect_text(pilot, "#narration", "keys 1-3")  # as many keys as options
+        assert app.model.state.completed_iterations == 20
         await pilot.press("1")  # the room says "larger"
         await pilot.press("space")  # now it runs
-        await wait_until(pilot, lambda: app.model.state.completed_iterations == 31)
+        await wait_until(pilot, lambda: "Answer:" in text_of(app, "#narration"))
+        assert app.model.state.completed_iterations == 21
         shown = text_of(app, "#narration")
-        assert "Answer: larger (the room got it)" in shown and "What the loop did: gradient norm" in shown
-        await pilot.press("left")
+        assert "Answer: larger (the room got it)" in shown
+        assert "What the loop did: gradient norm, this iteration:" in shown
+        assert "What the loop did: the Diagnostics panel named stale_gradients" in shown
+        await pilot.press("left", "left", "left")
+        await expect_text(pilot, "#narration", "Step 1/7")
+        assert text_of(app, "#narration") == first_reveal  # recorded, not recomputed from the loop now
+        await pilot.press("right", "right")
         await expect_text(pilot, "#narration", "Step 3/7")
         await pilot.press("escape")  # leave the script: space steps a stage again
         await expect_text(pilot, "#narration", "exploring freely")
         await pilot.press("space")
-        await wait_until(pilot, lambda: app.model.state.iteration == 32)
+        await wait_until(pilot, lambda: app.model.state.iteration == 22)
         await pilot.press("escape")
         await expect_text(pilot, "#narration", "Step 3/7")
+
+
+@pytest.mark.parametrize("path", DEMOS, ids=lambda path: path.stem)
+def test_every_shipped_demo_says_only_what_its_loop_does_on_seeds_0_1_2(path, capsys):
+    """`loopscope demo NAME --verify`: every claim a step makes (`expect = ...`) holds, over its
+    window, on each seed; the report shows the numbers the narration will show."""
+    assert main(["demo", path.stem, "--verify", "--device", "cpu"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("every claim held")
+    claims = sum(len(step.expect) for step in load_demo(path).steps)
+    assert claims >= 1 and out.count(" ok\n") == 3 * sum(1 for step in load_demo(path).steps if step.expect)
+
+
+def test_a_claim_the_loop_contradicts_fails_verify_with_the_step_and_the_numbers(tmp_path, capsys):
+    (tmp_path / "wrong.toml").write_text(
+        'title = "A healthy loop, narrated wrong"\nscenario = "blobs"\n\n'
+        '[[step]]\ndo = "run 200"\nsay = "The loss wanders off."\nexpect = "loss rises"\n\n'
+        '[[step]]\ndo = "run 10"\nsay = "And stays low."\nexpect = "loss below 100"\n'
+    )
+    assert main(["demo", str(tmp_path / "wrong.toml"), "--verify", "--seeds", "3", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    failing = next(line for line in out.splitlines() if "FAILS" in line)
+    assert failing.startswith("  step 1 (run 200) claims loss rises: loss, mean of its first 20 iterations against")
+    assert "FAILS: loss rises (it falls)" in failing and " -> " in failing
+    assert "step 2 (run 10) claims loss below 100:" in out and out.rstrip().endswith("1 claim(s) did not hold")

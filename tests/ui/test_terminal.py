@@ -182,3 +182,26 @@ def test_a_script_in_tmux_walks_its_own_lines_and_survives_its_error(tmux_sessio
     time.sleep(1)
     tmux("send-keys", "-t", tmux_session, "q")
     wait_for_pane(tmux_session, "EXIT=0")
+
+
+def test_at_80x24_a_finding_is_on_screen_without_a_key(tmux_session):
+    """At 80x24 the Loop code fills the screen and the Diagnostics panel is far below it; the
+    header still counts the findings by severity, one line names the most serious, `d` brings the
+    panel up, and the footer keeps `q quit`."""
+    tmux("resize-window", "-t", tmux_session, "-x", "80", "-y", "24")
+    tmux("send-keys", "-t", tmux_session, f"{LOOPSCOPE} blobs --bug skip_zero_grad; echo EXIT=$?", "Enter")
+    wait_for_pane(tmux_session, "iter 0")
+    tmux("send-keys", "-t", tmux_session, "r")
+    screen = wait_for_pane(tmux_session, " x it ")
+    assert "x 1 error" in screen.splitlines()[0]
+    lines = screen.splitlines()
+    assert len(lines) == 24 and max(len(line) for line in lines) <= 80
+    finding = next(line for line in lines if line.startswith(" x it "))
+    assert "gradient tensors still held values" in finding and finding.endswith("d: diagnostics"), finding
+    assert "q quit" in lines[-1]
+    assert "Diagnostics" not in screen
+    tmux("send-keys", "-t", tmux_session, "d")
+    screen = wait_for_pane(tmux_session, "Diagnostics")
+    assert "fix: Call optimizer.zero_grad()" in screen
+    tmux("send-keys", "-t", tmux_session, "q")
+    wait_for_pane(tmux_session, "EXIT=0")

@@ -9,12 +9,13 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from loopscope.cli.codes import EXIT_OK, EXIT_STAGE_ERROR
+from loopscope.cli.codes import EXIT_CLAIM_FAILED, EXIT_OK, EXIT_STAGE_ERROR
 from loopscope.cli.trace import TraceWriter
 from loopscope.shared.errors import UserError
 
 if TYPE_CHECKING:
     from loopscope.engine.stepper import Stepper
+    from loopscope.shared.demo import Demo
     from loopscope.shared.events import Finding, StageEvent
 
 
@@ -53,6 +54,25 @@ def check_command(args: argparse.Namespace) -> int:
             verdict = "SKIP" if r.skipped else ("PASS" if r.passed else "FAIL")
             print(f"{verdict}  {r.title:<{width}}  {r.message}")
     return EXIT_OK if all(r.passed for r in results) else EXIT_STAGE_ERROR
+
+
+def verify_demo_command(demo: Demo, seeds: tuple[int, ...], device: str) -> int:
+    """`loopscope demo NAME --verify`: every step on every seed, printed as it finishes; exit 1
+    when a claim does not hold (or the loop raised)."""
+    from loopscope.engine.demo_player import play
+
+    failures = 0
+    claims = sum(len(step.expect) for step in demo.steps)
+    print(f"{demo.title} ({demo.path}): {len(demo.steps)} steps, {claims} claims, seeds {', '.join(map(str, seeds))}")
+    out = sys.stdout  # the report; the user's prints, if any, go to stderr
+    for seed in seeds:
+        print(f"seed {seed}:", flush=True)
+        with _users_prints_to_stderr():
+            for result in play(demo, seed, device):
+                print(f"  {result.line()}", file=out, flush=True)
+                failures += len(result.failed_claims) or result.error is not None
+    print(f"{failures} claim(s) did not hold" if failures else "every claim held")
+    return EXIT_CLAIM_FAILED if failures else EXIT_OK
 
 
 def trace_command(args: argparse.Namespace, note: str | None = None) -> int:

@@ -13,11 +13,11 @@ from typing import NoReturn, TextIO
 
 from loopscope import __version__
 from loopscope.cli.codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
-from loopscope.cli.headless import bugs_for_command, check_command, trace_command
+from loopscope.cli.headless import bugs_for_command, check_command, trace_command, verify_demo_command
 from loopscope.shared.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.shared.catalog import DEFAULT_SCENARIO, SCENARIOS
 from loopscope.shared.errors import UserError
-from loopscope.shared.protocol import DEFAULT_HISTORY
+from loopscope.shared.protocol import DEFAULT_HISTORY, RUN_SPEEDS, TEACHING_SPEED
 from loopscope.shared.vocab import STAGE_DESCRIPTIONS
 
 COMMANDS = ("run", "trace", "scenarios", "check", "bugs", "demo", "serve", "bench")
@@ -75,6 +75,34 @@ def _add_svg_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    return tuple(_seed(part.strip()) for part in text.split(",") if part.strip()) or (0,)
+
+
+def _speed(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        speed = float(text)
+    except ValueError:
+        speed = -1.0
+    if speed not in RUN_SPEEDS:
+        names = ", ".join("max" if s is None else f"{s:g}" for s in RUN_SPEEDS)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run speed: one of {names}")
+    return speed
+
+
+def _add_speed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--speed",
+        type=_speed,
+        default=TEACHING_SPEED,
+        metavar="S",
+        help=f"iterations a second when running (r): 1, 2, 5, 20, 100 or max (default: {TEACHING_SPEED:g}, "
+        "slow enough to watch; + and - change it, m switches to max and back)",
+    )
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", default=DEFAULT_SCENARIO, help=TARGET_HELP)
     parser.add_argument(
@@ -129,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="step through a training loop in the terminal app (the default command)",
         description="Open the app on a training loop: step it stage by stage, run it, break it.",
-        epilog="Keys: space stage, n iteration, e epoch, r run/pause, +/- speed, t twin, c checks, ? help, q quit.",
+        epilog="Keys: space stage, n iteration, e epoch, r run/pause, +/- speed, m max, t twin, c checks, d diagnostics, ? help, q quit.",
     )
     _add_run_arguments(run_parser)
+    _add_speed(run_parser)
     _add_svg_dir(run_parser)
     run_parser.add_argument(
         "--history",
@@ -201,7 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--list", action="store_true", help="list the demos that come with loopscope")
     demo.add_argument("--check", action="store_true", help="only validate the file (exit 0 if it is playable)")
+    demo.add_argument(
+        "--verify",
+        action="store_true",
+        help="play the demo headless and check every step's claim (expect = ...) against what the loop did; "
+        "exit 1 naming the step and the numbers when one does not hold",
+    )
+    demo.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=(0, 1, 2),
+        metavar="LIST",
+        help="with --verify: the seeds to play it on, comma-separated (default: 0,1,2; a claim must hold on each)",
+    )
     demo.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
+    _add_speed(demo)
     _add_svg_dir(demo)
 
     serve = commands.add_parser(
@@ -210,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve `loopscope run` (or a demo) in the browser with textual-serve, on 127.0.0.1 only.",
     )
     _add_run_arguments(serve)
+    _add_speed(serve)
     serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     serve.add_argument("--demo", metavar="FILE", help="serve this demo instead of a free run")
 
@@ -393,6 +437,7 @@ def _run_app(args: argparse.Namespace) -> int:
         script=script,
         script_args=tuple(args.script_args),
         seed_given=args.seed is not None or not script,
+        speed=args.speed,
     )
     app = LoopscopeApp(spec, svg_dir=args.svg_dir)
     # SIGTERM quits like `q`: Textual restores the terminal and the engine process is stopped.
@@ -430,6 +475,8 @@ def _demo(args: argparse.Namespace) -> int:
         demo = load_demo(args.file)
     except DemoError as exc:
         raise UserError(str(exc)) from exc
+    if args.verify:
+        return verify_demo_command(demo, args.seeds, args.device)
     if args.check:
         questions = sum(1 for step in demo.steps if step.ask)
         print(
@@ -439,11 +486,15 @@ def _demo(args: argparse.Namespace) -> int:
     from loopscope.shared.protocol import SessionSpec
     from loopscope.ui.app import LoopscopeApp
 
-    spec = SessionSpec(demo.target, args.device, demo.seed, demo.bugs, demo.twin)
+    spec = SessionSpec(demo.target, args.device, demo.seed, demo.bugs, demo.twin, speed=args.speed)
     app = LoopscopeApp(spec, demo=demo, svg_dir=args.svg_dir)
     signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
     app.run()
     return EXIT_OK
+
+
+def _speed_name(speed: float | None) -> str:
+    return "max" if speed is None else f"{speed:g}"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -459,6 +510,7 @@ def _serve(args: argparse.Namespace) -> int:
         except DemoError as exc:
             raise UserError(str(exc)) from exc
         command = [sys.executable, "-m", "loopscope", "demo", args.demo, "--device", args.device]
+        command += ["--speed", _speed_name(args.speed)]
     else:
         check_target(args.target)
         command = [
@@ -473,6 +525,7 @@ def _serve(args: argparse.Namespace) -> int:
             str(0 if args.seed is None else args.seed),
             *[f"--bug={b}" for b in args.bug],
             *(["--twin"] if args.twin else []),
+            *["--speed", _speed_name(args.speed)],
         ]
     from loopscope.cli.serve import serve
 

@@ -162,7 +162,7 @@ class EpochEndStages:
         record.metrics["patience"] = patience
         record.metrics["stop"] = stop
         if stop:
-            state.finish(f"early stop: no better validation loss in {patience} validations")
+            state.finish(f"early stop: val loss not better in {patience} validations")
 
     def _improved_now(self) -> bool:
         # Without a checkpoint stage the best loss is tracked here instead.

@@ -48,7 +48,8 @@ class EngineServer:
         self.conn = conn
         self.spec = spec
         self.running = False
-        self.speed: float | None = None
+        self.speed: float | None = spec.speed
+        self.handled = 0
         self.stepper: Driver = None  # type: ignore[assignment]  # set by start()
         self._events: list = []
         self._losses: list = []
@@ -118,6 +119,7 @@ class EngineServer:
             iteration_stages=tuple(s.iteration_stages()),
             speed=self.speed,
             iterations_per_second=self._rate(),
+            handled=self.handled,
         )
 
     def _rate(self) -> float | None:
@@ -179,6 +181,7 @@ class EngineServer:
 
     def _handle(self, command: Any) -> None:
         s = self.stepper
+        self.handled += 1
         s.catch_up()  # whatever the command reads or changes, the history is complete first
         try:
             match command:

@@ -12,8 +12,11 @@ say = "A healthy start."        #   | twin on | twin off | pause
 ask = "Bigger or smaller?"      # optional: predict, then reveal
 options = ["bigger", "smaller"]
 answer = "bigger"
-reveal = "grad_norm"            # optional: loss | grad_norm | val_loss | val_accuracy | lr | max_update_ratio
+reveal = "grad_norm"            # optional: loss | twin_loss | grad_norm | max_update_ratio | lr | val_loss | val_accuracy
 explain = "Stale gradients add up."
+expect = "grad_norm rises"      # optional: what the step claims, one or a list ("QUANTITY rises|falls|stays",
+                                #   "QUANTITY above|below N"), checked by `loopscope demo --verify` over a
+                                #   window and shown as the reveal (instead of reveal =)
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from pathlib import Path
 
 from loopscope.shared.bugs import BUGS_BY_ID
 from loopscope.shared.catalog import SCENARIOS
+from loopscope.shared.claims import QUANTITIES, Claim, ClaimError
 
 ACTIONS = ("stage", "iteration", "epoch", "run", "bug on", "bug off", "twin on", "twin off", "pause")
-REVEALS = ("loss", "grad_norm", "val_loss", "val_accuracy", "lr", "max_update_ratio")
+REVEALS = QUANTITIES
 TOP_KEYS = {"title", "scenario", "seed", "bugs", "twin", "step", "description"}
-STEP_KEYS = {"do", "say", "ask", "options", "answer", "reveal", "explain"}
+STEP_KEYS = {"do", "say", "ask", "options", "answer", "reveal", "explain", "expect"}
 MAX_RUN = 100_000
+TRAINING_ACTIONS = ("stage", "iteration", "epoch", "run")
 
 
 class DemoError(Exception):
@@ -46,8 +51,14 @@ class DemoStep:
     ask: str | None = None
     options: tuple[str, ...] = ()
     answer: str | None = None
-    reveal: str | None = None
+    reveal: str | None = None  # a quantity shown before -> after the step, when it makes no claim
     explain: str | None = None
+    expect: tuple[Claim, ...] = ()
+
+    @property
+    def shows(self) -> tuple[str, ...]:
+        """The quantities the step reveals once it has run: its claims', or its reveal."""
+        return tuple(claim.quantity for claim in self.expect) or ((self.reveal,) if self.reveal else ())
 
 
 @dataclass(frozen=True)
@@ -198,4 +209,19 @@ def _parse_step(raw: object, number: int, line: int, target: str, fail) -> DemoS
         raise fail(f'step {number}: options and answer need a question, ask = "..."', line)
     if reveal is not None and reveal not in REVEALS:
         raise fail(f"step {number}: reveal must be one of {', '.join(REVEALS)}, got {reveal!r}", line)
-    return DemoStep(action, argument, say.strip(), line, ask, tuple(options), answer, reveal, explain)
+    expect = raw.get("expect", [])
+    expect = [expect] if isinstance(expect, str) else expect
+    if not isinstance(expect, list) or not all(isinstance(text, str) for text in expect):
+        raise fail(f'step {number}: expect = "QUANTITY rises|falls|stays", or a list of them', line)
+    try:
+        claims = tuple(Claim.parse(text) for text in expect)
+    except ClaimError as exc:
+        raise fail(f"step {number}: {exc}", line) from exc
+    if claims:
+        if action not in TRAINING_ACTIONS:
+            raise fail(
+                f"step {number}: only a step that trains ({', '.join(TRAINING_ACTIONS)}) can expect a change", line
+            )
+        if reveal is not None:
+            raise fail(f"step {number}: a step that expects shows what it expects; drop reveal", line)
+    return DemoStep(action, argument, say.strip(), line, ask, tuple(options), answer, reveal, explain, claims)

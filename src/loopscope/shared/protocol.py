@@ -24,6 +24,12 @@ DEFAULT_HISTORY = 200  # iterations that `b` can step back through
 # ----- UI -> engine ----------------------------------------------------------------------
 
 
+# The run speeds `+` and `-` move through, in iterations a second; None: as fast as it goes.
+RUN_SPEEDS: tuple[float | None, ...] = (1.0, 2.0, 5.0, 20.0, 100.0, None)
+# What `loopscope run` starts at: a class can watch the loss fall (blobs takes 20 s, not 3); `m` is max.
+TEACHING_SPEED = 20.0
+
+
 @dataclass(frozen=True)
 class SessionSpec:
     """How to build the run: the same arguments as `loopscope run`."""
@@ -37,6 +43,7 @@ class SessionSpec:
     script: bool = False  # run the target file as a script even if it defines experiment()
     script_args: tuple[str, ...] = ()  # a script's own command line (after `--`)
     seed_given: bool = True  # a script seeds itself: `seed` applies only when the user gave it
+    speed: float | None = None  # iterations a second when running (one of RUN_SPEEDS); None: max
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,9 @@ class EngineState:
     iteration_stages: tuple[Stage, ...]
     speed: float | None
     iterations_per_second: float | None = None
+    # Commands received so far: the UI knows the number of each command it sends, so it can tell
+    # when one has been carried out (a run: when it is no longer running).
+    handled: int = 0
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from loopscope.shared.lifeline import ORPHAN_CHECK_SECONDS, input_closed
 from loopscope.shared.protocol import (
     DETAIL_SECONDS,
     FRAME_SECONDS,
+    RUN_SPEEDS,
     Checks,
     Failed,
     Rewind,
@@ -44,21 +45,24 @@ from loopscope.ui.demo_controller import DemoController
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.narration import NarrationBar
 from loopscope.ui.panels import (
+    DIAGNOSTICS_KEY,
     BugInfo,
+    BugList,
     CodePanel,
     DiagnosticsPanel,
     EpochsPanel,
+    FindingLine,
     GradientsPanel,
     OutputPanel,
     PipelineBar,
     StatusLine,
     TensorsPanel,
 )
+from loopscope.ui.panels.tensors import tensors_title
 from loopscope.ui.plot import LossPlot, PicturePlot
 from loopscope.ui.session import EngineSession
 
 BUSY_WARNING_SECONDS = 3.0  # silence from the engine this long means a slow or stuck stage
-SPEEDS: tuple[float | None, ...] = (1.0, 2.0, 5.0, 20.0, 100.0, None)  # iterations per second; None: max
 NARROW_WIDTH = 110
 EXIT_GRACE_SECONDS = 3.0
 
@@ -82,16 +86,25 @@ class LoopscopeApp(App[None]):
     AUTO_FOCUS = "#code-box"  # on a narrow screen the loop code is what a learner needs first
     COMMANDS = App.COMMANDS | {LoopCommands}
     # Priority: the keys mean the same thing whichever panel has focus.
-    # In footer order: help first, so even an 80-column footer says where the rest are; the command
-    # palette (ctrl+p) and `s` are in the help, which leaves room for `q quit` at 120 columns.
+    # In footer order: help, quit and the findings first, so that even an 80-column footer, which
+    # cuts the rest, says where everything is and how to leave; ctrl+p and `s` are in the help.
     BINDINGS = [
         Binding("question_mark", "help", "help", key_display="?", priority=True),
+        Binding("q", "quit", "quit", priority=True),
+        Binding(DIAGNOSTICS_KEY, "show_diagnostics", "diagnostics", priority=True),
+        # Demo mode only (check_action lets the keys through to the panels otherwise); before the
+        # stepping keys, so that in a demo space means next, and the footer says so first.
+        Binding("right,space", "demo_next", "next", key_display="→", priority=True),
+        Binding("left", "demo_back", "back", key_display="←", priority=True),
+        Binding("escape", "demo_toggle", "script/explore"),
+        *(Binding(str(n), f"demo_choose({n - 1})", show=False, priority=True) for n in range(1, 5)),
         Binding("space", "step_stage", "stage", priority=True),
         Binding("n", "step_iteration", "iteration", priority=True),
         Binding("e", "step_epoch", "epoch", priority=True),
         Binding("r", "toggle_run", "run/pause", priority=True),
         Binding("plus,equals_sign", "faster", "faster", key_display="+", priority=True),
         Binding("minus", "slower", "slower", key_display="-", priority=True),
+        Binding("m", "max_speed", "max", priority=True),
         Binding("t", "toggle_twin", "twin", priority=True),
         Binding("c", "checks", "checks", priority=True),
         Binding("l", "toggle_log", "log", priority=True),
@@ -99,12 +112,6 @@ class LoopscopeApp(App[None]):
         Binding("p", "toggle_picture", "picture", priority=True),
         Binding("s", "save_svg", "save svg", show=False, priority=True),
         Binding("ctrl+r", "restart_engine", "restart", show=False, priority=True),
-        Binding("q", "quit", "quit", priority=True),
-        # Demo mode only (check_action lets the keys through to the panels otherwise).
-        Binding("right", "demo_next", "next", key_display="→", priority=True),
-        Binding("left", "demo_back", "back", key_display="←", priority=True),
-        Binding("escape", "demo_toggle", "script/explore"),
-        *(Binding(str(n), f"demo_choose({n - 1})", show=False, priority=True) for n in range(1, 5)),
     ]
 
     def __init__(
@@ -118,7 +125,8 @@ class LoopscopeApp(App[None]):
         self.showing_picture = False
         self.model = ScreenModel(self.spec.history)
         self.session: EngineSession | None = None
-        self.speed_index = len(SPEEDS) - 1
+        self.speed_index = RUN_SPEEDS.index(spec.speed) if spec.speed in RUN_SPEEDS else len(RUN_SPEEDS) - 1
+        self._speed_before_max: int | None = None
         self._drawn_version = -1
         self._panel_keys: dict[str, object] = {}
         self._last_panels = 0.0
@@ -137,6 +145,7 @@ class LoopscopeApp(App[None]):
                 with box_type(id=box_id, classes="panel") as box:
                     box.border_title = title
                     yield from make_children()
+        yield FindingLine(id="finding")
         yield StatusLine(id="status")
         yield Footer(compact=True, show_command_palette=False)
 
@@ -145,7 +154,7 @@ class LoopscopeApp(App[None]):
         """(container id, title, container type, children) for each panel, in grid order."""
         return (
             ("code-box", "Loop code", VerticalScroll, lambda: [CodePanel(id="code")]),
-            ("tensors-box", "Tensors (this stage)", Vertical, lambda: [TensorsPanel(id="tensors")]),
+            ("tensors-box", tensors_title(), Vertical, lambda: [TensorsPanel(id="tensors")]),
             ("gradients-box", "Gradients", VerticalScroll, lambda: [GradientsPanel(id="gradients")]),
             ("plot-box", "Loss (p: picture)", Vertical, lambda: [LossPlot(id="plot"), PicturePlot(id="picture")]),
             ("diagnostics-box", "Diagnostics", VerticalScroll, lambda: [DiagnosticsPanel(id="diagnostics")]),
@@ -154,7 +163,7 @@ class LoopscopeApp(App[None]):
                 "bugs-box",
                 "Bugs (enter: on/off)",
                 Vertical,
-                lambda: [SelectionList[str](id="bug-list"), BugInfo(id="bug-info")],
+                lambda: [BugList(id="bug-list"), BugInfo(id="bug-info")],
             ),
         )
 
@@ -184,6 +193,7 @@ class LoopscopeApp(App[None]):
 
     def on_resize(self, event: Any) -> None:
         self._apply_width(event.size.width)
+        self.query_one(FindingLine).show(self.model)  # cut to the new width
 
     def _apply_width(self, width: int) -> None:
         self.screen.set_class(width < NARROW_WIDTH, "-narrow")
@@ -201,6 +211,8 @@ class LoopscopeApp(App[None]):
     def _engine_message(self, message: EngineMessage) -> None:
         waiting_notice = self.model.notice
         self.model.apply(message.payload)
+        if self.demo is not None:
+            self.demo.observe(message.payload, self.model)
         if isinstance(message.payload, (Checks, Failed)):
             self._checks_pending = False
         running = self.model.state is not None and self.model.state.running
@@ -214,12 +226,15 @@ class LoopscopeApp(App[None]):
         if not running:
             self.redraw()  # a step's result shows at once; while running, the frame clock paces redraws
 
-    def send(self, command: Any) -> None:
+    def send(self, command: Any) -> int | None:
+        """Sends a command; returns its number (the engine's state counts those handled)."""
         if self.session is None or not self.session.send(command):
             self.model.notice = "the engine is not running: press ctrl+r to restart it"
             self.model.version += 1
-        elif self._awaiting_since is None:
+            return None
+        if self._awaiting_since is None:
             self._awaiting_since = time.monotonic()
+        return self.session.sent
 
     def _check_busy(self) -> None:
         """The engine runs the user's code: if it goes quiet, say so and offer the way out."""
@@ -242,7 +257,8 @@ class LoopscopeApp(App[None]):
         state = self.model.state
         if state is None or not state.finished:
             return False
-        self.model.notice = f"the run is over ({state.stop_reason}); ctrl+r starts it again"
+        # The status line already says why ("done: early stop: ..."): the notice does not repeat it.
+        self.model.notice = "the run is over: ctrl+r starts it again"
         self.model.version += 1
         return True
 
@@ -264,6 +280,7 @@ class LoopscopeApp(App[None]):
             self._panel_keys.clear()
         self._drawn_version = model.version
         self.query_one(PipelineBar).show(model)
+        self.query_one(FindingLine).show(model)  # with the header's count, never a frame apart
         # Each panel redraws only when what it shows has changed: a redraw costs the UI process
         # CPU time that, on a small machine, the engine process would rather have.
         event = model.last_event
@@ -364,7 +381,7 @@ class LoopscopeApp(App[None]):
 
     @property
     def speed_label(self) -> str:
-        speed = SPEEDS[self.speed_index]
+        speed = RUN_SPEEDS[self.speed_index]
         return "max" if speed is None else f"{speed:g} it/s"
 
     # ----- bugs --------------------------------------------------------------------------
@@ -390,9 +407,6 @@ class LoopscopeApp(App[None]):
         self.send(Step(kind))
 
     def action_step_stage(self) -> None:
-        if self.demo is not None and self.demo.scripted:
-            self.action_demo_next()  # space advances the script, as the right arrow does
-            return
         self._step(StepKind.STAGE)
 
     def action_step_iteration(self) -> None:
@@ -411,13 +425,24 @@ class LoopscopeApp(App[None]):
         self.send(SetRunning(not running))
 
     def action_faster(self) -> None:
-        self.speed_index = min(self.speed_index + 1, len(SPEEDS) - 1)
-        self.send(SetSpeed(SPEEDS[self.speed_index]))
-        self.model.version += 1
+        self._set_speed(min(self.speed_index + 1, len(RUN_SPEEDS) - 1))
 
     def action_slower(self) -> None:
-        self.speed_index = max(self.speed_index - 1, 0)
-        self.send(SetSpeed(SPEEDS[self.speed_index]))
+        self._set_speed(max(self.speed_index - 1, 0))
+
+    def action_max_speed(self) -> None:
+        """Max speed, and back to the speed before it."""
+        top = len(RUN_SPEEDS) - 1
+        if self.speed_index == top and self._speed_before_max is not None:
+            self._set_speed(self._speed_before_max)
+        elif self.speed_index != top:
+            before = self.speed_index
+            self._set_speed(top)
+            self._speed_before_max = before
+
+    def _set_speed(self, index: int) -> None:
+        self.speed_index, self._speed_before_max = index, None
+        self.send(SetSpeed(RUN_SPEEDS[index]))
         self.model.version += 1
 
     def action_toggle_twin(self) -> None:
@@ -435,6 +460,12 @@ class LoopscopeApp(App[None]):
         plot = self.query_one(LossPlot)
         plot.log_scale = not plot.log_scale
         self.redraw(force=True)
+
+    def action_show_diagnostics(self) -> None:
+        """Bring the Diagnostics panel into view (on a narrow screen, to the top) and focus it."""
+        box = self.query_one("#diagnostics-box")
+        box.focus()
+        box.scroll_visible(top=True, animate=False)
 
     def action_rewind(self) -> None:
         """Step back one iteration: parameters, optimizer, random state and data position restored."""
@@ -458,6 +489,8 @@ class LoopscopeApp(App[None]):
 
     # ----- demo mode -----------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "step_stage" and self.demo is not None and self.demo.scripted:
+            return False  # space is the script's next
         if action.startswith("demo_"):
             if self.demo is None:
                 return False
@@ -476,6 +509,7 @@ class LoopscopeApp(App[None]):
     def action_demo_toggle(self) -> None:
         if self.demo is not None:
             self.demo.toggle(self.model)
+            self.refresh_bindings()  # space changes meaning: the footer follows
 
     def action_demo_choose(self, option: int) -> None:
         if self.demo is not None:

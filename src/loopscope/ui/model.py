@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from loopscope.shared.events import CheckResult, Finding, StageEvent
@@ -19,8 +19,10 @@ from loopscope.shared.protocol import (
     SessionInfo,
     Update,
 )
+from loopscope.shared.vocab import Severity
 
 MAX_EPOCHS_KEPT = 1000
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")  # most severe first
 
 
 @dataclass
@@ -73,6 +75,19 @@ class ScreenModel:
         self.failure: str | None = None  # the engine stopped or could not start
         self.notice: str | None = None  # a command it could not carry out
         self.version = 0  # bumped on every change: the screen redraws when it moves
+
+    def finding_counts(self) -> dict[str, int]:
+        """How many findings of each severity are listed, most severe first."""
+        counts = Counter(finding.severity for _, finding in self.findings)
+        return {severity: counts[severity] for severity in SEVERITIES if counts[severity]}
+
+    def headline_finding(self) -> tuple[int, Finding] | None:
+        """The newest of the most severe findings: the one line a narrow screen has room for."""
+        for severity in SEVERITIES:
+            for iteration, finding in self.findings:  # newest first
+                if finding.severity == severity:
+                    return iteration, finding
+        return None
 
     def apply(self, message: object) -> None:
         self.version += 1
@@ -156,22 +171,3 @@ def downsample(xs: list[float], ys: list[float], limit: int) -> tuple[list[float
         out_x.append(xs[min(i + size, len(xs)) - 1])
         out_y.append(sum(chunk_y) / len(chunk_y))
     return out_x, out_y
-
-
-def metric(model: ScreenModel, name: str) -> float | None:
-    """The latest value of a revealable quantity."""
-    stage, key = {
-        "loss": ("loss", None),
-        "grad_norm": ("backward", None),
-        "val_loss": ("validate", "val_loss"),
-        "val_accuracy": ("validate", "val_accuracy"),
-        "lr": ("step", "lr"),
-        "max_update_ratio": ("step", "max_update_ratio"),
-    }[name]
-    event = model.last_by_stage.get(stage)
-    if event is None:
-        return None
-    if key is None:
-        return event.loss if name == "loss" else event.grad_norm
-    value = event.metrics.get(key)
-    return value if isinstance(value, (int, float)) else None

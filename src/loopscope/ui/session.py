@@ -29,6 +29,7 @@ class EngineSession:
         self._worker: Any = None
         self._reader: threading.Thread | None = None
         self.alive = False
+        self.sent = 0  # commands sent: the engine's state counts those it has handled
         self.log_path: str | None = None  # the engine process's stdout/stderr go here, not over the screen
 
     def start(self) -> None:
@@ -84,6 +85,7 @@ class EngineSession:
             return False
         try:
             self._conn.send(command)
+            self.sent += 1
             return True
         except (OSError, BrokenPipeError):
             return False

@@ -8,6 +8,38 @@ from loopscope.shared.bugs import BUGS_BY_ID
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.panels.base import TextPanel
 
+# How each severity is marked, wherever findings appear.
+SEVERITY_MARKS = {"error": ("x", "bold red"), "warning": ("!", "yellow"), "info": ("i", "cyan")}
+DIAGNOSTICS_KEY = "d"
+
+
+def finding_counts(model: ScreenModel) -> Text:
+    """`x 1 error  ! 2 warnings`: what the header says of the findings, at every width."""
+    text = Text()
+    for severity, count in model.finding_counts().items():
+        mark, style = SEVERITY_MARKS[severity]
+        text.append(f"  {mark} {count} {severity}{'s' if count > 1 else ''}", style=style)
+    return text
+
+
+class FindingLine(TextPanel):
+    """The newest of the most severe findings on one line, for a screen too narrow to show the
+    Diagnostics panel beside the code."""
+
+    def show(self, model: ScreenModel) -> None:
+        headline = model.headline_finding()
+        self.set_class(headline is not None, "-found")
+        if headline is None:
+            self.update("")
+            return
+        iteration, finding = headline
+        mark, style = SEVERITY_MARKS[finding.severity]
+        key = Text(f"  {DIAGNOSTICS_KEY}: diagnostics", style="dim")
+        text = Text(f" {mark} ", style=style).append(f"it {iteration}: {finding.message}")
+        room = (self.content_region.width or self.app.size.width) - key.cell_len
+        text.truncate(max(room, 10), overflow="ellipsis", pad=True)
+        self.update(text + key)
+
 
 class DiagnosticsPanel(TextPanel):
     """Findings, newest first, with the numbers, the suspects and the fix."""
@@ -42,13 +74,12 @@ class DiagnosticsPanel(TextPanel):
         if not model.findings and not text:
             self.update(Text("no findings yet", style="dim"))
             return
-        icons = {"error": ("x ", "bold red"), "warning": ("! ", "yellow"), "info": ("i ", "cyan")}
         rank = {"error": 0, "warning": 1, "info": 2}
         # Errors first (they are usually the cause), then warnings; newest first within each.
         ordered = sorted(model.findings, key=lambda item: rank.get(item[1].severity, 3))
         for iteration, finding in ordered:
-            icon, style = icons.get(finding.severity, ("  ", ""))
-            text.append(icon, style=style)
+            mark, style = SEVERITY_MARKS.get(finding.severity, (" ", ""))
+            text.append(f"{mark} ", style=style)
             text.append(f"it {iteration}: {finding.message}\n")
             if finding.suspects:
                 text.append(f"   suspects: {', '.join(finding.suspects)}\n", style="dim")

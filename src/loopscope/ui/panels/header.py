@@ -9,6 +9,7 @@ from rich.text import Text
 
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.panels.base import TextPanel
+from loopscope.ui.panels.findings import finding_counts
 
 
 class PipelineBar(TextPanel):
@@ -37,6 +38,7 @@ class PipelineBar(TextPanel):
             text.append(
                 f"  {len(state.active_bugs)} bug{'s' if len(state.active_bugs) > 1 else ''} on", style="bold red"
             )
+        text.append(finding_counts(model))
         memory = model.last_event.metrics if model.last_event else {}
         if "cuda_allocated_mb" in memory:
             text.append(f"  mem {memory['cuda_allocated_mb']:.0f}/{memory['cuda_peak_mb']:.0f} MB peak", style="bold")
@@ -91,6 +93,8 @@ class StatusLine(TextPanel):
         if state is not None:
             if state.finished:
                 text.append(f"done: {state.stop_reason}  ", style="bold green")
+                if not model.notice:
+                    text.append("(ctrl+r: again)  ", style="dim")
             text.append(f"speed {speed_label}  ")
             text.append(f"twin {'on' if state.twin else 'off'}  ")
             text.append(f"loss axis {'log10' if log_scale else 'linear'}")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.coordinate import Coordinate
+from textual.widget import Widget
 from textual.widgets import DataTable
 
 from loopscope.shared.events import StageEvent
 from loopscope.ui.model import ScreenModel
 from loopscope.ui.panels.base import fmt, shape
+
+
+def tensors_title(shared_dtype: str | None = None) -> str:
+    return f"Tensors (this stage{f', all {shared_dtype}' if shared_dtype else ''})"
 
 
 class TensorsPanel(DataTable):
@@ -21,22 +26,43 @@ class TensorsPanel(DataTable):
     COLUMNS = ("name", "shape", "dtype", "device", "mean", "std", "note")
 
     _rows: list[tuple] | None = None  # what the table shows; None before the first show
+    _columns: tuple[str, ...] = ()
 
     def show(self, model: ScreenModel) -> None:
-        rows = _tensor_rows(model.last_event)
-        if self._rows is not None and [str(row[0]) for row in rows] == [str(row[0]) for row in self._rows]:
+        event = model.last_event
+        run_device = model.info.device if model.info is not None else None
+        # The header names the run's device: a column repeating it on every row would push the
+        # note column (NaN counts, dead ReLUs) out of a half-screen panel.
+        columns: tuple[str, ...] = self.COLUMNS
+        tensors = event.tensors if event is not None else ()
+        if all(t.device == run_device for t in tensors):
+            columns = tuple(c for c in columns if c != "device")
+        # One dtype for every row goes into the title, for the same reason.
+        dtypes = {t.dtype for t in tensors}
+        shared_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        if shared_dtype is not None:
+            columns = tuple(c for c in columns if c != "dtype")
+        if isinstance(self.parent, Widget):
+            self.parent.border_title = tensors_title(shared_dtype)
+        rows = [_only(row, columns) for row in _tensor_rows(event)]
+        same = columns == self._columns and self._rows is not None
+        if same and [str(row[0]) for row in rows] == [str(row[0]) for row in self._rows or ()]:
             # The same rows as last time (running, the same stage): repaint the changed cells only.
-            for index, (row, old) in enumerate(zip(rows, self._rows)):
+            for index, (row, old) in enumerate(zip(rows, self._rows or ())):
                 for column in range(len(row)):
                     if row[column] != old[column]:
                         self.update_cell_at(Coordinate(index, column), row[column], update_width=True)
         else:
             # Columns rebuilt: widths fit this stage's rows, not the widest ever seen.
             self.clear(columns=True)
-            self.add_columns(*self.COLUMNS)
+            self.add_columns(*columns)
             for row in rows:
                 self.add_row(*row)
-        self._rows = rows
+        self._rows, self._columns = rows, columns
+
+
+def _only(row: tuple, columns: tuple[str, ...]) -> tuple:
+    return tuple(cell for name, cell in zip(TensorsPanel.COLUMNS, row) if name in columns)
 
 
 def _tensor_rows(event: StageEvent | None) -> list[tuple]:
@@ -71,10 +97,16 @@ def _stage_facts(event: StageEvent) -> list[tuple[str, str]]:
         facts.append(("grads after", f"{a['nonzero']} with values, {a['none']} None"))
     for key in ("lr", "val_loss", "val_accuracy", "norm_before", "best_val_loss", "without_improvement"):
         if key in m and m[key] is not None:
-            facts.append((key.replace("_", " "), fmt(m[key], 4) if isinstance(m[key], float) else str(m[key])))
+            facts.append((key.replace("_", " "), _fact(key, m[key])))
     if m.get("skipped"):
         facts.append(("skipped", "this line is missing from the loop (a bug)"))
     return facts
+
+
+def _fact(key: str, value: object) -> str:
+    if key == "val_accuracy" and isinstance(value, float):
+        return f"{value:.1%}"  # as the Epochs panel and the narration write it
+    return fmt(value, 4) if isinstance(value, float) else str(value)
 
 
 # A norm this small beside the largest is float32 round-off of a zero gradient: its digits differ
