@@ -36,6 +36,7 @@ def test_changes_read_as_words_not_exponents():
     assert Measure("loss", 0.6665, 8.1e-16, "x").change() == "down more than 1000x"
     assert Measure("loss", 1e-15, 5.6, "x").change() == "up more than 1000x"
     assert Measure("val_accuracy", 0.35, 0.306, "x").change() == "-4.4 points"
+    assert Measure("loss", 1.11, 1.095, "x").change() == "down 1.4%"  # not "down 1x"
     assert Measure("loss", None, 0.6671, "mean of the last 20 iterations").describe() == (
         "loss, mean of the last 20 iterations: 0.6671"  # nothing before it: no "- ->"
     )

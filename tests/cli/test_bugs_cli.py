@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -71,7 +73,8 @@ def test_bad_bug_ids_are_one_line_and_exit_2(args, expected, capsys):
 
 def test_check_exit_codes(capsys):
     assert main(["check", "regression"]) == 0
-    assert capsys.readouterr().out.count("PASS") == 4
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 4 and "What these checks do not test" in out
     assert main(["check", "blobs", "--bug", "view_instead_of_permute", "--json"]) == 1
     rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["batch_mixing"]["passed"] is False and "9 other input row(s)" in rows["batch_mixing"]["message"]
@@ -105,3 +108,23 @@ def test_run_and_demo_take_a_folder_for_screenshots():
     assert parser.parse_args(["run", "blobs"]).svg_dir == "loopscope-shots"
     assert parser.parse_args(["run", "blobs", "--svg-dir", "/tmp/shots"]).svg_dir == "/tmp/shots"
     assert parser.parse_args(["demo", "demos/01.toml", "--svg-dir", "slides"]).svg_dir == "slides"
+
+
+def test_check_prints_each_result_as_its_check_ends():
+    """`loopscope check` in a real process: the first result is on the terminal while the other
+    checks still run (before, all four came at once after up to a minute of blank screen)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loopscope", "check", "spirals"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = process.stdout.readline()
+        still_running = process.poll() is None
+        rest, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert first.startswith("PASS  loss at initialisation")
+    assert still_running, "the first line came only when every check was done"
+    assert rest.count("PASS") == 3 and "running 4 sanity checks on copies of the model..." in err

@@ -109,6 +109,30 @@ async def test_t_twin_c_checks_l_log_and_help():
         assert not isinstance(app.screen, HelpScreen)
 
 
+async def test_checks_show_each_result_as_it_ends_and_say_what_they_cannot_see():
+    from loopscope.shared.protocol import RunIterations
+
+    app = make_app("blobs", bugs=("skip_zero_grad",))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        app.send(RunIterations(100))
+        await wait_until(pilot, lambda: state(app).completed_iterations == 100 and not state(app).running)
+        seen = []
+        apply = app.model.apply
+
+        def recording(message):
+            apply(message)
+            if isinstance(message, Checks):
+                seen.append((len(message.results), message.done, app.model.notice))
+
+        app.model.apply = recording
+        await press_and_wait(pilot, "c", lambda: seen and seen[-1][1])
+        assert [(n, done) for n, done, _ in seen] == [(1, False), (2, False), (3, False), (4, True)]
+        assert seen[0][2] == "sanity checks: 1 of 4 done..."
+        await expect_text(pilot, "#diagnostics", "Every check passed with skip_zero_grad on: that bug is out of their")
+        await expect_text(pilot, "#diagnostics", "What these checks do not test")
+
+
 async def test_bugs_toggle_from_the_list_and_show_as_a_diff():
     app = make_app("blobs")
     async with app.run_test(size=SIZE) as pilot:
@@ -201,17 +225,49 @@ async def test_a_click_switches_a_bug():
         assert bug_list.selected == ["skip_zero_grad"]
 
 
-async def test_p_switches_the_plot_to_a_picture_of_the_model():
+async def test_p_switches_the_plot_to_a_picture_of_the_model_with_its_legend():
     app = make_app("spirals")
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        await pilot.press("p")
+        await pilot.press("n", "n")
+        await wait_until(pilot, lambda: state(app).completed_iterations == 2)
+        await pilot.press("p")  # paused: the picture comes at once, not after the next batch
+        await wait_until(pilot, lambda: app.model.picture is not None)
+        await pilot.pause(0.2)
         assert app.query_one("#picture").display and not app.query_one("#plot").display
-        await press_and_wait(pilot, "n", lambda: app.model.picture is not None)
         assert app.model.picture.kind == "boundary"
-        assert "Picture" in app.query_one("#plot-box").border_title
+        assert app.query_one("#plot-box").border_title == "Picture: decision boundary at iteration 2 (p: loss)"
+        # The legend fits the half-screen panel (plotext drops a title wider than the plot).
+        assert "dots: the model's class  O: examples" in screen_text(app)
         await pilot.press("p")
         assert app.query_one("#plot").display
+
+
+async def test_a_model_without_a_picture_says_why_in_the_panel():
+    app = make_app("blobs")  # 10 features: no plane to draw
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("p")
+        await expect_text(pilot, "#picture-note", "appears after the next batch")
+        await pilot.press("n")
+        await expect_text(pilot, "#picture-note", "No picture for this model: its inputs have shape [10, 10].")
+        assert not app.query_one("#picture").display
+
+
+async def test_the_loss_plot_draws_train_and_validation_on_every_row_it_has():
+    app = make_app("spirals")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "e", lambda: app.model.val_loss.total_points >= 1)
+        await pilot.pause(0.3)
+        plot = app.query_one("#plot")
+        drawn = plot.render()  # the plot as the screen gets it: text with colour spans
+        rows = [line for line in drawn.plain.splitlines() if "┤" in line]
+        assert len(rows) >= 6, drawn.plain  # no title row taken from the lines: the border names the plot
+        assert app.query_one("#plot-box").border_title == "Loss (p: picture)"
+        colours = {str(span.style.color.name) for span in drawn.spans if getattr(span.style, "color", None)}
+        assert len({c for c in colours if c.startswith("color(")}) >= 2, colours  # train, val: a colour each
+        assert "•" in drawn.plain  # the validation point, marked: one point is no line
 
 
 async def test_s_saves_the_screen_as_svg_in_its_own_folder_and_says_where(tmp_path, monkeypatch):
@@ -291,8 +347,8 @@ async def test_slow_sanity_checks_still_end_with_their_done_notice():
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await pilot.press("c")
-        await expect_text(pilot, "#status", "running the sanity checks on a copy of the model... 1 s")
-        await wait_until(pilot, lambda: app.model.checks is not None)
+        await expect_text(pilot, "#status", "running the sanity checks on a copy of the model")
+        await wait_until(pilot, lambda: app.model.checks is not None and app.model.checks_running is None)
         await expect_text(pilot, "#status", "sanity checks done")
         # The answer can land just as the wait's count is due to go up (7 s, last shown 6): the
         # redraw it causes must not count the wait again ("the engine has not answered for 7 s").

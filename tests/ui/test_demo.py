@@ -115,6 +115,7 @@ async def test_a_demo_plays_predicts_reveals_goes_back_and_lets_you_explore(tmp_
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot)
         await expect_text(pilot, "#narration", demo.title)
+        assert app.query_one("#plot").size.height >= 8  # the narration does not squeeze the loss plot
         await pilot.press("right")  # step 1: run 20, 4 s at this speed
         await wait_until(pilot, lambda: app.model.state.running)
         await expect_text(pilot, "#narration", "running...")
@@ -141,7 +142,7 @@ async def test_a_demo_plays_predicts_reveals_goes_back_and_lets_you_explore(tmp_
         shown = text_of(app, "#narration")
         assert "Answer: larger (the room got it)" in shown
         assert "What the loop did: gradient norm, this iteration:" in shown
-        assert "What the loop did: the Diagnostics panel named stale_gradients" in shown
+        assert "the Diagnostics panel named stale_gradients" in shown, shown
         await pilot.press("left", "left", "left")
         await expect_text(pilot, "#narration", "Step 1/7")
         assert text_of(app, "#narration") == first_reveal  # recorded, not recomputed from the loop now

@@ -16,7 +16,7 @@ from loopscope.shared.errors import UserError
 if TYPE_CHECKING:
     from loopscope.engine.stepper import Stepper
     from loopscope.shared.demo import Demo
-    from loopscope.shared.events import Finding, StageEvent
+    from loopscope.shared.events import CheckResult, Finding, StageEvent
 
 
 def _users_prints_to_stderr() -> contextlib.AbstractContextManager[object]:
@@ -35,24 +35,33 @@ def _open_output(path: str | None) -> TextIO:
         raise UserError(f"cannot write {path}: {exc.strerror}") from exc
 
 
+CHECK_TITLE_WIDTH = 26  # the longest check title, "input-independent baseline", so the columns line up
+
+
 def check_command(args: argparse.Namespace) -> int:
     """`loopscope check`: Karpathy's sanity checks, pass/fail with the numbers."""
-    from loopscope.engine.checks import run_checks
+    from loopscope.engine.checks import CHECKS, blind_spots, run_checks
     from loopscope.engine.devices import resolve_device
     from loopscope.engine.experiment import load_experiment
     from loopscope.engine.stepper import Stepper
 
+    out = sys.stdout  # the results; the user's prints, if any, go to stderr
     device = resolve_device(args.device)
+
+    def ended(result: CheckResult) -> None:  # each line as its check ends: they take seconds each
+        if not args.json:
+            verdict = "SKIP" if result.skipped else ("PASS" if result.passed else "FAIL")
+            print(f"{verdict}  {result.title:<{CHECK_TITLE_WIDTH}}  {result.message}", file=out, flush=True)
+
+    if not args.json:
+        print(f"running {len(CHECKS)} sanity checks on copies of the model...", file=sys.stderr, flush=True)
     with _users_prints_to_stderr():
         stepper = Stepper(load_experiment(args.target, args.seed), device, bugs=args.bug, diagnose=False)
-        results = run_checks(stepper)
+        results = run_checks(stepper, on_result=ended)
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     else:
-        width = max(len(r.title) for r in results)
-        for r in results:
-            verdict = "SKIP" if r.skipped else ("PASS" if r.passed else "FAIL")
-            print(f"{verdict}  {r.title:<{width}}  {r.message}")
+        print(f"\n{blind_spots(results, tuple(args.bug))}")
     return EXIT_OK if all(r.passed for r in results) else EXIT_STAGE_ERROR
 
 

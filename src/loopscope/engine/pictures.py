@@ -60,6 +60,22 @@ class PictureMaker:
         for features, target in zip(x.tolist(), y.tolist()):
             self.rows.append((*features, target))
 
+    def unavailable(self) -> str | None:
+        """Why no picture can be drawn of this model; None while one can (or no batch was seen yet)."""
+        batch = self.current_batch()
+        inputs = batch[0] if batch is not None else None
+        if inputs is None or picture_kind(inputs, self.task) is not None:
+            return None
+        what = (
+            f"its inputs have shape {list(inputs.shape)}"
+            if isinstance(inputs, torch.Tensor)
+            else f"its inputs are a {type(inputs).__name__}"
+        )
+        return (
+            f"No picture for this model: {what}. A picture needs inputs of 2 numbers per example "
+            "(a classifier's decision boundary) or 1 (a regression's fitted curve), as in spirals and regression."
+        )
+
     def make(self) -> Picture | None:
         kind = picture_kind(self.current_batch()[0], self.task)
         if kind is None or not self.rows:

@@ -21,6 +21,7 @@ from loopscope.shared.protocol import (
     Checks,
     EngineState,
     Failed,
+    NoPicture,
     PlainLoopTimed,
     Ready,
     Rewind,
@@ -148,6 +149,8 @@ class EngineServer:
             picture = self.pictures.make()
             if picture is not None:
                 self.conn.send(picture)
+            elif (reason := self.pictures.unavailable()) is not None:
+                self.conn.send(NoPicture(reason))
 
     def _time_plain_loop(self, seconds: float) -> PlainLoopTimed:
         from loopscope.engine.plainloop import plain_iterations_for
@@ -213,6 +216,8 @@ class EngineServer:
                     self._rewind()
                 case SetPicture(on=on):
                     self.pictures = s.picture_maker() if on else None
+                    if self.pictures is not None:
+                        self.pictures.remember_batch()  # a paused or finished run has a picture too
                 case RunChecks():
                     self._run_checks()
                 case TimePlainLoop(seconds=seconds):
@@ -223,7 +228,7 @@ class EngineServer:
         self._flush()
 
     def _run_checks(self) -> None:
-        from loopscope.engine.checks import run_checks
+        from loopscope.engine.checks import CHECKS, blind_spots, run_checks
         from loopscope.engine.stepper import Stepper
 
         subject: Any = self.stepper
@@ -233,7 +238,15 @@ class EngineServer:
             except UserError as exc:
                 self.conn.send(Failed(str(exc), fatal=False))
                 return
-        self.conn.send(Checks(tuple(run_checks(subject))))
+        so_far: list = []
+
+        def ended(result: Any) -> None:
+            so_far.append(result)
+            if len(so_far) < len(CHECKS):
+                self.conn.send(Checks(tuple(so_far), len(CHECKS), done=False))
+
+        results = run_checks(subject, on_result=ended)
+        self.conn.send(Checks(tuple(results), len(CHECKS), True, blind_spots(results, self.stepper.active_bugs)))
 
     def _rewind(self) -> None:
         s = self.stepper

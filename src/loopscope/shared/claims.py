@@ -139,6 +139,8 @@ class Measure:
         ratio = after / before
         if 0.995 <= ratio <= 1.005:
             return "unchanged"
+        if 0.9 < ratio < 1.1:  # "down 1x" says nothing: a small change in percent
+            return f"{'up' if ratio > 1 else 'down'} {abs(ratio - 1):.1%}"
         word, factor = ("up", ratio) if ratio > 1 else ("down", 1 / ratio)
         return f"{word} more than 1000x" if factor > 1000 else f"{word} {factor:.2g}x"
 

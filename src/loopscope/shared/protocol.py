@@ -183,7 +183,12 @@ class Update:
 
 @dataclass(frozen=True)
 class Checks:
+    """The sanity checks' results so far (sent as each one ends), then all of them."""
+
     results: tuple[CheckResult, ...]
+    total: int = 0  # how many checks run in all
+    done: bool = True
+    blind_spots: str = ""  # what the checks cannot see (with the last message)
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,13 @@ class SetPicture:
     """Send pictures of what the model has learned (decision boundary or fitted curve)."""
 
     on: bool
+
+
+@dataclass(frozen=True)
+class NoPicture:
+    """Why this model gets no picture (its inputs are not 2-D points or 1-D values)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)

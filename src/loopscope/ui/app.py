@@ -59,7 +59,15 @@ from loopscope.ui.panels import (
     TensorsPanel,
 )
 from loopscope.ui.panels.tensors import tensors_title
-from loopscope.ui.plot import LossPlot, PicturePlot
+from loopscope.ui.plot import (
+    LossPlot,
+    PictureNote,
+    PicturePlot,
+    loss_legend,
+    loss_title,
+    picture_note,
+    picture_title,
+)
 from loopscope.ui.session import EngineSession
 
 BUSY_WARNING_SECONDS = 3.0  # silence from the engine this long means a slow or stuck stage
@@ -156,7 +164,12 @@ class LoopscopeApp(App[None]):
             ("code-box", "Loop code", VerticalScroll, lambda: [CodePanel(id="code")]),
             ("tensors-box", tensors_title(), Vertical, lambda: [TensorsPanel(id="tensors")]),
             ("gradients-box", "Gradients", VerticalScroll, lambda: [GradientsPanel(id="gradients")]),
-            ("plot-box", "Loss (p: picture)", Vertical, lambda: [LossPlot(id="plot"), PicturePlot(id="picture")]),
+            (
+                "plot-box",
+                loss_title(False),
+                Vertical,
+                lambda: [LossPlot(id="plot"), PicturePlot(id="picture"), PictureNote(id="picture-note")],
+            ),
             ("diagnostics-box", "Diagnostics", VerticalScroll, lambda: [DiagnosticsPanel(id="diagnostics")]),
             ("epochs-box", "Epochs", Vertical, lambda: [EpochsPanel(id="epochs"), OutputPanel(id="output")]),
             (
@@ -169,6 +182,8 @@ class LoopscopeApp(App[None]):
 
     def on_mount(self) -> None:
         self.query_one(PicturePlot).display = False
+        self.query_one(PictureNote).display = False
+        self.screen.set_class(self.demo is not None, "-demo")
         self.query_one(OutputPanel).display = False
         self._apply_width(self.size.width)
         self.redraw(force=True)
@@ -213,12 +228,12 @@ class LoopscopeApp(App[None]):
         self.model.apply(message.payload)
         if self.demo is not None:
             self.demo.observe(message.payload, self.model)
-        if isinstance(message.payload, (Checks, Failed)):
+        if isinstance(message.payload, Failed) or (isinstance(message.payload, Checks) and message.payload.done):
             self._checks_pending = False
         running = self.model.state is not None and self.model.state.running
         # The answer is here: no longer waiting, before any redraw counts the wait again (it
         # said "the engine has not answered for 7 s" over the answer of slow sanity checks).
-        self._awaiting_since = time.monotonic() if running else None
+        self._awaiting_since = time.monotonic() if running or self._checks_pending else None
         if self._busy_shown:
             self._busy_shown = 0
             if self.model.notice is waiting_notice:  # the answer did not bring a notice of its own
@@ -244,7 +259,9 @@ class LoopscopeApp(App[None]):
         if quiet != self._busy_shown and (self._checks_pending or quiet >= BUSY_WARNING_SECONDS):
             self._busy_shown = quiet
             if self._checks_pending:
-                self.model.notice = f"running the sanity checks on a copy of the model... {quiet} s"
+                total, done = self.model.checks_running, len(self.model.checks or ())
+                so_far = f" ({done} of {total} done)" if total else ""
+                self.model.notice = f"running the sanity checks on a copy of the model{so_far}... {quiet} s"
             else:
                 self.model.notice = (
                     f"the engine has not answered for {quiet} s (a slow or stuck stage in the "
@@ -321,11 +338,24 @@ class LoopscopeApp(App[None]):
         self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
         if self.demo is not None:
             self.query_one(NarrationBar).show(self.demo, model)
-        if self.showing_picture:
+        self._show_plot()
+        self._sync_bug_list()
+
+    def _show_plot(self) -> None:
+        model, box = self.model, self.query_one("#plot-box")
+        if not self.showing_picture:
+            plot = self.query_one(LossPlot)
+            box.border_title, box.border_subtitle = loss_title(plot.log_scale), loss_legend(model)
+            plot.show(model)
+            return
+        note = picture_note(model)
+        self.query_one(PictureNote).display = note is not None
+        self.query_one(PicturePlot).display = note is None
+        box.border_title, box.border_subtitle = picture_title(model.picture), ""
+        if note is None:
             self.query_one(PicturePlot).show(model)
         else:
-            self.query_one(LossPlot).show(model)
-        self._sync_bug_list()
+            self.query_one(PictureNote).show(model)
 
     def _show_epochs_or_output(self) -> None:
         """Script mode shows the script's own output where factory mode shows its epochs."""
@@ -476,8 +506,7 @@ class LoopscopeApp(App[None]):
         """Switch the plot panel between the loss and a picture of what the model has learned."""
         self.showing_picture = not self.showing_picture
         self.query_one(LossPlot).display = not self.showing_picture
-        self.query_one(PicturePlot).display = self.showing_picture
-        self.query_one("#plot-box").border_title = "Picture (p: loss)" if self.showing_picture else "Loss (p: picture)"
+        self.query_one(PicturePlot).display = self.query_one(PictureNote).display = False
         self.send(SetPicture(self.showing_picture))
         self.redraw(force=True)
 

@@ -13,6 +13,7 @@ from loopscope.shared.protocol import (
     Checks,
     EngineState,
     Failed,
+    NoPicture,
     Picture,
     Ready,
     Rewound,
@@ -71,7 +72,10 @@ class ScreenModel:
         self.val_loss = Series(4096)
         self.epochs: dict[int, EpochRow] = {}
         self.checks: tuple[CheckResult, ...] | None = None
+        self.checks_running: int | None = None  # how many checks there are, while they run
+        self.checks_note = ""  # what the checks cannot see
         self.picture: Picture | None = None
+        self.no_picture: str | None = None  # why the model gets none
         self.failure: str | None = None  # the engine stopped or could not start
         self.notice: str | None = None  # a command it could not carry out
         self.version = 0  # bumped on every change: the screen redraws when it moves
@@ -96,11 +100,16 @@ class ScreenModel:
                 self.info, self.state, self.failure = info, state, None
             case Update():
                 self._update(message)
-            case Checks(results=results):
-                self.checks = results
+            case Checks(results=results, done=False, total=total):
+                self.checks, self.checks_running = results, total
+                self.notice = f"sanity checks: {len(results)} of {total} done..."
+            case Checks(results=results, blind_spots=note):
+                self.checks, self.checks_running, self.checks_note = results, None, note
                 self.notice = "sanity checks done: the results are in the Diagnostics panel"
             case Picture():
-                self.picture = message
+                self.picture, self.no_picture = message, None
+            case NoPicture(reason=reason):
+                self.picture, self.no_picture = None, reason
             case Rewound():
                 self._rewound(message)
             case Failed(message=text, fatal=True):
@@ -167,7 +176,10 @@ def downsample(xs: list[float], ys: list[float], limit: int) -> tuple[list[float
     size = math.ceil(len(xs) / limit)
     out_x, out_y = [], []
     for i in range(0, len(xs), size):
-        chunk_y = ys[i : i + size]
-        out_x.append(xs[min(i + size, len(xs)) - 1])
+        chunk_x, chunk_y = xs[i : i + size], ys[i : i + size]
+        # At the bucket's middle (its last x shifted the whole line right: the plot began at 3.0),
+        # except at the ends: the line spans the run, from its first point to its latest.
+        middle = sum(chunk_x) / len(chunk_x)
+        out_x.append(chunk_x[0] if i == 0 else chunk_x[-1] if i + size >= len(xs) else middle)
         out_y.append(sum(chunk_y) / len(chunk_y))
     return out_x, out_y

@@ -66,7 +66,7 @@ class NarrationBar(TextPanel):
             right = choice is not None and step.options[choice] == step.answer
             verdict = "" if choice is None else (" (the room got it)" if right else " (not what the room said)")
             text.append(f"Answer: {step.answer}{verdict}\n", style="bold green")
-        for measure in measures:
-            text.append(f"What the loop did: {measure.describe()}\n")
+        for number, measure in enumerate(measures):
+            text.append(f"{'What the loop did: ' if number == 0 else '                   '}{measure.describe()}\n")
         if step.explain:
             text.append(step.explain + "\n", style="italic")

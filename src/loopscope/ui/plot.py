@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 
+from rich.text import Text
 from textual_plotext import PlotextPlot
 
 from loopscope.shared.history import Series
+from loopscope.shared.protocol import Picture
 from loopscope.shared.vocab import PictureKind
 from loopscope.ui.model import ScreenModel, downsample
+from loopscope.ui.panels.base import TextPanel
 
 
 def plot_points(series: Series, width: int, log: bool = False) -> tuple[list[float], list[float]]:
@@ -22,33 +25,87 @@ def plot_points(series: Series, width: int, log: bool = False) -> tuple[list[flo
     return downsample(xs, ys, max(20, 2 * width))
 
 
+# (name, ScreenModel series, plotext's colour, the same colour as Textual names it, the mark). Validation
+# comes once an epoch: its points are dots, never a line drawn across the epoch between them, which
+# covered the training line it crossed.
+LOSS_LINES = (
+    ("train", "loss", "cyan", "ansi_cyan", "━━"),
+    ("clean twin", "twin_loss", "green", "ansi_green", "━━"),
+    ("val", "val_loss", "orange", "ansi_yellow", "•"),  # plotext's orange is the terminal's yellow
+)
+
+
+def loss_legend(model: ScreenModel) -> str:
+    """The lines' legend, for the panel's bottom border: plotext draws its legend over the plot's
+    top-left corner, which is where a falling loss starts."""
+    return "  ".join(
+        f"[{legend}]{mark}[/] {name}"
+        for name, attribute, _, legend, mark in LOSS_LINES
+        if getattr(model, attribute).total_points
+    )
+
+
 class LossPlot(PlotextPlot):
-    """Train loss, val loss and twin loss against the iteration."""
+    """Train loss, val loss and twin loss against the iteration. The panel's border says what the
+    plot is (and the axis scale), so the plot keeps every row for the lines."""
 
     log_scale = False
 
     def show(self, model: ScreenModel) -> None:
         plt = self.plt
         plt.clear_data()  # not clear_figure: that rebuilds the figure (deep copies), ~1 ms a frame
-        label = "log10(loss)" if self.log_scale else "loss"
-        plt.title(label)
+        plt.title("")
         plt.xlabel("iteration")
         drawn = False
-        for name, series, marker in (
-            ("train", model.loss, "braille"),
-            ("clean twin", model.twin_loss, "braille"),
-            ("val", model.val_loss, "hd"),
-        ):
-            xs, ys = plot_points(series, self.size.width, self.log_scale)
+        for _, attribute, colour, _, mark in LOSS_LINES:
+            xs, ys = plot_points(getattr(model, attribute), self.size.width, self.log_scale)
             if xs:
-                plt.plot(xs, ys, label=name, marker=marker)
+                if mark == "•":
+                    plt.scatter(xs, ys, marker=mark, color=colour)
+                else:
+                    plt.plot(xs, ys, marker="braille", color=colour)
                 drawn = True
         if not drawn:
-            plt.title("loss (appears after the first loss stage)")
+            plt.title("no loss yet")
         self.refresh()
 
 
+def fitting(title: str, width: int) -> str:
+    """The title, or its first words that fit: plotext leaves out a title that does not."""
+    while len(title) > width - 2 and "  " in title:
+        title = title.rsplit("  ", 1)[0]
+    return title if len(title) <= width - 2 else ""
+
+
 CLASS_COLOURS = ("cyan", "orange", "magenta", "green", "red", "blue", "yellow", "white", "gray", "violet")
+
+
+def loss_title(log_scale: bool) -> str:
+    return "Loss, log10 axis (p: picture)" if log_scale else "Loss (p: picture)"
+
+
+def picture_title(picture: Picture | None) -> str:
+    """What the picture panel's border says: what is drawn, and when."""
+    if picture is None:
+        return "Picture (p: loss)"
+    what = "decision boundary" if picture.kind == PictureKind.BOUNDARY else "fitted curve"
+    return f"Picture: {what} at iteration {picture.iteration} (p: loss)"
+
+
+def picture_note(model: ScreenModel) -> str | None:
+    """The words shown instead of a picture, when there is none to draw."""
+    if model.no_picture is not None:
+        return model.no_picture
+    if model.picture is None:
+        return "The picture appears after the next batch (for 2-D classifiers and 1-D regressions)."
+    return None
+
+
+class PictureNote(TextPanel):
+    """Where the picture would be: why there is none (yet)."""
+
+    def show(self, model: ScreenModel) -> None:
+        self.update(Text(picture_note(model) or "", style="italic"))
 
 
 class PicturePlot(PlotextPlot):
@@ -60,16 +117,18 @@ class PicturePlot(PlotextPlot):
         plt.clear_figure()
         picture = model.picture
         if picture is None:
-            plt.title("picture: appears after the next batch (2-D classifiers and 1-D regressions only)")
             self.refresh()
             return
         plt.xlim(*picture.x_range)
         plt.ylim(*picture.y_range)
+        # A legend short enough for a half-screen panel: plotext drops a title wider than the plot.
+        # Just shown, the widget has no size yet: half the screen is what a grid cell gets.
+        width = self.size.width or self.app.size.width // 2
         if picture.kind == PictureKind.BOUNDARY:
-            plt.title(f"decision boundary at iteration {picture.iteration} (dots: the model, O: examples)")
+            plt.title(fitting("dots: the model's class  O: examples", width))
             self._boundary(picture)
         else:
-            plt.title(f"predictions (line) vs targets (dots) at iteration {picture.iteration}")
+            plt.title(fitting("line: the model  dots: examples", width))
             xs, ys = zip(*picture.points) if picture.points else ((), ())
             plt.scatter(list(xs), list(ys), marker="dot", color="gray")
             cx, cy = zip(*picture.curve)

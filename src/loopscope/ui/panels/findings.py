@@ -56,6 +56,10 @@ class DiagnosticsPanel(TextPanel):
                 else:
                     text.append(" PASS " if check.passed else " FAIL ", style="green" if check.passed else "bold red")
                 text.append(f"{check.title}: {check.message}\n")
+            if model.checks_running is not None:
+                text.append(f" ...  {model.checks_running - len(model.checks)} more running\n", style="dim")
+            elif model.checks_note:
+                text.append(model.checks_note + "\n", style="dim italic")
             text.append("\n")
         state = model.state
         if state is not None and state.halted is not None:

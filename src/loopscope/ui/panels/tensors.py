@@ -42,6 +42,8 @@ class TensorsPanel(DataTable):
         shared_dtype = dtypes.pop() if len(dtypes) == 1 else None
         if shared_dtype is not None:
             columns = tuple(c for c in columns if c != "dtype")
+        if not tensors:  # a stage that touched no tensor (step, scheduler): its facts only
+            columns = ("name", "value")
         if isinstance(self.parent, Widget):
             self.parent.border_title = tensors_title(shared_dtype)
         rows = [_only(row, columns) for row in _tensor_rows(event)]
@@ -62,6 +64,8 @@ class TensorsPanel(DataTable):
 
 
 def _only(row: tuple, columns: tuple[str, ...]) -> tuple:
+    if columns == ("name", "value"):
+        return row[:2]  # a fact's key and value
     return tuple(cell for name, cell in zip(TensorsPanel.COLUMNS, row) if name in columns)
 
 
