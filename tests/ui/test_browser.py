@@ -258,9 +258,10 @@ def test_a_stopped_server_leaves_no_process_behind(browser, signum):
     process, url = start_server("digits")
     try:
         running, waiting = browser.new_page(viewport=VIEWPORT), browser.new_page(viewport=VIEWPORT)
-        for page in (running, waiting):
+        for page in (running, waiting):  # both apps and engines start at once
             page.add_init_script(CATCH_THE_TERMINAL)
             page.goto(url)
+        for page in (running, waiting):
             wait_for_screen(page, "iter 0")
         running.mouse.click(700, 450)
         running.keyboard.press("r")
