@@ -195,6 +195,7 @@ def test_at_80x24_a_finding_is_on_screen_without_a_key(tmux_session):
     screen = wait_for_pane(tmux_session, " x it ")
     assert "x 1 error" in screen.splitlines()[0]
     lines = screen.splitlines()
+    assert lines[2].startswith("╭─ Loop code")  # counters, then the stages folded to one line: two rows
     assert len(lines) == 24 and max(len(line) for line in lines) <= 80
     finding = next(line for line in lines if line.startswith(" x it "))
     assert "gradient tensors still held values" in finding and finding.endswith("d: diagnostics"), finding

@@ -42,19 +42,27 @@ class PipelineBar(TextPanel):
         memory = model.last_event.metrics if model.last_event else {}
         if "cuda_allocated_mb" in memory:
             text.append(f"  mem {memory['cuda_allocated_mb']:.0f}/{memory['cuda_peak_mb']:.0f} MB peak", style="bold")
-        text.append(" | ", style="dim")
         groups = (list(state.iteration_stages), list(info.epoch_end_stages))
         here = next((g for g, stages in enumerate(groups) if current in stages), None)
         if here is None:
             here = 1 if state.next_stage in groups[1] and state.next_stage not in groups[0] else 0
         # Too long for one line, close up the arrows, then fold the group the loop is not in to a
         # count: a second line would push every panel down a row (and back up when it shrank).
-        # When even that does not fit, it wraps in full.
-        for folded, arrow in ((None, " > "), (None, ">"), (1 - here, " > "), (1 - here, ">"), (None, " > ")):
-            line = text + self._stages(groups, current, state.next_stage, folded, arrow)
-            if not self.content_region.width or cell_len(line.plain) <= self.content_region.width:
+        # When even that does not fit, the stages get a line of their own, folded the same way to
+        # fit it: two lines, never three (a narrow screen with findings counted wrapped to three).
+        width = self.content_region.width
+        folds = ((None, " > "), (None, ">"), (1 - here, " > "), (1 - here, ">"))
+        separator = Text(" | ", style="dim")
+        for folded, arrow in folds:
+            line = text + separator + self._stages(groups, current, state.next_stage, folded, arrow)
+            if not width or cell_len(line.plain) <= width:
+                self.update(line)
+                return
+        for folded, arrow in folds:
+            stages = Text(" ") + self._stages(groups, current, state.next_stage, folded, arrow)
+            if cell_len(stages.plain) <= width:
                 break
-        self.update(line)
+        self.update(Text("\n").join([text, stages]))
 
     @staticmethod
     def _stages(
