@@ -9,10 +9,10 @@ from loopscope.shared.protocol import Ready, RunIterations, SessionSpec, SetRunn
 from loopscope.ui.session import EngineSession
 
 
-def _run_and_collect(command: object) -> tuple[list, int]:
+def _run_and_collect(command: object, bugs: tuple[str, ...] = ()) -> tuple[list, int]:
     """Send `command` to a fresh blobs engine; (every event until it pauses, completed iterations)."""
     messages: queue.Queue = queue.Queue()
-    session = EngineSession(SessionSpec("blobs", "cpu"), messages.put, in_process=True)
+    session = EngineSession(SessionSpec("blobs", "cpu", bugs=bugs), messages.put, in_process=True)
     session.start()
     events = []
     try:
@@ -38,6 +38,15 @@ def test_a_run_to_the_end_probes_the_last_iteration_so_the_panels_end_on_it():
     assert completed == 400  # blobs: 5 epochs of 80 batches
     probed = _probed_iterations(events)
     assert probed[-1] == 400 and len(probed) < 100  # the rest stays sampled at the panels' rate
+
+
+def test_a_run_at_max_speed_names_a_missing_zero_grad_at_its_second_iteration():
+    # The first two iterations are probed: stale gradients show at the second backward. Before,
+    # the next probe after the first came a frame later, ~200 iterations into blobs.
+    events, _ = _run_and_collect(SetRunning(True), bugs=("skip_zero_grad",))
+    named = [e.iteration for e in events for finding in e.diagnostics if finding.id == "stale_gradients"]
+    assert named and named[0] == 2
+    assert _probed_iterations(events)[:2] == [1, 2]
 
 
 def test_run_n_probes_the_iteration_it_stops_at():

@@ -6,6 +6,9 @@ from __future__ import annotations
 from loopscope.shared.protocol import DETAIL_SECONDS
 
 PROBE_BUDGET = 0.01  # full statistics may cost at most ~1% of the run's time
+# The run's first iterations are all probed: structural findings need two in a row (stale gradients
+# show at the second backward), and at max speed the next probe came ~200 iterations later.
+OPENING_PROBES = 2
 
 
 class ProbeSchedule:
@@ -18,6 +21,7 @@ class ProbeSchedule:
         self.probed_seconds: float | None = None
         self.plain_seconds: float | None = None
         self._warm = False  # the first probed iteration pays one-off costs: it says nothing of the rest
+        self._opening = OPENING_PROBES
 
     @property
     def interval(self) -> float:
@@ -31,12 +35,15 @@ class ProbeSchedule:
         self.last_probe = float("-inf")
 
     def should_probe(self, now: float) -> bool:
+        if self._opening:
+            return True
         if self.probed_seconds is not None and self.plain_seconds is None:
             return False  # learn what an unprobed iteration costs before probing again
         return now - self.last_probe >= self.interval
 
     def record(self, probed: bool, started: float, seconds: float) -> None:
         if probed:
+            self._opening = max(0, self._opening - 1)
             self.last_probe = started
             if not self._warm:
                 self._warm = True
