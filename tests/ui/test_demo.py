@@ -179,3 +179,17 @@ def test_a_claim_the_loop_contradicts_fails_verify_with_the_step_and_the_numbers
     assert failing.startswith("  step 1 (run 200) claims loss rises: loss, mean of its first 20 iterations against")
     assert "FAILS: loss rises (it falls)" in failing and " -> " in failing
     assert "step 2 (run 10) claims loss below 100:" in out and out.rstrip().endswith("1 claim(s) did not hold")
+
+
+async def test_a_restarted_engine_never_leaves_the_script_waiting_for_its_step(tmp_path):
+    (tmp_path / "demo.toml").write_text(ZERO_GRAD_DEMO)
+    demo = load_demo(tmp_path / "demo.toml")
+    app = LoopscopeApp(SessionSpec(demo.target, "cpu", demo.seed, speed=5.0), in_process=True, demo=demo)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        await pilot.press("right")  # step 1 runs (4 s at this speed)...
+        await wait_until(pilot, lambda: app.model.state.running)
+        await pilot.press("ctrl+r")  # ...and the engine is restarted under it
+        await wait_until(pilot, lambda: app.model.info is not None and app.demo.busy is None)
+        await pilot.press("right")  # the script goes on
+        await expect_text(pilot, "#narration", "Step 2/7")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from loopscope.shared.claims import Measure, StepMeter
 from loopscope.shared.demo import Demo
-from loopscope.shared.protocol import Rewound, RunIterations, SetBug, SetTwin, Step, Update
+from loopscope.shared.protocol import Ready, Rewound, RunIterations, SetBug, SetTwin, Step, Update
 from loopscope.shared.vocab import StepKind
 from loopscope.ui.model import ScreenModel
 
@@ -71,6 +71,8 @@ class DemoController:
                     self.meter.add_event(event)
             case Rewound(completed_iterations=done):
                 self.meter.forget_after(done)
+            case Ready():  # a fresh engine (ctrl+r): a step under way is gone, and so is its loop
+                self._running, self.meter = None, StepMeter()
         self._finish_if_done(model)
 
     def _run(self, index: int, model: ScreenModel) -> None:
