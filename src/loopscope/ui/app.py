@@ -345,13 +345,17 @@ class LoopscopeApp(App[None]):
         model, box = self.model, self.query_one("#plot-box")
         if not self.showing_picture:
             plot = self.query_one(LossPlot)
-            box.border_title, box.border_subtitle = loss_title(plot.log_scale), loss_legend(model)
+            titles = (loss_title(plot.log_scale), loss_legend(model))
+            if self._changed("plot-titles", titles):  # setting one parses markup and repaints the box
+                box.border_title, box.border_subtitle = titles
             plot.show(model)
             return
         note = picture_note(model)
         self.query_one(PictureNote).display = note is not None
         self.query_one(PicturePlot).display = note is None
-        box.border_title, box.border_subtitle = picture_title(model.picture), ""
+        titles = (picture_title(model.picture), "")
+        if self._changed("plot-titles", titles):
+            box.border_title, box.border_subtitle = titles
         if note is None:
             self.query_one(PicturePlot).show(model)
         else:

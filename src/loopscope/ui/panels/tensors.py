@@ -27,6 +27,7 @@ class TensorsPanel(DataTable):
 
     _rows: list[tuple] | None = None  # what the table shows; None before the first show
     _columns: tuple[str, ...] = ()
+    _title = ""
 
     def show(self, model: ScreenModel) -> None:
         event = model.last_event
@@ -44,8 +45,9 @@ class TensorsPanel(DataTable):
             columns = tuple(c for c in columns if c != "dtype")
         if not tensors:  # a stage that touched no tensor (step, scheduler): its facts only
             columns = ("name", "value")
-        if isinstance(self.parent, Widget):
-            self.parent.border_title = tensors_title(shared_dtype)
+        title = tensors_title(shared_dtype)
+        if isinstance(self.parent, Widget) and title != self._title:  # each set repaints the box
+            self.parent.border_title = self._title = title
         rows = [_only(row, columns) for row in _tensor_rows(event)]
         same = columns == self._columns and self._rows is not None
         if same and [str(row[0]) for row in rows] == [str(row[0]) for row in self._rows or ()]:
