@@ -173,8 +173,9 @@ def test_a_claim_the_loop_contradicts_fails_verify_with_the_step_and_the_numbers
         '[[step]]\ndo = "run 200"\nsay = "The loss wanders off."\nexpect = "loss rises"\n\n'
         '[[step]]\ndo = "run 10"\nsay = "And stays low."\nexpect = "loss below 100"\n'
     )
-    assert main(["demo", str(tmp_path / "wrong.toml"), "--verify", "--seeds", "3", "--device", "cpu"]) == 1
+    assert main(["demo", str(tmp_path / "wrong.toml"), "--verify", "--seed", "3", "--device", "cpu"]) == 1
     out = capsys.readouterr().out
+    assert "seeds 3\nseed 3:" in out  # --seed plays the demo on that seed (in the app, too)
     failing = next(line for line in out.splitlines() if "FAILS" in line)
     assert failing.startswith("  step 1 (run 200) claims loss rises: loss, mean of its first 20 iterations against")
     assert "FAILS: loss rises (it falls)" in failing and " -> " in failing

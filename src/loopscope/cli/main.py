@@ -244,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --verify: the seeds to play it on, comma-separated (default: 0,1,2; a claim must hold on each)",
     )
     demo.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, cuda:N or mps")
+    demo.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        metavar="N",
+        help="play on this seed instead of the demo's own (default: its seed)",
+    )
     _add_speed(demo)
     _add_svg_dir(demo)
 
@@ -476,7 +483,7 @@ def _demo(args: argparse.Namespace) -> int:
     except DemoError as exc:
         raise UserError(str(exc)) from exc
     if args.verify:
-        return verify_demo_command(demo, args.seeds, args.device)
+        return verify_demo_command(demo, args.seeds if args.seed is None else (args.seed,), args.device)
     if args.check:
         questions = sum(1 for step in demo.steps if step.ask)
         print(
@@ -486,7 +493,8 @@ def _demo(args: argparse.Namespace) -> int:
     from loopscope.shared.protocol import SessionSpec
     from loopscope.ui.app import LoopscopeApp
 
-    spec = SessionSpec(demo.target, args.device, demo.seed, demo.bugs, demo.twin, speed=args.speed)
+    seed = demo.seed if args.seed is None else args.seed
+    spec = SessionSpec(demo.target, args.device, seed, demo.bugs, demo.twin, speed=args.speed)
     app = LoopscopeApp(spec, demo=demo, svg_dir=args.svg_dir)
     signal.signal(signal.SIGTERM, lambda signum, frame: app.exit())
     app.run()
@@ -511,6 +519,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
         command = [sys.executable, "-m", "loopscope", "demo", args.demo, "--device", args.device]
         command += ["--speed", _speed_name(args.speed)]
+        if args.seed is not None:
+            command += ["--seed", str(args.seed)]
     else:
         check_target(args.target)
         command = [
