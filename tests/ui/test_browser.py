@@ -35,12 +35,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def need_chromium():
+    """Playwright's sync API, or the test is skipped where Debian's chromium or playwright is missing."""
+    if not os.path.exists(CHROMIUM) or shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed")
+    return pytest.importorskip("playwright.sync_api")
+
+
 def start_server(target: str) -> tuple[subprocess.Popen, str]:
     """`loopscope serve TARGET` in a session of its own, so that every process it starts can be
     found (and, whatever happens, killed) by that session's id; returns it with its URL."""
-    if not os.path.exists(CHROMIUM) or shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not installed")
-    pytest.importorskip("playwright.sync_api")
+    need_chromium()
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "loopscope", "serve", target, "--port", str(port)],
@@ -123,6 +128,25 @@ CELL_GEOMETRY = """() => {
 VIEWPORT = {"width": 1400, "height": 900}
 
 
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = need_chromium()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def wait_for_screen(page, *texts: str, seconds: float = 60) -> str:
+    """The terminal's screen once it shows every one of `texts` (a frame arrives in pieces)."""
+    for _ in range(int(seconds * 4)):
+        screen = page.evaluate(SCREEN_TEXT) or ""
+        if all(text in screen for text in texts):
+            return screen
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the page never showed {texts!r}; it shows:\n{screen}")
+
+
 def read_png(data: bytes) -> list[list[tuple[int, int, int]]]:
     """The rows of RGB pixels of an 8-bit, non-interlaced PNG (as Chromium writes them): zlib and the
     five row filters, no imaging library needed."""
@@ -186,39 +210,25 @@ def assert_the_picture_shows_the_text(png: bytes, screen: str, cell: dict) -> No
     assert drawn > 0.95 and plain > 0.95, f"{drawn:.0%} of the characters drawn, {plain:.0%} of the blanks plain"
 
 
-def test_the_app_is_live_in_the_browser_and_keys_step_the_loop(server, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport=VIEWPORT)
-        page.add_init_script(CATCH_THE_TERMINAL)
-        page.goto(server)
-
-        def wait_for(*texts: str, seconds: float = 60) -> str:
-            """The terminal's screen once it shows every one of `texts` (a frame arrives in pieces)."""
-            for _ in range(int(seconds * 4)):
-                screen = page.evaluate(SCREEN_TEXT) or ""
-                if all(text in screen for text in texts):
-                    return screen
-                page.wait_for_timeout(250)
-            raise AssertionError(f"the page never showed {texts!r}; it shows:\n{screen}")
-
-        screen = wait_for("iter 0")  # the pipeline bar
-        assert "Loop code" in screen and "Bugs (enter: on/off)" in screen
-        page.mouse.click(700, 450)  # focus the terminal
-        page.keyboard.press("n")
-        # Pressing n in the page stepped the loop: the counter moved and the gradients are shown.
-        screen = wait_for("iter 1", "upd/w")
-        # And the page draws it: the terminal's text is not only held, it is on the screen. The
-        # screenshot is of text that stayed the same while it was taken.
-        for _ in range(10):
-            page.screenshot(path=str(tmp_path / "browser.png"))
-            if page.evaluate(SCREEN_TEXT) == screen:
-                break
-            screen = page.evaluate(SCREEN_TEXT)
-        cell = page.evaluate(CELL_GEOMETRY)
-        browser.close()
+def test_the_app_is_live_in_the_browser_and_keys_step_the_loop(browser, server, tmp_path):
+    page = browser.new_page(viewport=VIEWPORT)
+    page.add_init_script(CATCH_THE_TERMINAL)
+    page.goto(server)
+    screen = wait_for_screen(page, "iter 0")  # the pipeline bar
+    assert "Loop code" in screen and "Bugs (enter: on/off)" in screen
+    page.mouse.click(700, 450)  # focus the terminal
+    page.keyboard.press("n")
+    # Pressing n in the page stepped the loop: the counter moved and the gradients are shown.
+    screen = wait_for_screen(page, "iter 1", "upd/w")
+    # And the page draws it: the terminal's text is not only held, it is on the screen. The
+    # screenshot is of text that stayed the same while it was taken.
+    for _ in range(10):
+        page.screenshot(path=str(tmp_path / "browser.png"))
+        if page.evaluate(SCREEN_TEXT) == screen:
+            break
+        screen = page.evaluate(SCREEN_TEXT)
+    cell = page.evaluate(CELL_GEOMETRY)
+    page.close()
     assert_the_picture_shows_the_text((tmp_path / "browser.png").read_bytes(), screen, cell)
 
 
@@ -227,26 +237,6 @@ def test_serve_rejects_a_bad_target_before_starting(capsys):
 
     assert main(["serve", "nosuch.py"]) == 2
     assert "no such file: nosuch.py" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM) or shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not installed")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def wait_for_screen(page, *texts: str, seconds: float = 60) -> str:
-    for _ in range(int(seconds * 4)):
-        screen = page.evaluate(SCREEN_TEXT) or ""
-        if all(text in screen for text in texts):
-            return screen
-        page.wait_for_timeout(250)
-    raise AssertionError(f"the page never showed {texts!r}; it shows:\n{screen}")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
