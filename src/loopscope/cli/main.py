@@ -87,7 +87,7 @@ def _speed(text: str) -> float | None:
     except ValueError:
         speed = -1.0
     if speed not in RUN_SPEEDS:
-        names = ", ".join("max" if s is None else f"{s:g}" for s in RUN_SPEEDS)
+        names = ", ".join(map(_speed_name, RUN_SPEEDS))
         raise argparse.ArgumentTypeError(f"{text!r} is not a run speed: one of {names}")
     return speed
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from loopscope.engine.devices import resolve_device
 from loopscope.engine.experiment import load_experiment
 from loopscope.engine.stepper import Stepper
-from loopscope.shared.claims import FINDING, Claim, Measure, StepMeter
+from loopscope.shared.claims import Claim, Measure, StepMeter, named_finding
 from loopscope.shared.claims import number as shown
 from loopscope.shared.demo import Demo, DemoStep
 from loopscope.shared.events import StageEvent
@@ -51,7 +51,7 @@ class StepResult:
 
 
 def _outcome(claim: Claim, measure: Measure) -> str:
-    if claim.quantity.startswith(FINDING):
+    if named_finding(claim.quantity) is not None:
         return "was not named"
     if measure.after is None:
         return "could not be measured"

@@ -38,6 +38,11 @@ LABELS = {
 }
 
 
+def named_finding(quantity: str) -> str | None:
+    """The finding id a `finding:ID` quantity is about; None for a number."""
+    return quantity.removeprefix(FINDING) if quantity.startswith(FINDING) else None
+
+
 class ClaimError(ValueError):
     """An `expect = "..."` that does not parse."""
 
@@ -66,8 +71,8 @@ class Claim:
         )
 
     def __str__(self) -> str:
-        if self.quantity.startswith(FINDING):
-            return f"finding {self.quantity.removeprefix(FINDING)}"
+        if (finding := named_finding(self.quantity)) is not None:
+            return f"finding {finding}"
         if self.bound is None:
             return f"{self.quantity} {self.direction}"
         return f"{self.quantity} {self.direction} {number(self.quantity, self.bound)}"
@@ -105,7 +110,7 @@ class Measure:
         return "rises" if ratio >= 1 + RELATIVE_CHANGE else "falls" if ratio <= 1 - RELATIVE_CHANGE else "stays"
 
     def holds(self, claim: Claim) -> bool:
-        if claim.quantity.startswith(FINDING):
+        if named_finding(claim.quantity) is not None:
             return bool(self.after)
         if claim.bound is None:
             return self.direction() == claim.direction
@@ -116,8 +121,7 @@ class Measure:
 
     def describe(self) -> str:
         """`loss, mean of the last 20 iterations: 0.6671 -> 3.2 (up 4.8x)`."""
-        if self.quantity.startswith(FINDING):
-            finding = self.quantity.removeprefix(FINDING)
+        if (finding := named_finding(self.quantity)) is not None:
             if not self.after:
                 return f"the Diagnostics panel did not name {finding}"
             return f"the Diagnostics panel named {finding} ({self.window})"
@@ -204,8 +208,7 @@ class StepMeter:
     def measure(self, quantity: str, start: int, end: int) -> Measure:
         """`quantity` before a step that began after `start` completed iterations and at its end,
         after `end` of them."""
-        if quantity.startswith(FINDING):
-            finding = quantity.removeprefix(FINDING)
+        if (finding := named_finding(quantity)) is not None:
             at = [x for x, named in self._findings if named == finding and x > start]
             return Measure(quantity, None, float(len(at)), f"first at iteration {at[0]:g}" if at else "")
         xs, values = self._series[quantity]
