@@ -23,6 +23,7 @@ CLEAN = [
     "fp16_scaler.py",
     "hf_style.py",
     "checkpoint_early_stop.py",
+    "ema_whole_model_save.py",
 ]
 
 
@@ -82,6 +83,19 @@ def test_stages_come_in_the_scripts_order_with_its_own_lines(capsys):
     assert texts["zero_grad"] == "optimizer.zero_grad(set_to_none=True)"
     assert [r["metrics"].get("micro_batch") for r in first if r["stage"] == "backward"] == [None, 2, 3, 4]
     assert {r["iteration"] for r in records} == {1, 2}  # -n 2 ends the script after its second step
+
+
+def test_an_ema_copy_is_validated_and_the_users_modules_carry_no_hooks_of_ours(capsys):
+    """The script deep-copies its model (an EMA), pickles the whole model and prints torch's hook
+    counts: with loopscope watching, every module call is seen without a hook on any module."""
+    code, out, err = trace(capsys, str(SCRIPTS / "ema_whole_model_save.py"), "--format", "jsonl")
+    assert code == 0, err
+    assert "global module hooks 0, model hooks 0" in script_lines(err)
+    records = [json.loads(line) for line in out.splitlines()]
+    validations = [r for r in records if r["stage"] == "validate"]
+    assert [r["iteration"] for r in validations[:2]] == [8, 8]  # the EMA's, then the restored copy's
+    assert validations[0]["code_line"]["text"] == "val = F.cross_entropy(ema(x[128:]), y[128:])"
+    assert validations[0]["metrics"]["model_training"] is False
 
 
 def test_torch_save_is_a_checkpoint_stage_at_its_line_and_the_script_keeps_the_main_thread(capsys):

@@ -324,15 +324,20 @@ class ScriptDriver(DriverBase):
         if self._abort:
             raise _Abort
 
+    @property
+    def _unseen(self) -> bool:
+        """Running and unprobed: the stages being recorded make no event unless they carry a loss
+        (see recorder.quiet_stage), so nothing is described for them."""
+        return self.quiet and not self.probe and self._whole_iterations
+
     def _quiet_now(self, stage: Stage, record: StageRecord) -> bool:
         """Running, an unprobed stage makes no event (see recorder.quiet_stage)."""
-        return self.quiet and not self.probe and self._whole_iterations and quiet_stage(stage, record)
+        return self._unseen and quiet_stage(stage, record)
 
     def _hold(self, stage: Stage, record: StageRecord, duration_ms: float) -> None:
         """A quiet stage: its loss is held for the plot and the trend checks; the rest is dropped."""
-        place = self._place()
         if record.loss is not None:
-            self.recorder.hold(stage, record, duration_ms=duration_ms, **place)
+            self.recorder.hold(stage, record, duration_ms=duration_ms, **self._place())
 
     def _place(self) -> dict[str, Any]:
         """Where the loop is, for the event being made (the iteration a trailing call belongs to)."""
@@ -413,6 +418,9 @@ class ScriptDriver(DriverBase):
         self._training_work()
         started = time.perf_counter()
         record = StageRecord()
+        if self._unseen:
+            self._emit(Stage.LOAD_BATCH, record, started)
+            return
         try:
             inputs, targets = split_batch(batch)
         except TypeError:
@@ -475,11 +483,15 @@ class ScriptDriver(DriverBase):
         self._last_forward = (module, args, kwargs)
         started = self._forward_started or time.perf_counter()
         record = StageRecord()
+        record.metrics["model_training"] = module.training
+        loss = _own_loss(output)
+        if self._unseen and loss is None:
+            self._emit(Stage.FORWARD, record, started)
+            return replaced
         try:
             shown = primary_output(output)
         except TypeError:
             shown = None
-        record.metrics["model_training"] = module.training
         if shown is not None:
             record.metrics["output_requires_grad"] = shown.requires_grad
             record.tensors = (
@@ -488,7 +500,6 @@ class ScriptDriver(DriverBase):
                 else [probes.describe("output", shown, None)]
             )
         self._emit(Stage.FORWARD, record, started)
-        loss = _own_loss(output)
         if loss is not None:  # a model that computes its own loss (nanoGPT, HuggingFace): its loss stage
             self.loss_computed(type(module).__name__, shown, None, loss, OWN_LOSS)
         return replaced
@@ -497,8 +508,8 @@ class ScriptDriver(DriverBase):
         if self._validation is not None:
             self._validation_loss(output, target, loss)
             return
-        if not isinstance(loss, torch.Tensor):
-            return
+        if not isinstance(loss, torch.Tensor) or not torch.is_grad_enabled():
+            return  # a loss with gradients off trains nothing: a metric (or a model's unseen validation)
         self._check_material.saw_loss(self._last_forward, target, loss_fn)
         self._training_work()
         started = time.perf_counter()
@@ -507,6 +518,11 @@ class ScriptDriver(DriverBase):
         record = StageRecord()
         record.loss = float(loss.detach().float().mean()) if loss.numel() else math.nan
         record.metrics["loss_shape"] = list(loss.shape)
+        self._note_micro_batch(record, self._backwards_since_step + 1)
+        self._loss_since_backward = True
+        if self._unseen:  # the loss is kept for the plot and the trend checks; its tensors are not shown
+            self._emit(Stage.LOSS, record, started)
+            return
         named: list[tuple[str, torch.Tensor, str | None]] = []
         if isinstance(output, torch.Tensor):
             named.append(("output", output.detach(), None))
@@ -518,8 +534,6 @@ class ScriptDriver(DriverBase):
         record.tensors = (
             probes.tensor_stats(named) if self.probe else [probes.describe(n, t, None) for n, t, _ in named]
         )
-        self._note_micro_batch(record, self._backwards_since_step + 1)
-        self._loss_since_backward = True
         self._emit(Stage.LOSS, record, started)
 
     def scaled(self, scaler: Any, output: Any) -> None:

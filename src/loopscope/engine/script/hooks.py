@@ -1,7 +1,7 @@
 """Torch's training calls, intercepted while a script runs.
 
-Where torch has a global hook it is used (optimizer steps, module forwards); elsewhere the call is
-wrapped (zero_grad, backward, clipping, schedulers, DataLoader iterators, functional losses,
+Where torch has a global hook it is used (optimizer steps); elsewhere the call is wrapped
+(module calls, zero_grad, backward, clipping, schedulers, DataLoader iterators, functional losses,
 torch.save). Each
 interception tells a `Listener` what happened, in the script's own thread: the listener may block
 there (pausing the script). Calls from any other thread (loopscope's own sanity checks on copies,
@@ -59,8 +59,14 @@ class Listener(Protocol):
 
 
 class Interception:
-    """Installs every interception on entry and removes it on exit. `depth` counts module calls in
-    progress, so only the outermost call (the model, a loss module) is a stage."""
+    """Installs every interception on entry and removes it on exit. Only the outermost module call
+    (the model, a loss module) is a stage: `depth` is 1 while one runs.
+
+    Module calls are seen through `nn.Module.__call__`, not torch's global forward hooks: any global
+    hook sends every submodule call of every model down torch's slow path with the hooks called
+    (measured +6% on a 4-layer transformer), while a call inside the outermost one costs this
+    wrapper one check (+0.7%). Nothing is stored on the user's modules, so deepcopy and pickling
+    them is unaffected."""
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -91,9 +97,8 @@ class Interception:
         stack.enter_context(_patched(torch.amp.GradScaler, "unscale_", self._unscale))
         stack.enter_context(_patched(torch, "save", self._save))
         stack.enter_context(_patched(torch.optim.Optimizer, "__init__", self._optimizer_init))
+        stack.enter_context(_patched_module_call(self))
         handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._forward_pre),
-            nn.modules.module.register_module_forward_hook(self._forward_post, with_kwargs=True, always_call=True),
             optimizer_module.register_optimizer_step_pre_hook(self._step_pre),
             optimizer_module.register_optimizer_step_post_hook(self._step_post),
         ]
@@ -182,20 +187,20 @@ class Interception:
             return original(obj, f, *args, **kwargs)
         return _through(functools.partial(self.listener.saved, obj, f), original, obj, f, *args, **kwargs)
 
-    def _forward_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _module_call(self, original: Callable[..., Any], module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """An outermost module call from the script's thread (see _patched_module_call)."""
         if self._elsewhere():
-            return
-        if self.depth == 0:
-            self.listener.forward_started(module)
-        self.depth += 1
-
-    def _forward_post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if self._elsewhere():
-            return None
-        self.depth = max(0, self.depth - 1)
-        if self.depth == 0 and output is not None:
-            return self.listener.forward_done(module, args, kwargs, output)  # None keeps the output
-        return None
+            return original(module, *args, **kwargs)
+        self.listener.forward_started(module)
+        self.depth = 1
+        try:
+            output = original(module, *args, **kwargs)
+        finally:
+            self.depth = 0
+        if output is None:
+            return output
+        replaced = self.listener.forward_done(module, args, kwargs, output)
+        return output if replaced is None else replaced
 
     def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._elsewhere():
@@ -216,6 +221,26 @@ def _own_steps(base: type) -> list[type]:
         if "step" in cls.__dict__:
             found.append(cls)
     return found
+
+
+@contextmanager
+def _patched_module_call(interception: Interception) -> Iterator[None]:
+    """`nn.Module.__call__` wrapped: a call inside another module's call goes straight to torch's
+    own (its fast path intact); an outermost one to the interception's `_module_call`."""
+    original = nn.Module.__call__
+    outermost = interception._module_call
+
+    @functools.wraps(original)
+    def call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if interception.depth:
+            return original(module, *args, **kwargs)
+        return outermost(original, module, *args, **kwargs)
+
+    nn.Module.__call__ = call  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = original  # type: ignore[method-assign]
 
 
 @contextmanager
