@@ -20,7 +20,9 @@ def paused_after_first_loss(script: str, *args: str) -> ScriptDriver:
     return driver
 
 
-@pytest.mark.parametrize("script", ["tutorial_loop.py", "nanogpt_style.py", "hf_style.py", "mnist_functions.py"])
+@pytest.mark.parametrize(
+    "script", ["tutorial_loop.py", "nanogpt_style.py", "hf_style.py", "mnist_functions.py", "fp16_scaler.py"]
+)
 def test_all_four_checks_run_on_a_paused_script_and_leave_it_as_it_was(script):
     reference = ScriptDriver(SCRIPTS / script, [])  # the same script, never checked (one at a time:
     try:  # a process runs one script under loopscope)
@@ -38,6 +40,17 @@ def test_all_four_checks_run_on_a_paused_script_and_leave_it_as_it_was(script):
         driver.close()
     losses = [[e.loss for e in d.history.recent() if e.stage == "loss"] for d in (driver, reference)]
     assert losses[0] == losses[1] and len(losses[0]) >= 3
+
+
+@pytest.mark.parametrize(
+    ("script", "amp"), [("nanogpt_style.py", "bf16"), ("fp16_scaler.py", "fp16"), ("tutorial_loop.py", None)]
+)
+def test_the_checks_compute_under_the_autocast_the_script_trains_under(script, amp):
+    driver = paused_after_first_loss(script)
+    try:
+        assert driver.check_subject().experiment.amp == amp
+    finally:
+        driver.close()
 
 
 def test_the_initial_loss_check_says_when_the_script_has_already_trained():

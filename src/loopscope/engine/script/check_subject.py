@@ -31,14 +31,20 @@ class CheckMaterial:
         self.batches: deque[Any] = deque(maxlen=KEPT_BATCHES)
         self.loss_fn: Any = None
         self.why_not: str | None = "the script has not computed a training loss yet: step past its first loss"
+        self.amp: str | None = None  # the autocast the script computed its loss under, as Experiment.amp
 
     def saw_loss(
-        self, forward: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None, target: Any, loss_fn: Any
+        self,
+        forward: tuple[nn.Module, tuple[Any, ...], dict[str, Any]] | None,
+        target: Any,
+        loss_fn: Any,
+        loss: Any = None,
     ) -> None:
         if forward is None:
             self.why_not = "the loss was computed without a model call loopscope saw"
             return
         _, args, kwargs = forward
+        self.amp = autocast_now(loss.device) if isinstance(loss, torch.Tensor) else None
         if loss_fn is OWN_LOSS:
             batch = map_tensors(
                 dict(kwargs) if kwargs and not args else tuple(args[:2]) if len(args) >= 2 else None,
@@ -90,8 +96,25 @@ class CheckMaterial:
         except StopIteration:
             raise UserError(prefix + "the model has no parameters") from None
         experiment = Experiment(
-            model=model, loss_fn=self.loss_fn, optimizer=optimizer, train_loader=list(self.batches), epochs=1
+            model=model,
+            loss_fn=self.loss_fn,
+            optimizer=optimizer,
+            train_loader=list(self.batches),
+            epochs=1,
+            amp=self.amp,  # the checks compute as the script does
         )
         stepper = Stepper(experiment, parameter.device, probe=False, diagnose=False, bugs=bugs)
         stepper.state.completed_iterations = completed_iterations  # the initial-loss check asks
         return stepper
+
+
+def autocast_now(device: torch.device) -> str | None:
+    """The autocast in force on `device`'s kind, as Experiment.amp names it ("bf16", "fp16"), or None."""
+    kind = device.type
+    try:
+        if not torch.is_autocast_enabled(kind):
+            return None
+        dtype = torch.get_autocast_dtype(kind)
+    except (TypeError, AttributeError, RuntimeError):  # torch before 2.4 asks per device kind
+        return None
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)

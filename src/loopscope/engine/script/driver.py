@@ -510,7 +510,7 @@ class ScriptDriver(DriverBase):
             return
         if not isinstance(loss, torch.Tensor) or not torch.is_grad_enabled():
             return  # a loss with gradients off trains nothing: a metric (or a model's unseen validation)
-        self._check_material.saw_loss(self._last_forward, target, loss_fn)
+        self._check_material.saw_loss(self._last_forward, target, loss_fn, loss)
         self._training_work()
         started = time.perf_counter()
         if self.recorder.diagnostics is None and self.diagnose:
