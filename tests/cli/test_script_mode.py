@@ -4,6 +4,7 @@ printed losses (10 decimals) are the proof."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -41,6 +42,14 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     )
 
 
+@functools.cache
+def python_prints(script: str) -> list[str]:
+    """What `python script.py` prints, one torch thread (run once per test session)."""
+    plain = run(str(SCRIPTS / script))  # in a process of its own
+    assert plain.returncode == 0, plain.stderr
+    return plain.stdout.splitlines()
+
+
 def trace(capsys, *args: str) -> tuple[int, str, str]:
     """`loopscope trace` in this process: (exit code, stdout, stderr)."""
     from loopscope.cli.main import main
@@ -57,11 +66,9 @@ def script_lines(stderr: str) -> list[str]:
 
 @pytest.mark.parametrize("script", CLEAN)
 def test_a_script_computes_bitwise_what_python_computes_and_raises_no_finding(capsys, script):
-    plain = run(str(SCRIPTS / script))  # `python script.py`, in a process of its own
-    assert plain.returncode == 0, plain.stderr
     code, out, err = trace(capsys, str(SCRIPTS / script), "--format", "jsonl")
     assert code == 0, err
-    assert script_lines(err) == plain.stdout.splitlines()  # the losses, to the last digit
+    assert script_lines(err) == python_prints(script)  # the losses, to the last digit
     records = [json.loads(line) for line in out.splitlines()]  # JSON lines, whatever it prints
     assert records and all(r["code_line"]["file"] == script for r in records)
     said = [line for line in err.splitlines() if line.startswith("loopscope: ")]
