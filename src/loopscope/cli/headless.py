@@ -93,7 +93,11 @@ def trace_command(args: argparse.Namespace, note: str | None = None) -> int:
     from loopscope.engine.stepper import Stepper
 
     if is_script(args.target, getattr(args, "script", False)):
+        if getattr(args, "nproc", 1) > 1:
+            raise UserError("--nproc runs an experiment() factory for now; a DDP script runs as one process")
         return _trace_script(args, note)
+    if getattr(args, "nproc", 1) > 1:
+        return _trace_distributed(args, note)
     device = resolve_device(args.device)
     with _users_prints_to_stderr():
         experiment = load_experiment(args.target, 0 if args.seed is None else args.seed)
@@ -126,6 +130,69 @@ def _trace_script(args: argparse.Namespace, note: str | None) -> int:
             "a file defining experiment() runs in factory mode\n"
         )
     return code
+
+
+def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
+    """`loopscope trace TARGET --nproc N`: N ranks of DDP, moved iteration by iteration together;
+    every rank's records, in rank order within each turn."""
+    from loopscope.engine.distributed.launcher import free_port, rank_group
+    from loopscope.engine.distributed.rank import RankSpec
+
+    if args.twin:
+        raise UserError("--twin runs in one process: it cannot be combined with --nproc")
+    spec = RankSpec(
+        target=args.target,
+        device=args.device,
+        seed=0 if args.seed is None else args.seed,
+        bugs=tuple(args.bug),
+        probe=not args.fast,
+        world_size=args.nproc,
+        master_port=free_port(),
+    )
+    if note:
+        sys.stderr.write(f"loopscope: {note}\n")
+    sys.stderr.write(f"loopscope: starting {args.nproc} ranks (torch.distributed, port {spec.master_port})\n")
+    out = _open_output(args.output)
+    writer = TraceWriter(out, args.format, ranks=True)
+    checksums_differ: list[int] = []
+    done = 0
+    failure = halted = None
+    try:
+        with rank_group(spec) as group:
+            while args.iterations is None or done < args.iterations:
+                turn = group.turn("iteration")
+                for event in turn.events:
+                    writer.write(event)
+                sums = {e.metrics["param_checksum"] for e in turn.events if "param_checksum" in e.metrics}
+                if len(sums) > 1:
+                    checksums_differ.append(turn.completed_iterations)
+                failure = turn.failure
+                halted = next((e for e in turn.events if e.error is not None), None)
+                done = max(done, turn.completed_iterations)
+                if failure or halted or turn.finished:
+                    break
+    finally:
+        out.flush()
+        if out is not sys.stdout:
+            out.close()
+    summary = f"loopscope: {args.nproc} ranks, {done} iteration{'' if done == 1 else 's'} completed, {writer.count} stage records"
+    sys.stderr.write(summary + "\n")
+    if checksums_differ:
+        sys.stderr.write(
+            f"loopscope: warning: the ranks' parameters differ after step at iteration {checksums_differ[0]} "
+            f"({len(checksums_differ)} iterations in all): they are no longer training one model\n"
+        )
+    else:
+        sys.stderr.write("loopscope: parameters bitwise equal on every rank after every step\n")
+    if failure:  # first: a rank that died is why the others' collectives failed
+        sys.stderr.write(f"loopscope: {failure}\n")
+    if halted is not None and halted.error is not None:
+        err = halted.error
+        sys.stderr.write(
+            f"loopscope: rank {halted.rank}: stage {halted.stage} failed at iteration {halted.iteration}: "
+            f"{err.type}: {err.message}\n"
+        )
+    return EXIT_STAGE_ERROR if (failure or halted) else EXIT_OK
 
 
 def _write_trace(stepper: Any, args: argparse.Namespace, note: str | None) -> int:

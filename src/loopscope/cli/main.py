@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the full statistics (tensor stats, per-layer norms); losses and errors are still recorded",
     )
+    trace.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="train as DistributedDataParallel on N processes of this machine (gloo on CPU, nccl on GPUs), "
+        "all ranks stage by stage together; every record carries its rank (default: 1, no torch.distributed)",
+    )
 
     scenarios = commands.add_parser(
         "scenarios",

@@ -98,6 +98,8 @@ def _describe(event: StageEvent) -> str:
             text += f"  SKIPPED by the GradScaler (inf/NaN gradients): scale {m.get('grad_scale_before'):g} -> {m.get('grad_scale'):g}"
         if "max_update_ratio" in m and not m.get("step_skipped"):
             text += f"  max update/weight {_num(m['max_update_ratio'])}"
+        if "param_checksum" in m:  # DDP: equal on every rank while they train one model
+            text += f"  parameters crc {m['param_checksum']}"
         return text
     if stage == "scheduler":
         return f"lr {_num(m.get('lr_before'), 6)} -> {_num(m.get('lr'), 6)}"
@@ -117,18 +119,22 @@ def _describe(event: StageEvent) -> str:
 
 
 def event_row(event: StageEvent) -> str:
-    return f"{event.iteration:>6} {event.epoch:>5}  {event.stage:<11} {event.duration_ms:>7.2f}  {describe(event)}"
+    rank = "" if event.rank is None else f"{event.rank:>4} "
+    return (
+        f"{rank}{event.iteration:>6} {event.epoch:>5}  {event.stage:<11} {event.duration_ms:>7.2f}  {describe(event)}"
+    )
 
 
 class TraceWriter:
-    """Streams events to a text file as they happen, so an interrupted trace is complete so far."""
+    """Streams events to a text file as they happen, so an interrupted trace is complete so far.
+    With `ranks`, the table's rows start with the rank that made them."""
 
-    def __init__(self, out: TextIO, fmt: str) -> None:
+    def __init__(self, out: TextIO, fmt: str, ranks: bool = False) -> None:
         self.out = out
         self.fmt = fmt
         self.count = 0
         if fmt == "table":
-            out.write(TABLE_HEADER + "\n")
+            out.write(("rank " if ranks else "") + TABLE_HEADER + "\n")
 
     def write(self, event: StageEvent) -> None:
         self.out.write((event_json(event) if self.fmt == "jsonl" else event_row(event)) + "\n")

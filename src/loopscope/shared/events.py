@@ -93,6 +93,7 @@ class StageEvent:
     device: str = "cpu"
     twin_loss: float | None = None
     code_line: int | None = None
+    rank: int | None = None  # the process's rank under torch.distributed (--nproc); None in one process
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data; non-finite floats become null and are listed in `nonfinite`."""

@@ -86,6 +86,8 @@ class StepMetrics(TypedDict, total=False):
     # script mode: the optimizer stepped before and no zero_grad cleared its gradients since
     stale_grads: GradPresence
     grad_scale_before: float
+    # --nproc: CRC-32 of the rank's parameters after the step (equal on every rank while healthy)
+    param_checksum: str
 
 
 class SchedulerMetrics(TypedDict, total=False):

@@ -1,0 +1,168 @@
+"""Starts N rank processes on this machine and moves them together: every command goes to every
+rank, and the answer is theirs all, or the reason some could not answer. Whatever happens, `close`
+leaves no rank process behind."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from loopscope.engine.distributed.rank import RankSpec, rank_main
+from loopscope.shared.errors import UserError
+from loopscope.shared.events import StageEvent
+
+START_SECONDS = 180  # importing torch and building the experiment, in every rank at once
+# Once one rank has failed, the others get this long to answer before they are stopped: they may
+# be waiting in a collective (the all-reduce in backward) for the rank that will never come.
+GRACE_SECONDS = 3.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Turn:
+    """What one command made every rank do."""
+
+    events: list[StageEvent] = field(default_factory=list)  # in rank order
+    finished: bool = False
+    halted: bool = False
+    failure: str | None = None  # a rank that died, or could not answer: the run is over
+    completed_iterations: int = 0  # rank 0's
+
+
+class RankGroup:
+    """The rank processes of one run."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        self.spec = spec
+        self.world_size = spec.world_size
+        self._processes: list[Any] = []
+        self._conns: list[Any] = []
+        self.failure: str | None = None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        for rank in range(self.world_size):
+            ours, theirs = ctx.Pipe()
+            process = ctx.Process(
+                target=rank_main, args=(rank, self.spec, theirs, os.getpid()), name=f"loopscope-rank-{rank}"
+            )
+            process.start()
+            theirs.close()
+            self._processes.append(process)
+            self._conns.append(ours)
+        answers = self._gather(START_SECONDS)
+        failed = [a[1] for a in answers if a is not None and a[0] == "failed"]
+        if failed or self.failure:
+            self.close()
+            raise UserError(failed[0] if failed else str(self.failure))
+
+    def turn(self, command: str) -> Turn:
+        """Every rank runs `command` ("stage" or "iteration")."""
+        if self.failure:
+            return Turn(failure=self.failure)
+        for conn in self._conns:
+            conn.send(command)
+        answers = self._gather(None)
+        turn = Turn(failure=self.failure)
+        for rank, answer in enumerate(answers):
+            if answer is None:
+                continue
+            _, events, finished, halted, completed = answer
+            turn.events += events
+            turn.finished = turn.finished or finished
+            turn.halted = turn.halted or halted
+            if rank == 0:
+                turn.completed_iterations = completed
+        return turn
+
+    def _gather(self, timeout: float | None) -> list[Any]:
+        """One answer per rank (None where none came). A rank that dies, or that is still silent
+        GRACE_SECONDS after another rank failed or halted, ends the run: `failure` says why."""
+        answers: list[Any] = [None] * self.world_size
+        waiting = set(range(self.world_size))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        grace_until: float | None = None
+        while waiting:
+            for rank in sorted(waiting):
+                conn, process = self._conns[rank], self._processes[rank]
+                try:
+                    ready = conn.poll(0.05 / len(waiting))
+                    if ready:
+                        answers[rank] = conn.recv()
+                except (EOFError, OSError):
+                    ready = False
+                    process.join(0.5)
+                if ready:
+                    waiting.discard(rank)
+                    kind = answers[rank][0]
+                    if (kind == "failed" or (kind == "events" and answers[rank][3])) and grace_until is None:
+                        grace_until = time.monotonic() + GRACE_SECONDS
+                elif not process.is_alive():
+                    waiting.discard(rank)
+                    self.failure = self.failure or f"rank {rank} died ({_exit_description(process.exitcode)})"
+            now = time.monotonic()
+            if waiting and grace_until is not None and now > grace_until:
+                silent = ", ".join(str(r) for r in sorted(waiting))
+                self.failure = self.failure or (
+                    f"rank{'s' if len(waiting) > 1 else ''} {silent} stopped: waiting in a collective for a rank that failed"
+                )
+                break
+            if waiting and self.failure and grace_until is None:
+                grace_until = now + GRACE_SECONDS
+            if deadline is not None and now > deadline and waiting:
+                self.failure = f"ranks {sorted(waiting)} did not start within {timeout:.0f} s"
+                break
+        return answers
+
+    def close(self) -> None:
+        """Stop every rank: asked first, then terminated, then killed."""
+        for conn in self._conns:
+            with suppress(OSError, EOFError, BrokenPipeError):
+                conn.send("stop")
+        deadline = time.monotonic() + 5.0
+        for process in self._processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(2.0)
+            if process.is_alive():
+                process.kill()
+                process.join(2.0)
+        for conn in self._conns:
+            conn.close()
+        self._processes, self._conns = [], []
+
+
+def _exit_description(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+@contextmanager
+def rank_group(spec: RankSpec) -> Iterator[RankGroup]:
+    group = RankGroup(spec)
+    try:
+        group.start()
+        yield group
+    finally:
+        group.close()

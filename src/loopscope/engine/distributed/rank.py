@@ -1,0 +1,91 @@
+"""One rank's process: joins the process group, builds the experiment as DDP trains it, and steps
+it when the launcher says so, answering with the events it made, each tagged with its rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from loopscope.shared.lifeline import exit_when_orphaned
+
+COLLECTIVE_TIMEOUT_SECONDS = 120  # a backstop: the launcher stops ranks left waiting long before
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What every rank is started with."""
+
+    target: str
+    device: str
+    seed: int
+    bugs: tuple[str, ...]
+    probe: bool
+    world_size: int
+    master_port: int
+    master_addr: str = "127.0.0.1"
+
+
+def rank_main(rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
+    """Entry point of a rank's process (spawned: torch is imported here, in the child)."""
+    exit_when_orphaned(parent_pid)  # a launcher killed outright must not leave ranks behind
+    # As torchrun: one thread per rank unless asked otherwise, so N ranks do not fight for the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+
+    if os.environ["OMP_NUM_THREADS"].isdigit():
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from loopscope.engine.devices import resolve_device
+    from loopscope.engine.distributed.wrap import distribute, parameter_checksum
+    from loopscope.engine.experiment import load_experiment
+    from loopscope.engine.stepper import Stepper
+    from loopscope.shared.vocab import Stage
+
+    try:
+        device = resolve_device(spec.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+            rank=rank,
+            world_size=spec.world_size,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS),
+        )
+        experiment = distribute(load_experiment(spec.target, spec.seed), rank, spec.world_size, spec.seed, device)
+        stepper = Stepper(experiment, device, probe=spec.probe, sync_cuda=False, bugs=spec.bugs)
+    except BaseException as exc:  # told to the launcher in one line; nothing to step
+        conn.send(("failed", f"rank {rank}: {type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+
+    def tagged(events: list[Any]) -> list[Any]:
+        out = []
+        for event in events:
+            if event.stage == Stage.STEP and event.error is None:
+                metrics = {**event.metrics, "param_checksum": parameter_checksum(experiment.model)}
+                event = dataclasses.replace(event, metrics=metrics)
+            out.append(dataclasses.replace(event, rank=rank))
+        return out
+
+    try:
+        while True:
+            command = conn.recv()
+            if command == "stop":
+                break
+            if command == "stage":
+                event = stepper.step_stage()
+                events = [] if event is None else [event]
+            else:  # "iteration"
+                events = stepper.run_iteration()
+            state = stepper.state
+            conn.send(("events", tagged(events), state.finished, state.halted is not None, state.completed_iterations))
+    except (EOFError, OSError):
+        pass  # the launcher is gone
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,158 @@
+"""--nproc: an experiment trained as DistributedDataParallel by N rank processes on this machine
+(gloo on 127.0.0.1, a free port each run), moved together. Every test ends with no rank process
+left, whatever happened."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+from loopscope.cli.main import main
+from loopscope.engine.distributed.launcher import free_port, rank_group
+from loopscope.engine.distributed.rank import RankSpec
+from tests.conftest import FIXTURES
+
+
+def _children() -> list[int]:
+    """Processes whose parent is this one (the ranks, were any left)."""
+    mine = str(os.getpid())
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == mine and fields[0] != "Z" and not _is_resource_tracker(entry):
+                found.append(int(entry))
+    return found
+
+
+def _is_resource_tracker(pid: str) -> bool:
+    """multiprocessing's resource tracker: started once by the first spawn, it lives as long as pytest."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return b"resource_tracker" in cmdline.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_rank_left_behind():
+    before = set(_children())
+    yield
+    deadline = time.monotonic() + 10
+    while set(_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(_children()) - before == set(), "a rank process outlived its test"
+
+
+def trace(capsys, *args: str) -> tuple[int, list[dict], str]:
+    code = main(["trace", *args, "--format", "jsonl"])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def _hand_written_ddp(rank: int, world_size: int, port: int, iterations: int, results: mp.Queue) -> None:
+    """DDP as its tutorial writes it: DistributedSampler, set_epoch, the model wrapped, one thread
+    per rank (torchrun's default). The experiment's objects are the scenario's, seeded alike."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from loopscope.engine.experiment import load_experiment
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    experiment = load_experiment("blobs", 0)
+    dataset, batch = experiment.train_loader.dataset, experiment.train_loader.batch_size
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler)
+    model = DistributedDataParallel(experiment.model)
+    optimizer, loss_fn = experiment.optimizer, experiment.loss_fn
+    losses: list[float] = []
+    epoch = 0
+    while len(losses) < iterations:
+        sampler.set_epoch(epoch)
+        for inputs, targets in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if len(losses) == iterations:
+                break
+        epoch += 1
+    results.put((rank, losses))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_compute_bitwise_what_a_hand_written_ddp_loop_computes_and_stay_equal(capsys):
+    iterations = 200  # five epochs of 40 batches per rank: set_epoch reshuffles each
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    ranks = [ctx.Process(target=_hand_written_ddp, args=(r, 2, port, iterations, results)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    try:
+        expected = dict(results.get(timeout=300) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    code, records, err = trace(capsys, "blobs", "--nproc", "2", "-n", str(iterations), "--fast")
+    assert code == 0, err
+    for rank in (0, 1):
+        losses = [r["loss"] for r in records if r["rank"] == rank and r["stage"] == "loss"]
+        assert losses == expected[rank]  # bitwise: the same floats, iteration by iteration
+    assert expected[0] != expected[1]  # each rank trained on its own share of the data
+    steps = [r for r in records if r["stage"] == "step"]
+    by_iteration: dict[int, set[str]] = {}
+    for record in steps:
+        by_iteration.setdefault(record["iteration"], set()).add(record["metrics"]["param_checksum"])
+    assert len(by_iteration) == iterations
+    assert all(len(sums) == 1 for sums in by_iteration.values())  # one model on every rank
+    assert "parameters bitwise equal on every rank after every step" in err
+
+
+def test_ranks_move_together_stage_by_stage():
+    spec = RankSpec("blobs", "cpu", 0, (), True, world_size=2, master_port=free_port())
+    with rank_group(spec) as group:
+        seen = []
+        for _ in range(7):  # one iteration's six stages and the next load_batch
+            turn = group.turn("stage")
+            assert turn.failure is None
+            assert [e.rank for e in turn.events] == [0, 1]
+            assert len({e.stage for e in turn.events}) == 1  # every rank is at the same stage
+            seen.append(turn.events[0].stage)
+    assert seen == ["load_batch", "zero_grad", "forward", "loss", "backward", "step", "load_batch"]
+
+
+def test_a_rank_that_raises_shows_its_error_and_the_others_stop_without_hanging(capsys):
+    code, records, err = trace(capsys, str(FIXTURES / "ddp_faults.py"), "--nproc", "2", "-n", "10")
+    assert code == 1
+    errors = [r for r in records if r["error"] is not None]
+    assert [(r["rank"], r["stage"], r["iteration"]) for r in errors] == [(1, "forward", 3)]
+    assert "outside the vocabulary" in errors[0]["error"]["message"]
+    assert "rank 1: stage forward failed at iteration 3: ValueError" in err
+    # Stopped by loopscope, seconds after the failure: not by gloo's timeout in the collective.
+    assert "rank 0 stopped: waiting in a collective for a rank that failed" in err
+
+
+def test_a_rank_killed_by_a_signal_is_reported(capsys, monkeypatch):
+    monkeypatch.setenv("LOOPSCOPE_TEST_FAULT", "kill")
+    code, records, err = trace(capsys, str(FIXTURES / "ddp_faults.py"), "--nproc", "2", "-n", "10")
+    assert code == 1
+    assert "rank 1 died (killed by SIGKILL)" in err
+    assert max(r["iteration"] for r in records) == 3
