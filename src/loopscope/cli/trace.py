@@ -86,6 +86,11 @@ def _describe(event: StageEvent) -> str:
             return "loss.backward()"
         scaled = f" (loss scaled x{m['grad_scale']:g}; norms shown unscaled)" if m.get("grad_scale") else ""
         tensors = sum(1 for layer in event.layers if layer.grad_norm is not None)
+        if "local_grad_norm" in m:  # DDP: this rank's own, then the average of every rank's
+            return (
+                f"grad norm {_num(m['local_grad_norm'])} on this rank -> {_num(event.grad_norm)} "
+                f"all-reduced, over {tensors} tensors{scaled}"
+            )
         return f"grad norm {_num(event.grad_norm)} over {tensors} tensors{scaled}"
     if stage == "unscale":
         found = "  inf/NaN found: the scaler will skip this step" if m.get("found_inf") else ""

@@ -65,6 +65,8 @@ class BackwardMetrics(TypedDict, total=False):
     grads_before: GradPresence
     nonfinite_grads: int
     grads_none: int
+    # --nproc: this rank's gradient norm before DDP averaged the ranks' gradients (grad_norm is after)
+    local_grad_norm: float
 
 
 class UnscaleMetrics(TypedDict, total=False):

@@ -39,7 +39,7 @@ def rank_main(rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
     if os.environ["OMP_NUM_THREADS"].isdigit():
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from loopscope.engine.devices import resolve_device
-    from loopscope.engine.distributed.wrap import distribute, parameter_checksum
+    from loopscope.engine.distributed.wrap import LocalGradNorms, distribute, parameter_checksum
     from loopscope.engine.experiment import load_experiment
     from loopscope.engine.stepper import Stepper
     from loopscope.shared.vocab import Stage
@@ -57,20 +57,30 @@ def rank_main(rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS),
         )
         experiment = distribute(load_experiment(spec.target, spec.seed), rank, spec.world_size, spec.seed, device)
+        local_norms = LocalGradNorms()
+        local_norms.install(experiment.model)
         stepper = Stepper(experiment, device, probe=spec.probe, sync_cuda=False, bugs=spec.bugs)
     except BaseException as exc:  # told to the launcher in one line; nothing to step
         conn.send(("failed", f"rank {rank}: {type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))
 
+    def add_rank_metrics(event: Any) -> None:
+        """As each event is made (the record's metrics are its own): what only this rank knows."""
+        if event.error is not None:
+            return
+        if event.stage == Stage.BACKWARD:
+            local = local_norms.take()
+            if local is not None:
+                event.metrics["local_grad_norm"] = local
+        elif event.stage == Stage.STEP:
+            event.metrics["param_checksum"] = parameter_checksum(experiment.model)
+
+    stepper.on_event = add_rank_metrics
+    local_norms.measuring = spec.probe
+
     def tagged(events: list[Any]) -> list[Any]:
-        out = []
-        for event in events:
-            if event.stage == Stage.STEP and event.error is None:
-                metrics = {**event.metrics, "param_checksum": parameter_checksum(experiment.model)}
-                event = dataclasses.replace(event, metrics=metrics)
-            out.append(dataclasses.replace(event, rank=rank))
-        return out
+        return [dataclasses.replace(event, rank=rank) for event in events]
 
     try:
         while True:

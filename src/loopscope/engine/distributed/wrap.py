@@ -4,11 +4,13 @@ told the epoch (`set_epoch`) before each pass."""
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
@@ -64,6 +66,35 @@ def distribute(experiment: Experiment, rank: int, world_size: int, seed: int, de
     model = experiment.model.to(device)
     experiment.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return experiment
+
+
+class LocalGradNorms:
+    """Each backward's gradient norm on this rank before DDP averages the ranks' gradients: read
+    from the buckets DDP hands its communication hook, which then all-reduces them with torch's own
+    `allreduce_hook`, documented to leave DDP's results as they are without a hook."""
+
+    def __init__(self) -> None:
+        self.measuring = True  # off: the hook only all-reduces (an unprobed iteration)
+        self._squares = 0.0
+        self._seen = False
+
+    def install(self, model: torch.nn.Module) -> None:
+        assert isinstance(model, DistributedDataParallel)
+        model.register_comm_hook(None, self._hook)
+
+    # Unannotated: DDP compares the annotations with the classes themselves, and this module's
+    # annotations are strings (`from __future__ import annotations`).
+    def _hook(self, state, bucket):
+        if self.measuring:
+            self._squares += float(bucket.buffer().detach().double().pow(2).sum())
+            self._seen = True
+        return default_hooks.allreduce_hook(state, bucket)
+
+    def take(self) -> float | None:
+        """The norm since the last take (None if no gradient was all-reduced), and start afresh."""
+        norm = math.sqrt(self._squares) if self._seen else None
+        self._squares, self._seen = 0.0, False
+        return norm
 
 
 def parameter_checksum(model: torch.nn.Module) -> str:
