@@ -8,7 +8,7 @@ import torch
 from loopscope.engine.experiment import load_experiment, resolve_factory
 from loopscope.engine.features import experiment_features, infer_task
 from loopscope.engine.stepper import Stepper
-from loopscope.shared.bugs import BUGS, BUGS_BY_ID
+from loopscope.shared.bugs import BUGS, BUGS_BY_ID, applicable
 from loopscope.shared.catalog import SCENARIOS
 from loopscope.shared.errors import UserError
 from loopscope.shared.vocab import ALL_STAGES
@@ -58,7 +58,10 @@ def test_catalog_has_every_design_bug_fully_described():
 
 def test_every_bug_applies_to_some_builtin_scenario():
     covered = {bug for info in SCENARIOS.values() for bug in info.bugs}
+    # The distributed bugs, on any scenario run as several processes (--nproc: its ranks' feature).
+    covered |= {bug for info in SCENARIOS.values() for bug in applicable(info.features | {"distributed"})}
     assert covered == set(BUGS_BY_ID)
+    assert not any("distributed" in info.features for info in SCENARIOS.values())  # one process each
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -163,3 +163,72 @@ def test_a_rank_killed_by_a_signal_is_reported(capsys, monkeypatch):
     assert code == 1
     assert "rank 1 died (killed by SIGKILL)" in err
     assert max(r["iteration"] for r in records) == 3
+
+
+@pytest.mark.parametrize(
+    ("bug", "finding"),
+    [
+        ("no_distributed_sampler", "ranks_same_batches"),
+        ("set_epoch_forgotten", "same_order_each_epoch"),
+        ("rank_modifies_parameters", "ranks_diverged"),
+    ],
+)
+def test_each_distributed_bug_is_named_within_200_iterations(capsys, bug, finding):
+    code, records, err = trace(
+        capsys, str(FIXTURES / "ddp_long.py"), "--nproc", "2", "-n", "200", "--fast", "--bug", bug
+    )
+    assert code == 0, err
+    named = [(r["iteration"], d) for r in records for d in r["diagnostics"] if d["id"] == finding]
+    assert named and named[0][0] <= 200 and bug in named[0][1]["suspects"]
+    assert f"[suspects: {bug}]" in err
+
+
+def test_a_clean_run_of_1000_iterations_raises_nothing_on_any_rank(capsys):
+    code, records, err = trace(capsys, str(FIXTURES / "ddp_long.py"), "--nproc", "2", "--fast")
+    assert code == 0, err
+    assert max(r["iteration"] for r in records) == 1000
+    raised = {d["id"] for r in records for d in r["diagnostics"] if d["severity"] in ("warning", "error")}
+    assert raised == set()
+    assert "parameters bitwise equal on every rank after every step" in err
+
+
+def test_two_nodes_on_one_machine_train_together_as_two_ranks_do(capsys, tmp_path):
+    """`--nnodes 2`, one command per "node", meeting at a local endpoint: together they compute
+    what `--nproc 2` on one machine computes, rank for rank."""
+    import subprocess
+    import sys
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = [str(FIXTURES / "ddp_long.py"), "--nproc", "1", "--nnodes", "2", "-n", "30", "--fast"]
+    command = [sys.executable, "-m", "loopscope", "trace", *common, "--rdzv-endpoint", endpoint, "--format", "jsonl"]
+    # Files, not pipes: a node blocked on a full pipe nobody reads would stall the other in the all-reduce.
+    nodes = []
+    for node in (1, 0):  # the order they start in does not matter
+        with open(tmp_path / f"{node}.out", "w") as out, open(tmp_path / f"{node}.err", "w") as err:
+            nodes.append(subprocess.Popen([*command, "--node-rank", str(node)], stdout=out, stderr=err))
+    try:
+        codes = [node.wait(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    assert codes == [0, 0], [(tmp_path / f"{n}.err").read_text() for n in (1, 0)]
+    by_rank = {}
+    for node in (0, 1):
+        records = [json.loads(line) for line in (tmp_path / f"{node}.out").read_text().splitlines()]
+        (rank,) = {r["rank"] for r in records}
+        by_rank[rank] = records
+    code, together, err = trace(capsys, str(FIXTURES / "ddp_long.py"), "--nproc", "2", "-n", "30", "--fast")
+    assert code == 0, err
+    for rank in (0, 1):
+        losses = [r["loss"] for r in by_rank[rank] if r["stage"] == "loss"]
+        assert len(losses) == 30
+        assert losses == [r["loss"] for r in together if r["rank"] == rank and r["stage"] == "loss"]
+    sums = [[r["metrics"]["param_checksum"] for r in by_rank[rank] if r["stage"] == "step"] for rank in (0, 1)]
+    assert sums[0] == sums[1]  # one model across the two nodes
+
+
+def test_several_nodes_need_an_endpoint(capsys):
+    assert main(["trace", "blobs", "--nnodes", "2", "--node-rank", "0", "-n", "1"]) == 2
+    assert "--nnodes > 1 needs --rdzv-endpoint HOST:PORT" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
@@ -93,10 +94,10 @@ def trace_command(args: argparse.Namespace, note: str | None = None) -> int:
     from loopscope.engine.stepper import Stepper
 
     if is_script(args.target, getattr(args, "script", False)):
-        if getattr(args, "nproc", 1) > 1:
+        if getattr(args, "nproc", 1) * getattr(args, "nnodes", 1) > 1:
             raise UserError("--nproc runs an experiment() factory for now; a DDP script runs as one process")
         return _trace_script(args, note)
-    if getattr(args, "nproc", 1) > 1:
+    if getattr(args, "nproc", 1) * getattr(args, "nnodes", 1) > 1:
         return _trace_distributed(args, note)
     device = resolve_device(args.device)
     with _users_prints_to_stderr():
@@ -135,37 +136,44 @@ def _trace_script(args: argparse.Namespace, note: str | None) -> int:
 def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
     """`loopscope trace TARGET --nproc N`: N ranks of DDP, moved iteration by iteration together;
     every rank's records, in rank order within each turn."""
-    from loopscope.engine.distributed.launcher import free_port, rank_group
+    from loopscope.engine.distributed.compare import RankComparison
+    from loopscope.engine.distributed.launcher import rank_group
     from loopscope.engine.distributed.rank import RankSpec
 
     if args.twin:
         raise UserError("--twin runs in one process: it cannot be combined with --nproc")
+    host, port = _rendezvous(args)
     spec = RankSpec(
         target=args.target,
         device=args.device,
         seed=0 if args.seed is None else args.seed,
         bugs=tuple(args.bug),
         probe=not args.fast,
-        world_size=args.nproc,
-        master_port=free_port(),
+        world_size=args.nproc * args.nnodes,
+        master_port=port,
+        master_addr=host,
+        first_rank=args.node_rank * args.nproc,
     )
     if note:
         sys.stderr.write(f"loopscope: {note}\n")
-    sys.stderr.write(f"loopscope: starting {args.nproc} ranks (torch.distributed, port {spec.master_port})\n")
+    where = f"node {args.node_rank} of {args.nnodes}, " if args.nnodes > 1 else ""
+    sys.stderr.write(
+        f"loopscope: starting {args.nproc} rank{'s' if args.nproc > 1 else ''} ({where}world size "
+        f"{spec.world_size}, torch.distributed at {host}:{port})\n"
+    )
     out = _open_output(args.output)
     writer = TraceWriter(out, args.format, ranks=True)
-    checksums_differ: list[int] = []
+    comparison = RankComparison(args.nproc)
     done = 0
     failure = halted = None
     try:
-        with rank_group(spec) as group:
+        with rank_group(spec, args.nproc) as group:
             while args.iterations is None or done < args.iterations:
                 turn = group.turn("iteration")
+                raised = comparison.observe(turn.events)
                 for event in turn.events:
-                    writer.write(event)
-                sums = {e.metrics["param_checksum"] for e in turn.events if "param_checksum" in e.metrics}
-                if len(sums) > 1:
-                    checksums_differ.append(turn.completed_iterations)
+                    mine = tuple(finding for at, finding in raised if at is event)
+                    writer.write(dataclasses.replace(event, diagnostics=event.diagnostics + mine) if mine else event)
                 failure = turn.failure
                 halted = next((e for e in turn.events if e.error is not None), None)
                 done = max(done, turn.completed_iterations)
@@ -175,15 +183,20 @@ def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
         out.flush()
         if out is not sys.stdout:
             out.close()
-    summary = f"loopscope: {args.nproc} ranks, {done} iteration{'' if done == 1 else 's'} completed, {writer.count} stage records"
+    ranks = (
+        f"ranks {spec.first_rank}-{spec.first_rank + args.nproc - 1}" if args.nproc > 1 else f"rank {spec.first_rank}"
+    )
+    summary = (
+        f"loopscope: {ranks} of {spec.world_size}, {done} iteration{'' if done == 1 else 's'} completed, "
+        f"{writer.count} stage records"
+    )
     sys.stderr.write(summary + "\n")
-    if checksums_differ:
-        sys.stderr.write(
-            f"loopscope: warning: the ranks' parameters differ after step at iteration {checksums_differ[0]} "
-            f"({len(checksums_differ)} iterations in all): they are no longer training one model\n"
-        )
-    else:
-        sys.stderr.write("loopscope: parameters bitwise equal on every rank after every step\n")
+    for iteration, finding in sorted(comparison.raised.values(), key=lambda item: item[0]):
+        suspects = f" [suspects: {', '.join(finding.suspects)}]" if finding.suspects else ""
+        sys.stderr.write(f"loopscope: {finding.severity} at iteration {iteration}: {finding.message}{suspects}\n")
+    if "ranks_diverged" not in comparison.raised and done and args.nproc > 1:
+        on = "this node's ranks" if args.nnodes > 1 else "every rank"
+        sys.stderr.write(f"loopscope: parameters bitwise equal on {on} after every step\n")
     if failure:  # first: a rank that died is why the others' collectives failed
         sys.stderr.write(f"loopscope: {failure}\n")
     if halted is not None and halted.error is not None:
@@ -193,6 +206,25 @@ def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
             f"{err.type}: {err.message}\n"
         )
     return EXIT_STAGE_ERROR if (failure or halted) else EXIT_OK
+
+
+def _rendezvous(args: argparse.Namespace) -> tuple[str, int]:
+    """Where the ranks meet: a free port here for one machine, --rdzv-endpoint for several."""
+    from loopscope.engine.distributed.launcher import free_port
+
+    if args.node_rank >= args.nnodes:
+        raise UserError(f"--node-rank must be below --nnodes ({args.nnodes}), got {args.node_rank}")
+    if args.rdzv_endpoint is None:
+        if args.nnodes > 1:
+            raise UserError(
+                "--nnodes > 1 needs --rdzv-endpoint HOST:PORT: node 0's address and a free port on it, "
+                "the same on every node"
+            )
+        return "127.0.0.1", free_port()
+    host, _, port = args.rdzv_endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--rdzv-endpoint must be HOST:PORT, got {args.rdzv_endpoint!r}")
+    return host.strip("[]"), int(port)
 
 
 def _write_trace(stepper: Any, args: argparse.Namespace, note: str | None) -> int:

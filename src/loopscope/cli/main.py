@@ -201,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="train as DistributedDataParallel on N processes of this machine (gloo on CPU, nccl on GPUs), "
         "all ranks stage by stage together; every record carries its rank (default: 1, no torch.distributed)",
     )
+    trace.add_argument(
+        "--nnodes",
+        type=_positive_int,
+        default=1,
+        metavar="M",
+        help="machines taking part (default: 1); run the same command on each, with its --node-rank, "
+        "and --rdzv-endpoint naming node 0",
+    )
+    trace.add_argument(
+        "--node-rank",
+        type=_non_negative_int,
+        default=0,
+        metavar="R",
+        help="this machine's place among the --nnodes, from 0 (node 0 hosts the rendezvous)",
+    )
+    trace.add_argument(
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        help="where the ranks meet (torch.distributed's TCP store, hosted by node 0); needed with --nnodes > 1",
+    )
 
     scenarios = commands.add_parser(
         "scenarios",

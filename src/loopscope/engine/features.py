@@ -71,6 +71,8 @@ def experiment_features(experiment: Experiment, task: str | None) -> frozenset[s
     loader = experiment.train_loader
     if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
         found.add("map_dataset")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        found.add("distributed")
     example = first_example(loader)
     if example is not None:
         try:

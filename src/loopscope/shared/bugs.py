@@ -384,6 +384,43 @@ BUGS: tuple[Bug, ...] = (
         "Use permute()/transpose() to reorder dimensions; use view()/reshape() only to regroup them.",
         requires=("tensor_inputs", "multi_feature_inputs"),  # one feature per row: nothing to mix
     ),
+    # ----- many processes (--nproc): the model is a DistributedDataParallel ------------------
+    Bug(
+        "no_distributed_sampler",
+        "the DataLoader has no DistributedSampler",
+        Stage.LOAD_BATCH,
+        "sampler = DistributedSampler(dataset)\nloader = DataLoader(dataset, batch_size=B, sampler=sampler)",
+        "loader = DataLoader(dataset, batch_size=B, shuffle=True)",
+        "Every rank loads the very same batches: N processes do the work of one, and an epoch is N times too long.",
+        "A DataLoader knows nothing of the other ranks; seeded alike, each shuffles the whole dataset in the "
+        "same order. DDP then averages N copies of one gradient.",
+        "Give the training DataLoader a DistributedSampler(dataset): each rank reads its own 1/N of the data.",
+        requires=("distributed",),
+    ),
+    Bug(
+        "set_epoch_forgotten",
+        "sampler.set_epoch(epoch) is never called",
+        Stage.LOAD_BATCH,
+        "sampler.set_epoch(epoch)\nfor x, y in loader:",
+        "for x, y in loader:",
+        "Every epoch visits the examples in exactly the same order on every rank.",
+        "A DistributedSampler shuffles with seed + epoch; without set_epoch the epoch stays 0, so the "
+        "shuffle of the first epoch is repeated forever.",
+        "Call sampler.set_epoch(epoch) at the start of each epoch, before iterating the loader.",
+        requires=("distributed",),
+    ),
+    Bug(
+        "rank_modifies_parameters",
+        "one rank changes its parameters outside DDP",
+        Stage.STEP,
+        "optimizer.step()",
+        "optimizer.step()\nif rank == 1:\n    model.module.weight.data *= 1.001",
+        "The ranks' parameters drift apart: each rank now trains a slightly different model.",
+        "DDP keeps ranks identical only through the gradients it averages; a change made on one rank "
+        "outside backward() and step() (an in-place edit, a rank-local schedule) is never shared.",
+        "Change parameters only through the optimizer, identically on every rank (or broadcast from rank 0).",
+        requires=("distributed",),
+    ),
 )
 
 BUGS_BY_ID: dict[str, Bug] = {bug.id: bug for bug in BUGS}
@@ -418,6 +455,7 @@ FEATURE_WORDS: dict[str, str] = {
     "tensor_inputs": "a single input tensor",
     "multi_feature_inputs": "more than one value per example",
     "regression_column": "an MSE-style loss with [N, 1] targets",
+    "distributed": "several processes (`loopscope trace --nproc 2` or more; the app runs one)",
 }
 
 

@@ -41,6 +41,10 @@ class CommonMetrics(TypedDict, total=False):
 class LoadBatchMetrics(TypedDict, total=False):
     batch_size: int
     class_counts: dict[str, int]  # label -> examples in the batch (classification, probed)
+    # --nproc: CRC-32 of the batch's inputs (equal on two ranks holding the same examples), and
+    # whether the rank's sampler shuffles (a fixed order each epoch is then a mistake)
+    batch_fingerprint: str
+    sampler_shuffles: bool
 
 
 class ZeroGradMetrics(TypedDict, total=False):

@@ -43,9 +43,9 @@ class Turn:
 class RankGroup:
     """The rank processes of one run."""
 
-    def __init__(self, spec: RankSpec) -> None:
+    def __init__(self, spec: RankSpec, local_ranks: int) -> None:
         self.spec = spec
-        self.world_size = spec.world_size
+        self.world_size = local_ranks  # the ranks this machine runs (ranks first_rank, first_rank + 1, ...)
         self._processes: list[Any] = []
         self._conns: list[Any] = []
         self.failure: str | None = None
@@ -55,7 +55,9 @@ class RankGroup:
         for rank in range(self.world_size):
             ours, theirs = ctx.Pipe()
             process = ctx.Process(
-                target=rank_main, args=(rank, self.spec, theirs, os.getpid()), name=f"loopscope-rank-{rank}"
+                target=rank_main,
+                args=(rank, self.spec, theirs, os.getpid()),
+                name=f"loopscope-rank-{self.spec.first_rank + rank}",
             )
             process.start()
             theirs.close()
@@ -159,8 +161,9 @@ def _exit_description(code: int | None) -> str:
 
 
 @contextmanager
-def rank_group(spec: RankSpec) -> Iterator[RankGroup]:
-    group = RankGroup(spec)
+def rank_group(spec: RankSpec, local_ranks: int | None = None) -> Iterator[RankGroup]:
+    """The ranks of this machine (all of them, unless `local_ranks` says how many), started and stopped."""
+    group = RankGroup(spec, spec.world_size if local_ranks is None else local_ranks)
     try:
         group.start()
         yield group

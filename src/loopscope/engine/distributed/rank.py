@@ -23,13 +23,15 @@ class RankSpec:
     seed: int
     bugs: tuple[str, ...]
     probe: bool
-    world_size: int
+    world_size: int  # every rank of every node
     master_port: int
     master_addr: str = "127.0.0.1"
+    first_rank: int = 0  # this node's first global rank: node_rank * ranks per node
 
 
-def rank_main(rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
+def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
     """Entry point of a rank's process (spawned: torch is imported here, in the child)."""
+    rank = spec.first_rank + local_rank
     exit_when_orphaned(parent_pid)  # a launcher killed outright must not leave ranks behind
     # As torchrun: one thread per rank unless asked otherwise, so N ranks do not fight for the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -39,7 +41,13 @@ def rank_main(rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
     if os.environ["OMP_NUM_THREADS"].isdigit():
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from loopscope.engine.devices import resolve_device
-    from loopscope.engine.distributed.wrap import LocalGradNorms, distribute, parameter_checksum
+    from loopscope.engine.distributed.wrap import (
+        EpochSampledLoader,
+        LocalGradNorms,
+        batch_fingerprint,
+        distribute,
+        parameter_checksum,
+    )
     from loopscope.engine.experiment import load_experiment
     from loopscope.engine.stepper import Stepper
     from loopscope.shared.vocab import Stage
@@ -47,7 +55,7 @@ def rank_main(rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
     try:
         device = resolve_device(spec.device)
         if device.type == "cuda":
-            device = torch.device("cuda", rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
@@ -60,6 +68,9 @@ def rank_main(rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
         local_norms = LocalGradNorms()
         local_norms.install(experiment.model)
         stepper = Stepper(experiment, device, probe=spec.probe, sync_cuda=False, bugs=spec.bugs)
+        loader = experiment.train_loader
+        assert isinstance(loader, EpochSampledLoader)
+        loader.bug_on = stepper.injector.__contains__
     except BaseException as exc:  # told to the launcher in one line; nothing to step
         conn.send(("failed", f"rank {rank}: {type(exc).__name__}: {exc}"))
         return
@@ -69,11 +80,17 @@ def rank_main(rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
         """As each event is made (the record's metrics are its own): what only this rank knows."""
         if event.error is not None:
             return
-        if event.stage == Stage.BACKWARD:
+        if event.stage == Stage.LOAD_BATCH:
+            event.metrics["batch_fingerprint"] = batch_fingerprint(stepper.body.values.clean_inputs)
+            event.metrics["sampler_shuffles"] = bool(getattr(loader.sampler, "shuffle", False))
+        elif event.stage == Stage.BACKWARD:
             local = local_norms.take()
             if local is not None:
                 event.metrics["local_grad_norm"] = local
         elif event.stage == Stage.STEP:
+            if "rank_modifies_parameters" in stepper.injector and rank == spec.world_size - 1:
+                with torch.no_grad():  # the bug: an edit on one rank, outside DDP
+                    next(experiment.model.parameters()).mul_(1.001)
             event.metrics["param_checksum"] = parameter_checksum(experiment.model)
 
     stepper.on_event = add_rank_metrics

@@ -6,35 +6,48 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 from torch.utils.data.distributed import DistributedSampler
 
 from loopscope.engine.experiment import Experiment
+from loopscope.engine.probes import flatten_tensors
 from loopscope.shared.errors import UserError
 
 
-class EpochSampledLoader:
-    """A DataLoader over a DistributedSampler whose epoch is set as each pass begins, the way
-    `for epoch in ...: sampler.set_epoch(epoch); for batch in loader:` sets it."""
+class EpochSampledLoader(DataLoader[Any]):
+    """The training DataLoader over a DistributedSampler whose epoch is set as each pass begins, the
+    way `for epoch in ...: sampler.set_epoch(epoch); for batch in loader:` sets it. `bug_on` (the
+    stepper's switches) can make a pass forget set_epoch, or read the original loader instead."""
 
-    def __init__(self, loader: DataLoader[Any], sampler: DistributedSampler[Any]) -> None:
-        self.loader = loader
-        self.sampler = sampler
+    def __init__(self, original: DataLoader[Any], sampler: DistributedSampler[Any]) -> None:
+        super().__init__(
+            original.dataset,
+            batch_size=original.batch_size,
+            sampler=sampler,
+            drop_last=original.drop_last,
+            collate_fn=original.collate_fn,
+            num_workers=original.num_workers,
+            pin_memory=original.pin_memory,
+        )
+        self.original = original
         self.epoch = 0
+        self.bug_on: Callable[[str], bool] = lambda bug: False
 
-    def __iter__(self) -> Iterator[Any]:
-        self.sampler.set_epoch(self.epoch)
-        self.epoch += 1
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
+    def __iter__(self) -> _BaseDataLoaderIter:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.bug_on("no_distributed_sampler"):
+            return iter(self.original)  # the whole dataset, shuffled alike on every rank
+        if not self.bug_on("set_epoch_forgotten"):
+            assert isinstance(self.sampler, DistributedSampler)
+            self.sampler.set_epoch(epoch)
+        return super().__iter__()
 
 
 def distribute(experiment: Experiment, rank: int, world_size: int, seed: int, device: torch.device) -> Experiment:
@@ -53,19 +66,18 @@ def distribute(experiment: Experiment, rank: int, world_size: int, seed: int, de
         seed=seed,
         drop_last=loader.drop_last,
     )
-    rebuilt = DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        drop_last=loader.drop_last,
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-    )
-    experiment.train_loader = EpochSampledLoader(rebuilt, sampler)
+    experiment.train_loader = EpochSampledLoader(loader, sampler)
     model = experiment.model.to(device)
     experiment.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return experiment
+
+
+def batch_fingerprint(inputs: Any) -> str:
+    """CRC-32 of a batch's input tensors: equal on two ranks when they hold the same examples."""
+    crc = 0
+    for _, tensor in flatten_tensors("inputs", inputs):
+        crc = zlib.crc32(_bytes(tensor), crc)
+    return f"{crc:08x}"
 
 
 class LocalGradNorms:
@@ -102,6 +114,9 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     parameters are bitwise equal (up to a 1 in 4e9 collision)."""
     crc = 0
     for parameter in model.parameters():
-        data = parameter.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        crc = zlib.crc32(data, crc)
+        crc = zlib.crc32(_bytes(parameter), crc)
     return f"{crc:08x}"
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

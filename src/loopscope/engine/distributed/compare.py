@@ -1,0 +1,113 @@
+"""What only the ranks side by side show: findings from the numbers each rank reports (its batch's
+fingerprint, its parameters' checksum), never from the bugs switched on."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from loopscope.shared.bugs import BUGS_BY_ID
+from loopscope.shared.events import Finding, StageEvent
+from loopscope.shared.vocab import Stage
+
+SAME_BATCHES_STREAK = 3  # iterations in a row with one batch on every rank: not a coincidence
+EPOCH_START = 3  # batches compared at the start of consecutive epochs
+
+
+def _fix(bug: str) -> str:
+    return BUGS_BY_ID[bug].fix
+
+
+class RankComparison:
+    """Fed every turn's events (all ranks'); returns the findings each turn raises, once per id."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.raised: dict[str, tuple[int, Finding]] = {}  # id -> (iteration, finding)
+        self._same_streak = 0
+        self._starts: dict[int, dict[int, list[str]]] = defaultdict(dict)  # rank -> epoch -> fingerprints
+
+    def observe(self, events: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
+        found: list[tuple[StageEvent, Finding]] = []
+        by_stage: dict[tuple[int, Stage], list[StageEvent]] = defaultdict(list)
+        for event in events:
+            if event.error is None:
+                by_stage[(event.iteration, event.stage)].append(event)
+        for (iteration, stage), group in by_stage.items():
+            if stage == Stage.LOAD_BATCH:
+                found += self._batches(iteration, group)
+            elif stage == Stage.STEP:
+                found += self._checksums(iteration, group)
+        return [(event, finding) for event, finding in found if self._first(event.iteration, finding)]
+
+    def _first(self, iteration: int, finding: Finding) -> bool:
+        if finding.id in self.raised:
+            return False
+        self.raised[finding.id] = (iteration, finding)
+        return True
+
+    def _batches(self, iteration: int, group: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
+        prints = [e.metrics.get("batch_fingerprint") for e in group]
+        found = []
+        if len(group) == self.world_size > 1 and None not in prints and len(set(prints)) == 1:
+            self._same_streak += 1
+            if self._same_streak == SAME_BATCHES_STREAK:
+                found.append(
+                    (
+                        group[0],
+                        Finding(
+                            "ranks_same_batches",
+                            "error",
+                            f"every rank loaded the same examples in iterations {iteration - SAME_BATCHES_STREAK + 1}"
+                            f"-{iteration} (batch fingerprint {prints[0]} on all {self.world_size} ranks): the data "
+                            "is not split between the ranks, so they do one rank's work N times",
+                            ("no_distributed_sampler",),
+                            _fix("no_distributed_sampler"),
+                        ),
+                    )
+                )
+        else:
+            self._same_streak = 0
+        for event in group:
+            found += self._epoch_order(event)
+        return found
+
+    def _epoch_order(self, event: StageEvent) -> list[tuple[StageEvent, Finding]]:
+        fingerprint = event.metrics.get("batch_fingerprint")
+        if fingerprint is None or event.rank is None:
+            return []
+        starts = self._starts[event.rank]
+        start = starts.setdefault(event.epoch, [])
+        if len(start) >= EPOCH_START:
+            return []
+        start.append(fingerprint)
+        before = starts.get(event.epoch - 1)
+        starts.pop(event.epoch - 2, None)
+        compared = min(EPOCH_START, len(before)) if before else 0
+        if before is None or not compared or len(start) != compared or not event.metrics.get("sampler_shuffles"):
+            return []
+        if start != before[:compared]:
+            return []
+        finding = Finding(
+            "same_order_each_epoch",
+            "warning",
+            f"epoch {event.epoch} began with the same {compared} batches as epoch {event.epoch - 1} on rank "
+            f"{event.rank}, though its sampler shuffles: the shuffle is not renewed from one epoch to the next",
+            ("set_epoch_forgotten",),
+            _fix("set_epoch_forgotten"),
+        )
+        return [(event, finding)]
+
+    def _checksums(self, iteration: int, group: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
+        sums = [e.metrics.get("param_checksum") for e in group]
+        if len(group) < 2 or None in sums or len(set(sums)) == 1:
+            return []
+        per_rank = ", ".join(f"rank {e.rank}: {e.metrics.get('param_checksum')}" for e in group)
+        finding = Finding(
+            "ranks_diverged",
+            "error",
+            f"after step at iteration {iteration} the ranks' parameters differ ({per_rank}): they no longer "
+            "train one model, and DDP will not bring them back together",
+            ("rank_modifies_parameters",),
+            _fix("rank_modifies_parameters"),
+        )
+        return [(group[-1], finding)]
