@@ -143,6 +143,9 @@ def test_ranks_move_together_stage_by_stage():
                 averaged = [e.grad_norm for e in turn.events]
                 assert local[0] != local[1] and averaged[0] == averaged[1]
                 assert averaged[0] is not None and averaged[0] < max(local)
+                # blobs' small MLP fits one bucket: one all-reduce a backward, timed on each rank
+                assert [e.metrics["all_reduces"] for e in turn.events] == [1, 1]
+                assert all(e.metrics["comm_ms"] > 0 for e in turn.events)
     assert seen == ["load_batch", "zero_grad", "forward", "loss", "backward", "step", "load_batch"]
 
 

@@ -89,7 +89,9 @@ def _describe(event: StageEvent) -> str:
         if "local_grad_norm" in m:  # DDP: this rank's own, then the average of every rank's
             return (
                 f"grad norm {_num(m['local_grad_norm'])} on this rank -> {_num(event.grad_norm)} "
-                f"all-reduced, over {tensors} tensors{scaled}"
+                f"all-reduced, over {tensors} tensors{scaled}  "
+                f"({m.get('all_reduces', 0)} all-reduce{'' if m.get('all_reduces') == 1 else 's'}, "
+                f"{_num(m.get('comm_ms'), 2)} ms)"
             )
         return f"grad norm {_num(event.grad_norm)} over {tensors} tensors{scaled}"
     if stage == "unscale":

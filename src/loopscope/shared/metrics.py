@@ -71,6 +71,10 @@ class BackwardMetrics(TypedDict, total=False):
     grads_none: int
     # --nproc: this rank's gradient norm before DDP averaged the ranks' gradients (grad_norm is after)
     local_grad_norm: float
+    # --nproc: gradient buckets DDP all-reduced in this backward, and the milliseconds from handing
+    # each over to its all-reduce being done (waiting for the other ranks included), summed
+    all_reduces: int
+    comm_ms: float
 
 
 class UnscaleMetrics(TypedDict, total=False):

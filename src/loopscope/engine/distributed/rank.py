@@ -84,9 +84,11 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
             event.metrics["batch_fingerprint"] = batch_fingerprint(stepper.body.values.clean_inputs)
             event.metrics["sampler_shuffles"] = bool(getattr(loader.sampler, "shuffle", False))
         elif event.stage == Stage.BACKWARD:
-            local = local_norms.take()
+            local, all_reduces, seconds = local_norms.take()
             if local is not None:
                 event.metrics["local_grad_norm"] = local
+            event.metrics["all_reduces"] = all_reduces
+            event.metrics["comm_ms"] = seconds * 1000.0
         elif event.stage == Stage.STEP:
             if "rank_modifies_parameters" in stepper.injector and rank == spec.world_size - 1:
                 with torch.no_grad():  # the bug: an edit on one rank, outside DDP

@@ -5,6 +5,7 @@ told the epoch (`set_epoch`) before each pass."""
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +90,8 @@ class LocalGradNorms:
         self.measuring = True  # off: the hook only all-reduces (an unprobed iteration)
         self._squares = 0.0
         self._seen = False
+        self.all_reduces = 0  # buckets all-reduced since the last take
+        self.comm_seconds = 0.0  # from each bucket's hand-over to its all-reduce done, waiting included
 
     def install(self, model: torch.nn.Module) -> None:
         assert isinstance(model, DistributedDataParallel)
@@ -100,13 +103,21 @@ class LocalGradNorms:
         if self.measuring:
             self._squares += float(bucket.buffer().detach().double().pow(2).sum())
             self._seen = True
-        return default_hooks.allreduce_hook(state, bucket)
+        self.all_reduces += 1
+        started = time.perf_counter()
 
-    def take(self) -> float | None:
-        """The norm since the last take (None if no gradient was all-reduced), and start afresh."""
-        norm = math.sqrt(self._squares) if self._seen else None
-        self._squares, self._seen = 0.0, False
-        return norm
+        def done(future):  # the all-reduced bucket passes through unchanged
+            self.comm_seconds += time.perf_counter() - started
+            return future.value()
+
+        return default_hooks.allreduce_hook(state, bucket).then(done)
+
+    def take(self) -> tuple[float | None, int, float]:
+        """Since the last take: the local norm (None if not measured), the all-reduces and their
+        seconds; then start afresh."""
+        taken = (math.sqrt(self._squares) if self._seen else None, self.all_reduces, self.comm_seconds)
+        self._squares, self._seen, self.all_reduces, self.comm_seconds = 0.0, False, 0, 0.0
+        return taken
 
 
 def parameter_checksum(model: torch.nn.Module) -> str:
