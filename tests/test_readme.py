@@ -17,5 +17,8 @@ def readme_commands() -> list[str]:
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     install_and_launch, install_and_test = readme_commands()
     assert install_and_launch.endswith("loopscope") and "torch==2.13.0" in install_and_launch
-    assert install_and_test.endswith("pytest")
+    # The last step runs the whole suite: pytest on the default test paths, no file or -k picked.
+    last_step = install_and_test.rsplit("&&", 1)[1].split()
+    assert last_step[:3] == [".venv/bin/python", "-m", "pytest"]
+    assert all(arg.startswith("-") or arg in ("auto", "loadfile") for arg in last_step[3:])
     assert install_and_test in (ROOT / ".ci" / "run").read_text().splitlines()
