@@ -58,9 +58,15 @@ def trace(capsys, *args: str) -> tuple[int, list[dict], str]:
     return code, [json.loads(line) for line in out.splitlines()], err
 
 
-def _hand_written_ddp(rank: int, world_size: int, port: int, iterations: int, results: mp.Queue) -> None:
+def _hand_written_ddp(
+    rank: int, world_size: int, port: int, iterations: int, results: mp.Queue, target: str = "blobs"
+) -> None:
     """DDP as its tutorial writes it: DistributedSampler, set_epoch, the model wrapped, one thread
-    per rank (torchrun's default). The experiment's objects are the scenario's, seeded alike."""
+    per rank (torchrun's default); with accumulation, `model.no_sync()` on every micro-batch but
+    the one before the step (`(i + 1) % K == 0 or i + 1 == len(loader)`). The experiment's objects
+    are the target's, seeded alike."""
+    import contextlib
+
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     import torch.distributed as dist
@@ -72,45 +78,54 @@ def _hand_written_ddp(rank: int, world_size: int, port: int, iterations: int, re
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    experiment = load_experiment("blobs", 0)
+    experiment = load_experiment(target, 0)
     dataset, batch = experiment.train_loader.dataset, experiment.train_loader.batch_size
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler)
     model = DistributedDataParallel(experiment.model)
-    optimizer, loss_fn = experiment.optimizer, experiment.loss_fn
+    optimizer, loss_fn, k = experiment.optimizer, experiment.loss_fn, experiment.accumulation
     losses: list[float] = []
+    steps = 0
     epoch = 0
-    while len(losses) < iterations:
+    while steps < iterations:
         sampler.set_epoch(epoch)
-        for inputs, targets in loader:
-            optimizer.zero_grad()
-            loss = loss_fn(model(inputs), targets)
-            loss.backward()
-            optimizer.step()
+        for i, (inputs, targets) in enumerate(loader):
+            steps_now = (i + 1) % k == 0 or i + 1 == len(loader)
+            with contextlib.nullcontext() if steps_now else model.no_sync():
+                loss = loss_fn(model(inputs), targets)
+                (loss / k if k > 1 else loss).backward()
             losses.append(loss.item())
-            if len(losses) == iterations:
-                break
+            if steps_now:
+                optimizer.step()
+                optimizer.zero_grad()
+                steps += 1
+                if steps == iterations:
+                    break
         epoch += 1
     results.put((rank, losses))
     dist.destroy_process_group()
 
 
-def test_two_ranks_compute_bitwise_what_a_hand_written_ddp_loop_computes_and_stay_equal(capsys):
-    iterations = 200  # five epochs of 40 batches per rank: set_epoch reshuffles each
+def _reference_losses(target: str, iterations: int) -> dict[int, list[float]]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    ranks = [ctx.Process(target=_hand_written_ddp, args=(r, 2, port, iterations, results)) for r in range(2)]
+    ranks = [ctx.Process(target=_hand_written_ddp, args=(r, 2, port, iterations, results, target)) for r in range(2)]
     for process in ranks:
         process.start()
     try:
-        expected = dict(results.get(timeout=300) for _ in ranks)
+        return dict(results.get(timeout=300) for _ in ranks)
     finally:
         for process in ranks:
             process.join(30)
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def test_two_ranks_compute_bitwise_what_a_hand_written_ddp_loop_computes_and_stay_equal(capsys):
+    iterations = 200  # five epochs of 40 batches per rank: set_epoch reshuffles each
+    expected = _reference_losses("blobs", iterations)
     # Probed throughout: the statistics and the local norms' communication hook change nothing.
     code, records, err = trace(capsys, "blobs", "--nproc", "2", "-n", str(iterations))
     assert code == 0, err
@@ -235,3 +250,27 @@ def test_two_nodes_on_one_machine_train_together_as_two_ranks_do(capsys, tmp_pat
 def test_several_nodes_need_an_endpoint(capsys):
     assert main(["trace", "blobs", "--nnodes", "2", "--node-rank", "0", "-n", "1"]) == 2
     assert "--nnodes > 1 needs --rdzv-endpoint HOST:PORT" in capsys.readouterr().err
+
+
+def test_accumulation_all_reduces_once_per_step_and_computes_what_no_sync_computes(capsys):
+    """4 micro-batches a step, 13 batches per rank and epoch (each epoch ends on a short group):
+    bitwise the hand-written loop with no_sync(); one all-reduce a step, at its last micro-batch."""
+    target = str(FIXTURES / "ddp_accumulation.py")
+    expected = _reference_losses(target, 16)
+    code, records, err = trace(capsys, target, "--nproc", "2", "-n", "16")
+    assert code == 0, err
+    for rank in (0, 1):
+        assert [r["loss"] for r in records if r["rank"] == rank and r["stage"] == "loss"] == expected[rank]
+        backwards = [r for r in records if r["rank"] == rank and r["stage"] == "backward"]
+        per_step: dict[int, list[int]] = {}
+        for record in backwards:
+            per_step.setdefault(record["iteration"], []).append(record["metrics"]["all_reduces"])
+        assert all(counts[-1] == 1 and sum(counts) == 1 for counts in per_step.values())
+        assert sorted({len(counts) for counts in per_step.values()}) == [1, 4]  # full groups and short ones
+    assert not any(d["severity"] != "info" for r in records for d in r["diagnostics"])
+    code, records, err = trace(
+        capsys, target, "--nproc", "2", "-n", "16", "--fast", "--bug", "accumulation_without_no_sync"
+    )
+    assert code == 0, err
+    assert "[suspects: accumulation_without_no_sync]" in err
+    assert "warning at iteration 1:" in err

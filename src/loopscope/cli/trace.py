@@ -93,7 +93,8 @@ def _describe(event: StageEvent) -> str:
                 f"({m.get('all_reduces', 0)} all-reduce{'' if m.get('all_reduces') == 1 else 's'}, "
                 f"{_num(m.get('comm_ms'), 2)} ms)"
             )
-        return f"grad norm {_num(event.grad_norm)} over {tensors} tensors{scaled}"
+        held = "  (not all-reduced: under no_sync(), summed on this rank)" if m.get("all_reduces") == 0 else ""
+        return f"grad norm {_num(event.grad_norm)} over {tensors} tensors{scaled}{held}"
     if stage == "unscale":
         found = "  inf/NaN found: the scaler will skip this step" if m.get("found_inf") else ""
         return f"scaler.unscale_(optimizer): grad norm {_num(event.grad_norm)}{found}"

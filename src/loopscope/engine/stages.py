@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from loopscope.engine import probes
 from loopscope.engine.batches import (
@@ -186,6 +188,8 @@ class LoopBody(EpochEndStages):
         record.metrics["model_training"] = self.model.training
         if self.twin is not None:
             values.rng_before_forward = rng_state(self.device)
+        if self.experiment.accumulation > 1 and isinstance(self.model, DistributedDataParallel):
+            self._sync_only_at_step()
         if self.probe:
             with probes.ForwardRecorder(self.model) as recorder, grad_mode, self.autocast():
                 try:
@@ -205,6 +209,18 @@ class LoopBody(EpochEndStages):
         values.raw_output, values.output = raw, output
         if not self.quiet:
             record.metrics["output_requires_grad"] = output.requires_grad
+
+    def _sync_only_at_step(self) -> None:
+        """DDP with accumulation: only the micro-batch before a step all-reduces; the others run as
+        under `with model.no_sync():` (the flag it sets, for this forward and its backward), their
+        gradients summed locally and all-reduced with the last one's. The last micro-batch is the
+        K-th, or the epoch's last batch (`i + 1 == len(train_loader)`)."""
+        assert isinstance(self.model, DistributedDataParallel)
+        state = self.state
+        loader = self.experiment.train_loader
+        last_of_epoch = isinstance(loader, Sized) and state.batches_this_epoch >= len(loader)
+        steps_next = state.micro_batch >= self.experiment.accumulation or last_of_epoch
+        self.model.require_backward_grad_sync = steps_next or "accumulation_without_no_sync" in self.injector
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         """The mixed precision the experiment asks for (forward and loss), or nothing."""

@@ -410,6 +410,19 @@ BUGS: tuple[Bug, ...] = (
         requires=("distributed",),
     ),
     Bug(
+        "accumulation_without_no_sync",
+        "gradient accumulation without model.no_sync()",
+        Stage.BACKWARD,
+        "with model.no_sync():  # all but the micro-batch before step()\n    loss.backward()",
+        "loss.backward()",
+        "The numbers stay right, but every micro-batch's backward waits for an all-reduce: K times the "
+        "communication of one step.",
+        "DDP all-reduces the gradients at every backward() unless told not to; summed locally over the "
+        "micro-batches and all-reduced once, they come out the same.",
+        "Run the forward and backward of every micro-batch but the last in `with model.no_sync():`.",
+        requires=("distributed", "accumulation"),
+    ),
+    Bug(
         "rank_modifies_parameters",
         "one rank changes its parameters outside DDP",
         Stage.STEP,

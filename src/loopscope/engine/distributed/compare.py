@@ -25,6 +25,7 @@ class RankComparison:
         self.raised: dict[str, tuple[int, Finding]] = {}  # id -> (iteration, finding)
         self._same_streak = 0
         self._starts: dict[int, dict[int, list[str]]] = defaultdict(dict)  # rank -> epoch -> fingerprints
+        self._communicating: dict[tuple[int | None, int], int] = {}  # (rank, iteration) -> backwards that all-reduced
 
     def observe(self, events: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
         found: list[tuple[StageEvent, Finding]] = []
@@ -37,6 +38,8 @@ class RankComparison:
                 found += self._batches(iteration, group)
             elif stage == Stage.STEP:
                 found += self._checksums(iteration, group)
+            elif stage == Stage.BACKWARD:
+                found += self._all_reduces(iteration, group)
         return [(event, finding) for event, finding in found if self._first(event.iteration, finding)]
 
     def _first(self, iteration: int, finding: Finding) -> bool:
@@ -96,6 +99,30 @@ class RankComparison:
             _fix("set_epoch_forgotten"),
         )
         return [(event, finding)]
+
+    def _all_reduces(self, iteration: int, group: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
+        """Accumulating micro-batches: only the backward before the step needs to all-reduce, so a
+        second backward that communicates in one iteration is the no_sync() left out."""
+        found = []
+        for event in group:
+            if not event.metrics.get("all_reduces") or "micro_batch" not in event.metrics:
+                continue
+            key = (event.rank, iteration)
+            self._communicating[key] = self._communicating.get(key, 0) + 1
+            if self._communicating[key] != 2:
+                continue
+            finding = Finding(
+                "all_reduce_every_micro_batch",
+                "warning",
+                f"rank {event.rank} all-reduced its gradients at micro-batch {event.metrics['micro_batch']} as well "
+                f"as at an earlier one of the same step ({event.metrics.get('comm_ms', 0):.2f} ms this time): correct, "
+                "but each step pays the communication once per micro-batch instead of once",
+                ("accumulation_without_no_sync",),
+                _fix("accumulation_without_no_sync"),
+            )
+            found.append((event, finding))
+        self._communicating = {k: v for k, v in self._communicating.items() if k[1] >= iteration}
+        return found
 
     def _checksums(self, iteration: int, group: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
         sums = [e.metrics.get("param_checksum") for e in group]
