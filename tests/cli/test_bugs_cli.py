@@ -128,3 +128,11 @@ def test_check_prints_each_result_as_its_check_ends():
     assert first.startswith("PASS  loss at initialisation")
     assert still_running, "the first line came only when every check was done"
     assert rest.count("PASS") == 3 and "running 4 sanity checks on copies of the model..." in err
+
+
+def test_a_distributed_bug_names_the_scenarios_it_applies_to_under_nproc(capsys):
+    assert main(["bugs", "accumulation_without_no_sync"]) == 0
+    out = capsys.readouterr().out
+    # Only the scenario that accumulates gradients, and only as several processes.
+    assert out.rstrip().endswith("built-in scenarios: amp (trace --nproc 2)")
+    assert "several processes" in out

@@ -435,6 +435,12 @@ def _bugs(bug_id: str | None, as_json: bool) -> int:
     if bug_id:
         bug = chosen[0]
         scenarios = [s.name for s in SCENARIOS.values() if bug.id in s.bugs]
+        if "distributed" in bug.requires:  # any scenario run as several processes
+            scenarios = [
+                f"{s.name} (trace --nproc 2)"
+                for s in SCENARIOS.values()
+                if set(bug.requires) <= s.features | {"distributed"}
+            ]
         print(f"{bug.id}: {bug.title}  (stage {bug.stage})\n")
         for line in bug.correct.splitlines():
             print(f"  - {line}")
