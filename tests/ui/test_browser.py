@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import urllib.request
 import zlib
 
 import pytest
+
+from loopscope.engine.distributed.launcher import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # As this machine needs them: no sandbox as root, and no background calls to the outside world.
@@ -27,12 +28,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_chromium():

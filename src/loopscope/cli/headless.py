@@ -93,11 +93,12 @@ def trace_command(args: argparse.Namespace, note: str | None = None) -> int:
     from loopscope.engine.script.target import is_script
     from loopscope.engine.stepper import Stepper
 
+    distributed = getattr(args, "nproc", 1) * getattr(args, "nnodes", 1) > 1
     if is_script(args.target, getattr(args, "script", False)):
-        if getattr(args, "nproc", 1) * getattr(args, "nnodes", 1) > 1:
+        if distributed:
             raise UserError("--nproc runs an experiment() factory for now; a DDP script runs as one process")
         return _trace_script(args, note)
-    if getattr(args, "nproc", 1) * getattr(args, "nnodes", 1) > 1:
+    if distributed:
         return _trace_distributed(args, note)
     device = resolve_device(args.device)
     with _users_prints_to_stderr():
@@ -192,8 +193,7 @@ def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
     )
     sys.stderr.write(summary + "\n")
     for iteration, finding in sorted(comparison.raised.values(), key=lambda item: item[0]):
-        suspects = f" [suspects: {', '.join(finding.suspects)}]" if finding.suspects else ""
-        sys.stderr.write(f"loopscope: {finding.severity} at iteration {iteration}: {finding.message}{suspects}\n")
+        sys.stderr.write(_finding_line(iteration, finding))
     if "ranks_diverged" not in comparison.raised and done and args.nproc > 1:
         on = "this node's ranks" if args.nnodes > 1 else "every rank"
         sys.stderr.write(f"loopscope: parameters bitwise equal on {on} after every step\n")
@@ -294,8 +294,13 @@ def _report_findings(stepper: Stepper) -> None:
         if finding.severity != "info" and finding.id != "stage_error" and finding.id not in first:
             first[finding.id] = (iteration, finding)
     for iteration, finding in sorted(first.values(), key=lambda item: item[0]):
-        suspects = f" [suspects: {', '.join(finding.suspects)}]" if finding.suspects else ""
-        sys.stderr.write(f"loopscope: {finding.severity} at iteration {iteration}: {finding.message}{suspects}\n")
+        sys.stderr.write(_finding_line(iteration, finding))
+
+
+def _finding_line(iteration: int, finding: Finding) -> str:
+    """A finding as a trace's closing lines give it, with the iteration it first appeared."""
+    suspects = f" [suspects: {', '.join(finding.suspects)}]" if finding.suspects else ""
+    return f"loopscope: {finding.severity} at iteration {iteration}: {finding.message}{suspects}\n"
 
 
 class _Progress:

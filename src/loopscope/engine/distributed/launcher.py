@@ -35,7 +35,6 @@ class Turn:
 
     events: list[StageEvent] = field(default_factory=list)  # in rank order
     finished: bool = False
-    halted: bool = False
     failure: str | None = None  # a rank that died, or could not answer: the run is over
     completed_iterations: int = 0  # rank 0's
 
@@ -80,10 +79,9 @@ class RankGroup:
         for rank, answer in enumerate(answers):
             if answer is None:
                 continue
-            _, events, finished, halted, completed = answer
+            _, events, finished, _halted, completed = answer
             turn.events += events
             turn.finished = turn.finished or finished
-            turn.halted = turn.halted or halted
             if rank == 0:
                 turn.completed_iterations = completed
         return turn
