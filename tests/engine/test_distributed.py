@@ -274,3 +274,10 @@ def test_accumulation_all_reduces_once_per_step_and_computes_what_no_sync_comput
     assert code == 0, err
     assert "[suspects: accumulation_without_no_sync]" in err
     assert "warning at iteration 1:" in err
+
+
+def test_each_ranks_own_findings_close_the_trace_with_the_ranks_that_raised_them(capsys):
+    code, records, err = trace(capsys, "blobs", "--nproc", "2", "-n", "10", "--bug", "skip_zero_grad")
+    assert code == 0, err
+    assert {r["rank"] for r in records for d in r["diagnostics"] if d["id"] == "stale_gradients"} == {0, 1}
+    assert "loopscope: error at iteration 2 on ranks 0, 1: " in err and "[suspects: skip_zero_grad]" in err

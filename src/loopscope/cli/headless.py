@@ -165,6 +165,7 @@ def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
     out = _open_output(args.output)
     writer = TraceWriter(out, args.format, ranks=True)
     comparison = RankComparison(args.nproc)
+    on_ranks: dict[str, tuple[int, Finding, list[int]]] = {}  # each rank's own findings: first seen, ranks
     done = 0
     failure = halted = None
     try:
@@ -173,6 +174,11 @@ def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
                 turn = group.turn("iteration")
                 raised = comparison.observe(turn.events)
                 for event in turn.events:
+                    for finding in event.diagnostics:
+                        if finding.severity != "info" and finding.id != "stage_error":
+                            seen = on_ranks.setdefault(finding.id, (event.iteration, finding, []))
+                            if event.rank is not None and event.rank not in seen[2]:
+                                seen[2].append(event.rank)
                     mine = tuple(finding for at, finding in raised if at is event)
                     writer.write(dataclasses.replace(event, diagnostics=event.diagnostics + mine) if mine else event)
                 failure = turn.failure
@@ -192,6 +198,9 @@ def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
         f"{writer.count} stage records"
     )
     sys.stderr.write(summary + "\n")
+    for iteration, finding, ranks_seen in sorted(on_ranks.values(), key=lambda item: item[0]):
+        which = f" on rank{'s' if len(ranks_seen) > 1 else ''} {', '.join(map(str, sorted(ranks_seen)))}"
+        sys.stderr.write(_finding_line(iteration, finding, which))
     for iteration, finding in sorted(comparison.raised.values(), key=lambda item: item[0]):
         sys.stderr.write(_finding_line(iteration, finding))
     if "ranks_diverged" not in comparison.raised and done and args.nproc > 1:
@@ -297,10 +306,11 @@ def _report_findings(stepper: Stepper) -> None:
         sys.stderr.write(_finding_line(iteration, finding))
 
 
-def _finding_line(iteration: int, finding: Finding) -> str:
-    """A finding as a trace's closing lines give it, with the iteration it first appeared."""
+def _finding_line(iteration: int, finding: Finding, where: str = "") -> str:
+    """A finding as a trace's closing lines give it, with the iteration it first appeared (and,
+    with several ranks, `where`: the ranks that raised it)."""
     suspects = f" [suspects: {', '.join(finding.suspects)}]" if finding.suspects else ""
-    return f"loopscope: {finding.severity} at iteration {iteration}: {finding.message}{suspects}\n"
+    return f"loopscope: {finding.severity} at iteration {iteration}{where}: {finding.message}{suspects}\n"
 
 
 class _Progress:
