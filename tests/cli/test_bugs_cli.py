@@ -134,5 +134,5 @@ def test_a_distributed_bug_names_the_scenarios_it_applies_to_under_nproc(capsys)
     assert main(["bugs", "accumulation_without_no_sync"]) == 0
     out = capsys.readouterr().out
     # Only the scenario that accumulates gradients, and only as several processes.
-    assert out.rstrip().endswith("built-in scenarios: amp (trace --nproc 2)")
+    assert out.rstrip().endswith("built-in scenarios: amp (--nproc 2)")
     assert "several processes" in out

@@ -189,6 +189,7 @@ def test_a_rank_killed_by_a_signal_is_reported(capsys, monkeypatch):
         ("no_distributed_sampler", "ranks_same_batches"),
         ("set_epoch_forgotten", "same_order_each_epoch"),
         ("rank_modifies_parameters", "ranks_diverged"),
+        ("val_metrics_rank0_only", "ranks_disagree_on_validation"),
     ],
 )
 def test_each_distributed_bug_is_named_within_200_iterations(capsys, bug, finding):
@@ -208,6 +209,15 @@ def test_a_clean_run_of_1000_iterations_raises_nothing_on_any_rank(capsys):
     raised = {d["id"] for r in records for d in r["diagnostics"] if d["severity"] in ("warning", "error")}
     assert raised == set()
     assert "parameters bitwise equal on every rank after every step" in err
+    # Each rank validated its half of the 128 examples; the sums, all-reduced, are the whole set's.
+    validations: dict[int, list] = {}
+    for r in records:
+        if r["stage"] == "validate":
+            validations.setdefault(r["iteration"], []).append(r["metrics"])
+    assert len(validations) == 50 and all(len(ranks) == 2 for ranks in validations.values())
+    for rank0, rank1 in validations.values():
+        assert rank0["val_examples"] == rank1["val_examples"] == 128
+        assert (rank0["val_loss"], rank0["val_accuracy"]) == (rank1["val_loss"], rank1["val_accuracy"])
 
 
 def test_two_nodes_on_one_machine_train_together_as_two_ranks_do(capsys, tmp_path):

@@ -206,3 +206,51 @@ def test_at_80x24_a_finding_is_on_screen_without_a_key(tmux_session):
     assert "fix: Call optimizer.zero_grad()" in screen
     tmux("send-keys", "-t", tmux_session, "q")
     wait_for_pane(tmux_session, "EXIT=0")
+
+
+def _ranks_rows(screen: str) -> dict[int, list[str]]:
+    """The Ranks table's rows, by rank: [batch, loss, local, reduced, comm, params]."""
+    rows = {}
+    for line in screen.splitlines():
+        cells = line.split("│")
+        panel = cells[-2] if len(cells) >= 3 else ""
+        fields = panel.split()[:7]  # past them, maybe a scrollbar's glyph
+        if len(fields) == 7 and fields[0].isdigit() and len(fields[1]) in (1, 8):
+            rows[int(fields[0])] = fields[1:]
+    return rows
+
+
+def test_nproc_2_in_tmux_walks_both_ranks_through_the_stages(tmux_session):
+    """`loopscope run spirals --nproc 2`: space moves both ranks; at backward the Ranks table has
+    each rank's own examples and local gradient norm, one all-reduced norm, one all-reduce each;
+    after step the parameter checksums agree; q leaves no rank process behind."""
+    tmux("send-keys", "-t", tmux_session, f"{LOOPSCOPE} run spirals --nproc 2; echo EXIT=$?", "Enter")
+    screen = wait_for_pane(tmux_session, "2 ranks")
+    assert "iter 0" in screen
+    _, processes = _app_and_engines(tmux_session)
+    assert len(processes) >= 3, "the engine and its two ranks were not found"
+    for _ in range(5):  # load_batch, zero_grad, forward, loss, backward
+        tmux("send-keys", "-t", tmux_session, "space")
+        time.sleep(0.3)
+    screen = wait_for_pane(tmux_session, "[backward]")
+    deadline = time.monotonic() + 30
+    while "1x" not in screen or len(_ranks_rows(screen)) < 2:
+        assert time.monotonic() < deadline, screen
+        time.sleep(0.2)
+        screen = tmux("capture-pane", "-p", "-t", tmux_session)
+    rows = _ranks_rows(screen)
+    assert set(rows) == {0, 1}, screen
+    (batch0, _, local0, reduced0, comm0, _), (batch1, _, local1, reduced1, comm1, _) = rows[0], rows[1]
+    assert batch0 != batch1  # the DistributedSampler gave each rank its own examples
+    assert local0 != local1 and reduced0 == reduced1  # different gradients, one all-reduced norm
+    assert comm0.startswith("1x") and comm1.startswith("1x")
+    assert "own examples per rank" in screen
+    for _ in range(2):  # clip_grad, step
+        tmux("send-keys", "-t", tmux_session, "space")
+        time.sleep(0.3)
+    screen = wait_for_pane(tmux_session, "parameters equal")
+    rows = _ranks_rows(screen)
+    assert rows[0][5] == rows[1][5] != "-"  # after step: the same parameters on both ranks
+    tmux("send-keys", "-t", tmux_session, "q")
+    wait_for_pane(tmux_session, "EXIT=0")
+    assert not _still_running(processes)

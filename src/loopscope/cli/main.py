@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run_parser)
     _add_speed(run_parser)
     _add_svg_dir(run_parser)
+    _add_nproc(run_parser, "the panels show rank 0, the Ranks table every rank's numbers")
     run_parser.add_argument(
         "--history",
         type=_non_negative_int,
@@ -193,14 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the full statistics (tensor stats, per-layer norms); losses and errors are still recorded",
     )
-    trace.add_argument(
-        "--nproc",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="train as DistributedDataParallel on N processes of this machine (gloo on CPU, nccl on GPUs), "
-        "all ranks stage by stage together; every record carries its rank (default: 1, no torch.distributed)",
-    )
+    _add_nproc(trace, "every record carries its rank")
     trace.add_argument(
         "--nnodes",
         type=_positive_int,
@@ -437,9 +431,7 @@ def _bugs(bug_id: str | None, as_json: bool) -> int:
         scenarios = [s.name for s in SCENARIOS.values() if bug.id in s.bugs]
         if "distributed" in bug.requires:  # any scenario run as several processes
             scenarios = [
-                f"{s.name} (trace --nproc 2)"
-                for s in SCENARIOS.values()
-                if set(bug.requires) <= s.features | {"distributed"}
+                f"{s.name} (--nproc 2)" for s in SCENARIOS.values() if set(bug.requires) <= s.features | {"distributed"}
             ]
         print(f"{bug.id}: {bug.title}  (stage {bug.stage})\n")
         for line in bug.correct.splitlines():
@@ -456,6 +448,17 @@ def _bugs(bug_id: str | None, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _add_nproc(parser: argparse.ArgumentParser, shown: str) -> None:
+    parser.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="train as DistributedDataParallel on N processes of this machine (gloo on CPU, nccl on GPUs), "
+        f"all ranks stage by stage together; {shown} (default: 1, no torch.distributed)",
+    )
+
+
 def _run_app(args: argparse.Namespace) -> int:
     from loopscope.engine.experiment import check_target
     from loopscope.engine.script.target import is_script
@@ -464,6 +467,10 @@ def _run_app(args: argparse.Namespace) -> int:
     script = is_script(args.target, args.script)
     if not script:
         check_target(args.target)
+    if args.nproc > 1 and script:
+        raise UserError("--nproc runs an experiment() factory for now; a DDP script runs as one process")
+    if args.nproc > 1 and args.twin:
+        raise UserError("--twin runs in one process: it cannot be combined with --nproc")
     if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
         raise UserError(f"--device {args.device!r}: expected one of auto|cpu|cuda|cuda:N|mps")
     from loopscope.ui.app import LoopscopeApp
@@ -479,6 +486,7 @@ def _run_app(args: argparse.Namespace) -> int:
         script_args=tuple(args.script_args),
         seed_given=args.seed is not None or not script,
         speed=args.speed,
+        nproc=args.nproc,
     )
     app = LoopscopeApp(spec, svg_dir=args.svg_dir)
     # SIGTERM quits like `q`: Textual restores the terminal and the engine process is stopped.

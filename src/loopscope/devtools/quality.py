@@ -6,7 +6,9 @@ Recall: each bug, on each scenario it applies to, runs from the start for at mos
 iterations; it counts as caught when a finding names it among its suspects, or a stage raises an
 error explained at that stage. False alarms: each scenario runs clean for `clean-iterations`
 iterations; any warning or error finding is a false alarm. With `--probe-every K` the runs go as the
-app's run mode goes: whole quiet iterations, full statistics on every K-th only.
+app's run mode goes: whole quiet iterations, full statistics on every K-th only. With `--nproc N`
+every run is DistributedDataParallel on N rank processes (the distributed bugs join the matrix),
+and a finding counts once however many ranks raise it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -50,12 +53,45 @@ def _events(stepper: Any, probe_every: int | None) -> Iterator[StageEvent]:
         caught_up.clear()
 
 
-def recall_run(bug: str, scenario: str, budget: int, seed: int = 0, probe_every: int | None = None) -> RecallRow:
+def _rank_events(driver: Any) -> Iterator[StageEvent]:
+    """Every rank's events, iteration by iteration, with the comparisons' findings."""
+    made: list[StageEvent] = []
+    driver.on_event = made.append
+    while not driver.finished and driver.halted is None:
+        driver.run_iteration()
+        yield from made
+        made.clear()
+
+
+@contextmanager
+def _ranks(scenario: str, seed: int, bugs: tuple[str, ...], nproc: int, overrides: tuple = ()) -> Iterator[Any]:
+    from loopscope.engine.distributed.driver import DistributedDriver
+    from loopscope.engine.distributed.launcher import free_port
+    from loopscope.engine.distributed.rank import RankSpec
+
+    spec = RankSpec(scenario, "cpu", seed, bugs, True, nproc, free_port(), overrides=overrides)
+    driver = DistributedDriver(spec)
+    try:
+        yield driver
+    finally:
+        driver.close()
+
+
+def recall_run(
+    bug: str, scenario: str, budget: int, seed: int = 0, probe_every: int | None = None, nproc: int = 1
+) -> RecallRow:
     from loopscope.engine.experiment import load_experiment
     from loopscope.engine.stepper import Stepper
 
+    if nproc > 1:
+        with _ranks(scenario, seed, (bug,), nproc) as driver:
+            return _recall(bug, scenario, budget, driver, _rank_events(driver))
     stepper = Stepper(load_experiment(scenario, seed), bugs=[bug])
-    for event in _events(stepper, probe_every):
+    return _recall(bug, scenario, budget, stepper, _events(stepper, probe_every))
+
+
+def _recall(bug: str, scenario: str, budget: int, stepper: Any, events: Iterator[StageEvent]) -> RecallRow:
+    for event in events:
         if stepper.completed_iterations > budget:
             break
         for finding in event.diagnostics:
@@ -74,7 +110,7 @@ def recall_run(bug: str, scenario: str, budget: int, seed: int = 0, probe_every:
 
 
 def clean_run(
-    scenario: str, iterations: int, seed: int = 0, probe_every: int | None = None
+    scenario: str, iterations: int, seed: int = 0, probe_every: int | None = None, nproc: int = 1
 ) -> list[tuple[int, str, str, str]]:
     """(iteration, severity, id, message) of every warning/error finding in a clean run."""
     from loopscope.engine.experiment import load_experiment
@@ -83,11 +119,20 @@ def clean_run(
     experiment = load_experiment(scenario, seed)
     # Long enough for `iterations`, and no early stop: detectors must stay quiet through
     # convergence and overfitting alike.
-    experiment.epochs = iterations // max(len(cast(Sized, experiment.train_loader)), 1) + 1
+    epochs = iterations // max(len(cast(Sized, experiment.train_loader)), 1) + 1
+    if nproc > 1:  # each rank reads 1/nproc of the batches an epoch
+        overrides = (("epochs", epochs * nproc), ("early_stopping_patience", None))
+        with _ranks(scenario, seed, (), nproc, overrides) as driver:
+            return _alarms(iterations, driver, _rank_events(driver))
+    experiment.epochs = epochs
     experiment.early_stopping_patience = None
     stepper = Stepper(experiment)
+    return _alarms(iterations, stepper, _events(stepper, probe_every))
+
+
+def _alarms(iterations: int, stepper: Any, events: Iterator[StageEvent]) -> list[tuple[int, str, str, str]]:
     alarms: list[tuple[int, str, str, str]] = []
-    for event in _events(stepper, probe_every):
+    for event in events:
         if stepper.completed_iterations > iterations:
             break
         for finding in event.diagnostics:
@@ -97,7 +142,7 @@ def clean_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loopscope.shared.bugs import BUGS
+    from loopscope.shared.bugs import BUGS, applicable
     from loopscope.shared.catalog import SCENARIOS
 
     parser = argparse.ArgumentParser(prog="python -m loopscope.devtools.quality", description=__doc__.split("\n\n")[0])
@@ -112,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="K",
         help="run as the app runs (quiet iterations, full statistics every K-th); default: every stage probed",
     )
+    parser.add_argument(
+        "--nproc", type=int, default=1, metavar="N", help="every run as DDP on N rank processes (default 1: one)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     import torch
@@ -123,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.bug and bug.id not in args.bug:
             continue
         for info in scenarios:
-            if bug.id in info.bugs:
-                rows.append(recall_run(bug.id, info.name, args.budget, args.seed, args.probe_every))
+            if bug.id in (applicable(info.features | {"distributed"}) if args.nproc > 1 else info.bugs):
+                rows.append(recall_run(bug.id, info.name, args.budget, args.seed, args.probe_every, args.nproc))
                 if not args.json:
                     r = rows[-1]
                     print(
@@ -135,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     alarms = {}
     if args.clean_iterations > 0:
         for info in scenarios:
-            alarms[info.name] = clean_run(info.name, args.clean_iterations, args.seed, args.probe_every)
+            alarms[info.name] = clean_run(info.name, args.clean_iterations, args.seed, args.probe_every, args.nproc)
             if not args.json:
                 found = alarms[info.name]
                 print(

@@ -93,6 +93,8 @@ class EpochEndStages:
         record.metrics["builds_graph"] = builds_graph
         if examples == 0 or total_loss is None:
             raise LoopError("the validation loader yielded no batches")
+        if _split_between_ranks(loader) and "val_metrics_rank0_only" not in bugs:
+            total_loss, correct, examples = _summed_over_ranks(total_loss, correct, examples)
         val_loss = total_loss.item() / examples
         self.state.last_val_loss = val_loss
         record.metrics["val_loss"] = val_loss
@@ -173,6 +175,28 @@ class EpochEndStages:
             state.best_val_loss = state.last_val_loss
             return True
         return False
+
+
+def _split_between_ranks(loader: Any) -> bool:
+    """Whether each rank validates only its share of the set (under --nproc, see ShardedValidation)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    return isinstance(getattr(loader, "sampler", None), DistributedSampler) and loader is not None
+
+
+def _summed_over_ranks(
+    total_loss: torch.Tensor, correct: torch.Tensor | None, examples: int
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The whole validation set's totals: every rank's share summed, as a DDP loop all-reduces them."""
+    import torch.distributed as dist
+
+    hits = torch.zeros((), device=total_loss.device) if correct is None else correct
+    totals = torch.stack(
+        [total_loss.double(), hits.double(), torch.tensor(float(examples), device=total_loss.device).double()]
+    )
+    dist.all_reduce(totals)
+    summed_hits = None if correct is None else totals[1]
+    return totals[0], summed_hits, int(totals[2].item())
 
 
 def validation_loss(

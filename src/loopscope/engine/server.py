@@ -74,6 +74,10 @@ class EngineServer:
                 self.stepper = self._script_driver()
                 self.conn.send(Ready(self.stepper.info(), self._state()))
                 return True
+            if spec.nproc > 1:
+                self.stepper = self._distributed_driver()
+                self.conn.send(Ready(self.stepper.info(), self._state()))
+                return True
             device = resolve_device(self.spec.device)
             experiment = load_experiment(self.spec.target, self.spec.seed)
             self.stepper = Stepper(
@@ -104,6 +108,25 @@ class EngineServer:
             seed_everything(spec.seed)
         return ScriptDriver(spec.target, list(spec.script_args), bugs=spec.bugs, on_event=self._collect)
 
+    def _distributed_driver(self) -> Driver:
+        from loopscope.engine.distributed.driver import DistributedDriver
+        from loopscope.engine.distributed.launcher import free_port
+        from loopscope.engine.distributed.rank import RankSpec
+
+        spec = self.spec
+        if spec.twin:
+            raise UserError("--twin runs in one process: it cannot be combined with --nproc")
+        ranks = RankSpec(
+            target=spec.target,
+            device=spec.device,
+            seed=spec.seed,
+            bugs=spec.bugs,
+            probe=True,
+            world_size=spec.nproc,
+            master_port=free_port(),
+        )
+        return DistributedDriver(ranks, on_event=self._collect)
+
     def _state(self) -> EngineState:
         s = self.stepper
         return EngineState(
@@ -133,7 +156,7 @@ class EngineServer:
     def _collect(self, event: Any) -> None:
         if self.pictures is not None and event.stage == Stage.LOAD_BATCH and event.error is None:
             self.pictures.remember_batch()
-        if event.stage == Stage.LOSS:
+        if event.stage == Stage.LOSS and not event.rank:  # the plot follows rank 0's loop
             x, loss, twin_loss = loss_point(event)
             self._losses.append((x, event.epoch, loss, twin_loss))
         if self.stepper.probe or event.stage not in QUIET_STAGES or event.diagnostics or event.error:

@@ -423,6 +423,19 @@ BUGS: tuple[Bug, ...] = (
         requires=("distributed", "accumulation"),
     ),
     Bug(
+        "val_metrics_rank0_only",
+        "validation metrics from rank 0's shard only",
+        Stage.VALIDATE,
+        "totals = torch.tensor([val_loss_sum, correct, count])\ndist.all_reduce(totals)  # every rank's share, summed",
+        "totals = torch.tensor([val_loss_sum, correct, count])  # this rank's share only",
+        "The validation loss and accuracy rank 0 prints are those of its share of the validation set; "
+        "the other ranks print other numbers.",
+        "With a DistributedSampler on the validation loader each rank sees 1/N of the set; its sums "
+        "describe that share alone until they are all-reduced.",
+        "all_reduce the sums (loss, correct, count) over the ranks before dividing, then report them on rank 0.",
+        requires=("distributed", "validation"),
+    ),
+    Bug(
         "rank_modifies_parameters",
         "one rank changes its parameters outside DDP",
         Stage.STEP,
@@ -468,7 +481,7 @@ FEATURE_WORDS: dict[str, str] = {
     "tensor_inputs": "a single input tensor",
     "multi_feature_inputs": "more than one value per example",
     "regression_column": "an MSE-style loss with [N, 1] targets",
-    "distributed": "several processes (`loopscope trace --nproc 2` or more; the app runs one)",
+    "distributed": "several processes (`--nproc 2` or more, on run or trace)",
 }
 
 

@@ -44,6 +44,7 @@ class SessionSpec:
     script_args: tuple[str, ...] = ()  # a script's own command line (after `--`)
     seed_given: bool = True  # a script seeds itself: `seed` applies only when the user gave it
     speed: float | None = None  # iterations a second when running (one of RUN_SPEEDS); None: max
+    nproc: int = 1  # ranks of DistributedDataParallel, each its own process (1: no torch.distributed)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class SessionInfo:
     applicable_bugs: tuple[str, ...]
     options: dict[str, object] = field(default_factory=dict)  # clip_grad_norm, scheduler, ...
     bug_reasons: dict[str, str] = field(default_factory=dict)  # why each other bug does not apply
+    world_size: int = 1  # ranks under torch.distributed (the panels show rank 0, and each rank's numbers)
 
 
 @dataclass(frozen=True)

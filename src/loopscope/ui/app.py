@@ -55,6 +55,7 @@ from loopscope.ui.panels import (
     GradientsPanel,
     OutputPanel,
     PipelineBar,
+    RanksPanel,
     StatusLine,
     TensorsPanel,
 )
@@ -163,7 +164,12 @@ class LoopscopeApp(App[None]):
         return (
             ("code-box", "Loop code", VerticalScroll, lambda: [CodePanel(id="code")]),
             ("tensors-box", tensors_title(), Vertical, lambda: [TensorsPanel(id="tensors")]),
-            ("gradients-box", "Gradients", VerticalScroll, lambda: [GradientsPanel(id="gradients")]),
+            (
+                "gradients-box",
+                "Gradients",
+                VerticalScroll,
+                lambda: [RanksPanel(id="ranks"), GradientsPanel(id="gradients")],
+            ),
             (
                 "plot-box",
                 loss_title(False),
@@ -185,6 +191,7 @@ class LoopscopeApp(App[None]):
         self.query_one(PictureNote).display = False
         self.screen.set_class(self.demo is not None, "-demo")
         self.query_one(OutputPanel).display = False
+        self.query_one(RanksPanel).display = False
         self._apply_width(self.size.width)
         self.redraw(force=True)
         self.set_interval(FRAME_SECONDS, self.redraw)
@@ -322,6 +329,10 @@ class LoopscopeApp(App[None]):
             self._show_code()
         if self._changed("tensors", id(event)):
             self.query_one(TensorsPanel).show(model)
+        if self._changed(
+            "ranks", (model.info is None, *(id(e) for stages in model.ranks.values() for e in stages.values()))
+        ):
+            self._show_ranks()
         if self._changed("gradients", (id(model.last_by_stage.get("step")), id(model.last_by_stage.get("backward")))):
             self.query_one(GradientsPanel).show(model)
         diagnostics_key = (
@@ -377,6 +388,17 @@ class LoopscopeApp(App[None]):
             return False
         self._panel_keys[panel] = key
         return True
+
+    def _show_ranks(self) -> None:
+        info = self.model.info
+        ranks = self.query_one(RanksPanel)
+        several = info is not None and info.world_size > 1
+        if several != ranks.display:
+            ranks.display = several
+            box = self.query_one("#gradients-box")
+            box.border_title = f"Ranks ({info.world_size}) · Gradients (rank 0)" if several and info else "Gradients"
+        if several:
+            ranks.show(self.model)
 
     def _show_code(self) -> None:
         line = self.query_one(CodePanel).show(self.model)

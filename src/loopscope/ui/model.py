@@ -66,6 +66,8 @@ class ScreenModel:
         self.state: EngineState | None = None
         self.last_event: StageEvent | None = None
         self.last_by_stage: dict[str, StageEvent] = {}
+        # Under --nproc: each rank's latest event of each stage (the panels show rank 0's loop).
+        self.ranks: dict[int, dict[str, StageEvent]] = {}
         self.findings: deque[tuple[int, Finding]] = deque(maxlen=100)
         self.loss = Series(4096)
         self.twin_loss = Series(4096)
@@ -157,10 +159,14 @@ class ScreenModel:
         while len(self.epochs) > MAX_EPOCHS_KEPT:  # bounded over arbitrarily long runs
             del self.epochs[min(self.epochs)]
         for event in update.events:
-            self.last_event = event
-            self.last_by_stage[event.stage] = event
             for finding in event.diagnostics:
                 self.findings.appendleft((event.iteration, finding))
+            if event.rank is not None:
+                self.ranks.setdefault(event.rank, {})[event.stage] = event
+                if event.rank and event.error is None:
+                    continue  # another rank's: its numbers are in the Ranks table; its error shows at its stage
+            self.last_event = event
+            self.last_by_stage[event.stage] = event
             if event.stage == "validate" and event.error is None:
                 row = self.epochs.setdefault(event.epoch, EpochRow(event.epoch))
                 row.val_loss = event.metrics.get("val_loss")

@@ -40,6 +40,8 @@ class RankComparison:
                 found += self._checksums(iteration, group)
             elif stage == Stage.BACKWARD:
                 found += self._all_reduces(iteration, group)
+            elif stage == Stage.VALIDATE:
+                found += self._validations(iteration, group)
         return [(event, finding) for event, finding in found if self._first(event.iteration, finding)]
 
     def _first(self, iteration: int, finding: Finding) -> bool:
@@ -138,3 +140,28 @@ class RankComparison:
             _fix("rank_modifies_parameters"),
         )
         return [(group[-1], finding)]
+
+    def _validations(self, iteration: int, group: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
+        """One validation set, one model: every rank must report the same numbers."""
+        losses = [e.metrics.get("val_loss") for e in group]
+        if len(group) < 2 or None in losses or len(set(losses)) == 1:
+            return []
+        per_rank = "; ".join(f"rank {e.rank}: {_val_summary(e)}" for e in group)
+        finding = Finding(
+            "ranks_disagree_on_validation",
+            "warning",
+            f"the validation after iteration {iteration} gave each rank other numbers ({per_rank}): each "
+            "measured only its share of the validation set, so what rank 0 reports is not the whole set's",
+            ("val_metrics_rank0_only",),
+            _fix("val_metrics_rank0_only"),
+        )
+        return [(group[0], finding)]
+
+
+def _val_summary(event: StageEvent) -> str:
+    metrics = event.metrics
+    accuracy = metrics.get("val_accuracy")
+    shown = f"val loss {metrics.get('val_loss'):.4g}"
+    if accuracy is not None:
+        shown += f", accuracy {100 * accuracy:.1f}%"
+    return shown + f" on {metrics.get('val_examples')} examples"

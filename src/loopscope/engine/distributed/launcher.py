@@ -13,7 +13,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopscope.engine.distributed.rank import RankSpec, rank_main
+from loopscope.engine.distributed.rank import RankSpec, RankState, rank_main
 from loopscope.shared.errors import UserError
 from loopscope.shared.events import StageEvent
 
@@ -34,6 +34,7 @@ class Turn:
     """What one command made every rank do."""
 
     events: list[StageEvent] = field(default_factory=list)  # in rank order
+    states: list[RankState | None] = field(default_factory=list)  # each rank's, None where it did not answer
     finished: bool = False
     failure: str | None = None  # a rank that died, or could not answer: the run is over
     completed_iterations: int = 0  # rank 0's
@@ -48,6 +49,9 @@ class RankGroup:
         self._processes: list[Any] = []
         self._conns: list[Any] = []
         self.failure: str | None = None
+        self.died: str | None = None  # the first rank that died, when one did: the cause of any failure
+        self.info: Any = None  # rank 0's SessionInfo, once started
+        self.states: list[RankState | None] = []  # each rank's after the last command
 
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -67,23 +71,29 @@ class RankGroup:
         if failed or self.failure:
             self.close()
             raise UserError(failed[0] if failed else str(self.failure))
+        self.info = answers[0][1]
+        self.states = [answer[2] for answer in answers]
 
-    def turn(self, command: str) -> Turn:
-        """Every rank runs `command` ("stage" or "iteration")."""
+    def turn(self, command: str | tuple[Any, ...]) -> Turn:
+        """Every rank runs `command`: "stage", "iteration", "epoch" (or a tuple with
+        whether to probe it), ("bug", id, on)."""
         if self.failure:
             return Turn(failure=self.failure)
         for conn in self._conns:
-            conn.send(command)
+            with suppress(OSError, BrokenPipeError):  # a dead rank is reported by _gather
+                conn.send(command)
         answers = self._gather(None)
         turn = Turn(failure=self.failure)
         for rank, answer in enumerate(answers):
-            if answer is None:
+            state = answer[2] if answer is not None and answer[0] == "events" else None
+            turn.states.append(state)
+            if state is None:
                 continue
-            _, events, finished, _halted, completed = answer
-            turn.events += events
-            turn.finished = turn.finished or finished
+            turn.events += answer[1]
+            turn.finished = turn.finished or state.finished
             if rank == 0:
-                turn.completed_iterations = completed
+                turn.completed_iterations = state.completed_iterations
+        self.states = turn.states
         return turn
 
     def _gather(self, timeout: float | None) -> list[Any]:
@@ -106,11 +116,15 @@ class RankGroup:
                 if ready:
                     waiting.discard(rank)
                     kind = answers[rank][0]
-                    if (kind == "failed" or (kind == "events" and answers[rank][3])) and grace_until is None:
+                    if (
+                        kind == "failed" or (kind == "events" and answers[rank][2].halted is not None)
+                    ) and grace_until is None:
                         grace_until = time.monotonic() + GRACE_SECONDS
                 elif not process.is_alive():
                     waiting.discard(rank)
-                    self.failure = self.failure or f"rank {rank} died ({_exit_description(process.exitcode)})"
+                    died = f"rank {rank} died ({_exit_description(process.exitcode)})"
+                    self.died = self.died or died
+                    self.failure = self.failure or died
             now = time.monotonic()
             if waiting and grace_until is not None and now > grace_until:
                 silent = ", ".join(str(r) for r in sorted(waiting))
@@ -130,7 +144,8 @@ class RankGroup:
         for conn in self._conns:
             with suppress(OSError, EOFError, BrokenPipeError):
                 conn.send("stop")
-        deadline = time.monotonic() + 5.0
+        # Ranks left waiting in a collective for a failed one never read "stop": no point waiting.
+        deadline = time.monotonic() + (0.5 if self.failure else 5.0)
         for process in self._processes:
             process.join(max(0.0, deadline - time.monotonic()))
         for process in self._processes:

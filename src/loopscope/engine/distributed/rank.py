@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from loopscope.shared.errors import UserError
 from loopscope.shared.lifeline import exit_when_orphaned
 
 COLLECTIVE_TIMEOUT_SECONDS = 120  # a backstop: the launcher stops ranks left waiting long before
@@ -27,6 +29,41 @@ class RankSpec:
     master_port: int
     master_addr: str = "127.0.0.1"
     first_rank: int = 0  # this node's first global rank: node_rank * ranks per node
+    # Experiment fields set after it is built (the quality matrix's long clean runs: no early stop).
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class RankState:
+    """Where one rank's loop is after a command: what the coordinator's driver reports as its own."""
+
+    iteration: int
+    epoch: int
+    completed_iterations: int
+    next_stage: Any  # Stage | None
+    finished: bool
+    stop_reason: str | None
+    halted: Any  # StageError | None
+    at_boundary: bool
+    active_bugs: tuple[str, ...]
+    iteration_stages: tuple[Any, ...]
+    last_iteration_next: bool
+
+
+def rank_state(stepper: Any) -> RankState:
+    return RankState(
+        iteration=stepper.iteration,
+        epoch=stepper.epoch,
+        completed_iterations=stepper.completed_iterations,
+        next_stage=stepper.next_stage(),
+        finished=stepper.finished,
+        stop_reason=stepper.stop_reason,
+        halted=stepper.halted,
+        at_boundary=stepper.at_boundary,
+        active_bugs=stepper.active_bugs,
+        iteration_stages=tuple(stepper.iteration_stages()),
+        last_iteration_next=stepper.last_iteration_next(),
+    )
 
 
 def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> None:
@@ -64,7 +101,10 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
             world_size=spec.world_size,
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS),
         )
-        experiment = distribute(load_experiment(spec.target, spec.seed), rank, spec.world_size, spec.seed, device)
+        experiment = load_experiment(spec.target, spec.seed)
+        for name, value in spec.overrides:
+            setattr(experiment, name, value)
+        experiment = distribute(experiment, rank, spec.world_size, spec.seed, device)
         local_norms = LocalGradNorms()
         local_norms.install(experiment.model)
         stepper = Stepper(experiment, device, probe=spec.probe, sync_cuda=False, bugs=spec.bugs)
@@ -74,7 +114,7 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
     except BaseException as exc:  # told to the launcher in one line; nothing to step
         conn.send(("failed", f"rank {rank}: {type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", stepper.info(), rank_state(stepper)))
 
     def add_rank_metrics(event: Any) -> None:
         """As each event is made (the record's metrics are its own): what only this rank knows."""
@@ -104,15 +144,23 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
     try:
         while True:
             command = conn.recv()
-            if command == "stop":
+            kind, *arguments = (command,) if isinstance(command, str) else command
+            if kind == "stop":
                 break
-            if command == "stage":
+            events: list[Any] = []
+            if kind in ("stage", "iteration", "epoch") and arguments:  # probed or not, as the coordinator says
+                stepper.probe = local_norms.measuring = bool(arguments[0])
+            if kind == "stage":
                 event = stepper.step_stage()
                 events = [] if event is None else [event]
-            else:  # "iteration"
+            elif kind == "iteration":
                 events = stepper.run_iteration()
-            state = stepper.state
-            conn.send(("events", tagged(events), state.finished, state.halted is not None, state.completed_iterations))
+            elif kind == "epoch":
+                events = stepper.run_epoch()
+            elif kind == "bug":
+                with suppress(UserError, KeyError, ValueError):  # the coordinator checked it applies
+                    stepper.set_bug(arguments[0], bool(arguments[1]))
+            conn.send(("events", tagged(events), rank_state(stepper)))
     except (EOFError, OSError):
         pass  # the launcher is gone
     finally:

@@ -1,6 +1,6 @@
 """What factory mode does to an experiment for DDP, as a hand-written DDP loop does it: the model
 wrapped in DistributedDataParallel, the training loader drawing from a DistributedSampler that is
-told the epoch (`set_epoch`) before each pass."""
+told the epoch (`set_epoch`) before each pass, the validation set split between the ranks."""
 
 from __future__ import annotations
 
@@ -51,6 +51,26 @@ class EpochSampledLoader(DataLoader[Any]):
         return super().__iter__()
 
 
+class ShardedValidation(DataLoader[Any]):
+    """The validation DataLoader as DDP validates: each rank its own share of the set, in order
+    (DistributedSampler pads the last share with repeats so that every rank runs as many batches),
+    the totals then summed over the ranks (the validate stage's all-reduce)."""
+
+    def __init__(self, original: DataLoader[Any], rank: int, world_size: int) -> None:
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            original.dataset, num_replicas=world_size, rank=rank, shuffle=False
+        )
+        super().__init__(
+            original.dataset,
+            batch_size=original.batch_size,
+            sampler=sampler,
+            drop_last=original.drop_last,
+            collate_fn=original.collate_fn,
+            num_workers=original.num_workers,
+            pin_memory=original.pin_memory,
+        )
+
+
 def distribute(experiment: Experiment, rank: int, world_size: int, seed: int, device: torch.device) -> Experiment:
     """The experiment as rank `rank` of `world_size` trains it (changed in place, and returned)."""
     loader = experiment.train_loader
@@ -68,6 +88,8 @@ def distribute(experiment: Experiment, rank: int, world_size: int, seed: int, de
         drop_last=loader.drop_last,
     )
     experiment.train_loader = EpochSampledLoader(loader, sampler)
+    if isinstance(experiment.val_loader, DataLoader) and experiment.val_loader.batch_size is not None:
+        experiment.val_loader = ShardedValidation(experiment.val_loader, rank, world_size)
     model = experiment.model.to(device)
     experiment.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return experiment

@@ -8,6 +8,7 @@ from loopscope.ui.panels.findings import DIAGNOSTICS_KEY, BugInfo, DiagnosticsPa
 from loopscope.ui.panels.gradients import GradientsPanel
 from loopscope.ui.panels.header import PipelineBar, StatusLine
 from loopscope.ui.panels.output import OutputPanel
+from loopscope.ui.panels.ranks import RanksPanel
 from loopscope.ui.panels.tensors import TensorsPanel
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "GradientsPanel",
     "OutputPanel",
     "PipelineBar",
+    "RanksPanel",
     "StatusLine",
     "TensorsPanel",
     "TextPanel",

@@ -71,7 +71,13 @@ class DiagnosticsPanel(TextPanel):
                 text.append(f"  {'' if err.location.startswith('in ') else 'at '}{err.location}\n")
             if err.hint:
                 text.append(f"  {err.hint}\n", style="yellow")
-            if model.info is not None and "script" in model.info.options:  # a script cannot go on past it
+            if model.info is not None and model.info.world_size > 1:
+                text.append(
+                    "  Every rank was stopped: the others would wait for this one in the next all-reduce. "
+                    "ctrl+r starts the run again.\n\n",
+                    style="dim",
+                )
+            elif model.info is not None and "script" in model.info.options:  # a script cannot go on past it
                 text.append("  The script stopped here; ctrl+r runs it afresh.\n\n", style="dim")
             else:
                 text.append("  Step on (space/n) to start the next iteration.\n\n", style="dim")

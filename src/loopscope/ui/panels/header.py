@@ -33,7 +33,8 @@ class PipelineBar(TextPanel):
         last = model.last_event.metrics if model.last_event else {}
         if "micro_batch" in last:  # gradient accumulation: where in the iteration's micro-batches
             text.append(f"  micro-batch {last['micro_batch']}/{last.get('micro_batches')}", style="bold")
-        text.append(f"  {info.device}  {mode}", style="bold")
+        ranks = f"  {info.world_size} ranks" if info.world_size > 1 else ""
+        text.append(f"  {info.device}{ranks}  {mode}", style="bold")
         if state.active_bugs:
             text.append(
                 f"  {len(state.active_bugs)} bug{'s' if len(state.active_bugs) > 1 else ''} on", style="bold red"
@@ -100,7 +101,7 @@ class StatusLine(TextPanel):
             text.append(model.notice + "  ", style="bold yellow")
         if state is not None:
             if state.finished:
-                text.append(f"done: {state.stop_reason}  ", style="bold green")
+                text.append(f"done: {state.stop_reason}  ", style="bold red" if state.halted else "bold green")
                 if not model.notice:
                     text.append("(ctrl+r: again)  ", style="dim")
             text.append(f"speed {speed_label}  ")

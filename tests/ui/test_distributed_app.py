@@ -1,0 +1,95 @@
+"""The app on `--nproc 2` (its real engine process, which starts the two ranks): a rank that
+raises or dies ends the run on screen, never hangs the app; ctrl+r starts the ranks again; and
+no process outlives the app."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from loopscope.shared.protocol import SessionSpec
+from loopscope.ui.app import LoopscopeApp
+from tests.conftest import FIXTURES
+from tests.ui.helpers import expect_text, ready, text_of, wait_until
+
+FAULTS = str(FIXTURES / "ddp_faults.py")
+
+
+def _descendants() -> set[int]:
+    """Processes under this one (the engine and its ranks, while they run), zombies not counted."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    tracker = b"resource_tracker" in cmdline.read()
+            except OSError:
+                continue
+            if fields[0] != "Z" and not tracker:
+                table[int(entry)] = int(fields[1])
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in table.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    before = _descendants()
+    yield
+    deadline = time.monotonic() + 10
+    while _descendants() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _descendants() - before == set(), "a process outlived the app"
+
+
+async def _fails_and_restarts(expected_reason: str, expected_error: str, stage: str) -> None:
+    app = LoopscopeApp(SessionSpec(FAULTS, "cpu", nproc=2))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        assert "2 ranks" in text_of(app, "#pipeline")
+        engine_and_ranks = _descendants()
+        assert len(engine_and_ranks) >= 3
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.model.state.finished, timeout=60)
+        state = app.model.state
+        assert state.stop_reason.startswith(expected_reason), state.stop_reason
+        assert state.stop_reason.endswith("every rank was stopped")
+        assert state.halted is not None and expected_error in f"{state.halted.type}: {state.halted.message}"
+        assert "error" in text_of(app, "#pipeline") and f"[{stage}]" in text_of(app, "#pipeline")
+        await expect_text(pilot, "#diagnostics", f"{stage} raised")  # the failed stage, as in one process
+        await expect_text(pilot, "#status", f"done: {expected_reason}")
+        await expect_text(pilot, "#diagnostics", "Every rank was stopped")
+        # The ranks are gone; the app and its engine are still here and answer.
+        deadline = time.monotonic() + 10
+        while len(_descendants()) > 1 and time.monotonic() < deadline:
+            await pilot.pause(0.1)
+        assert len(_descendants()) == 1, "the ranks outlived the failed run"
+        await pilot.press("n")
+        await expect_text(pilot, "#status", "the run is over: ctrl+r starts it again")
+        await pilot.press("ctrl+r")  # a fresh engine, fresh ranks
+        await wait_until(
+            pilot, lambda: app.model.state is not None and not app.model.state.finished and app.model.info is not None
+        )
+        assert app.model.state.iteration == 0 and len(_descendants()) >= 3
+        await pilot.press("n")
+        await wait_until(pilot, lambda: app.model.state.completed_iterations == 1)
+
+
+async def test_a_rank_that_raises_ends_the_run_with_its_error_at_its_stage(monkeypatch):
+    monkeypatch.delenv("LOOPSCOPE_TEST_FAULT", raising=False)
+    await _fails_and_restarts(
+        "rank 1 failed at forward: ValueError", "ValueError: rank 1: the batch on rank 1 holds a token", "forward"
+    )
+
+
+async def test_a_rank_killed_by_a_signal_is_reported_and_never_hangs_the_app(monkeypatch):
+    monkeypatch.setenv("LOOPSCOPE_TEST_FAULT", "kill")  # the ranks inherit it
+    await _fails_and_restarts(
+        "rank 1 died (killed by SIGKILL)", "RankDied: rank 1 died (killed by SIGKILL)", "backward"
+    )
