@@ -190,6 +190,7 @@ def test_a_rank_killed_by_a_signal_is_reported(capsys, monkeypatch):
         ("set_epoch_forgotten", "same_order_each_epoch"),
         ("rank_modifies_parameters", "ranks_diverged"),
         ("val_metrics_rank0_only", "ranks_disagree_on_validation"),
+        ("checkpoint_every_rank", "checkpoint_saved_by_every_rank"),
     ],
 )
 def test_each_distributed_bug_is_named_within_200_iterations(capsys, bug, finding):
@@ -218,6 +219,9 @@ def test_a_clean_run_of_1000_iterations_raises_nothing_on_any_rank(capsys):
     for rank0, rank1 in validations.values():
         assert rank0["val_examples"] == rank1["val_examples"] == 128
         assert (rank0["val_loss"], rank0["val_accuracy"]) == (rank1["val_loss"], rank1["val_accuracy"])
+    # The best checkpoint is written by rank 0 alone, each time the validation loss improves.
+    saves = [(r["rank"], r["iteration"]) for r in records if r["stage"] == "checkpoint" and r["metrics"]["saved"]]
+    assert saves and {rank for rank, _ in saves} == {0}
 
 
 def test_two_nodes_on_one_machine_train_together_as_two_ranks_do(capsys, tmp_path):

@@ -140,15 +140,17 @@ class EpochEndStages:
         state = self.state
         val_loss = state.last_val_loss
         improved = val_loss is not None and val_loss < state.best_val_loss
+        writes = _writes_checkpoints(self.injector)
         if improved:
             assert val_loss is not None
             state.best_val_loss = val_loss
+        if improved and writes:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             path = self.experiment.checkpoint
             if isinstance(path, str):
                 torch.save(self.best_state, path)
                 record.metrics["path"] = path
-        record.metrics["saved"] = improved
+        record.metrics["saved"] = improved and writes
         record.metrics["best_val_loss"] = state.best_val_loss
 
     def early_stop(self, record: StageRecord) -> None:
@@ -175,6 +177,16 @@ class EpochEndStages:
             state.best_val_loss = state.last_val_loss
             return True
         return False
+
+
+def _writes_checkpoints(bugs: BugInjector) -> bool:
+    """Whether this process writes the checkpoint: one process does, or under --nproc rank 0 alone
+    (the ranks hold one model; N writers of one file race)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    return dist.get_rank() == 0 or "checkpoint_every_rank" in bugs
 
 
 def _split_between_ranks(loader: Any) -> bool:

@@ -62,6 +62,8 @@ def experiment_features(experiment: Experiment, task: str | None) -> frozenset[s
         found.add("mlp")
     if experiment.scheduler is not None:
         found.add("scheduler")
+    if experiment.checkpoint:
+        found.add("checkpoint")
     if experiment.clip_grad_norm is not None:
         found.add("clip_grad")
     if experiment.accumulation > 1:

@@ -436,6 +436,18 @@ BUGS: tuple[Bug, ...] = (
         requires=("distributed", "validation"),
     ),
     Bug(
+        "checkpoint_every_rank",
+        "every rank saves the checkpoint",
+        Stage.CHECKPOINT,
+        "if val_loss < best and rank == 0: save(model)",
+        "if val_loss < best: save(model)  # on every rank",
+        "Each time the model improves, N processes write the same file at once.",
+        "DDP keeps one model on every rank, so one copy is all there is to save; N writers of one path "
+        "race (a reader can find it half-written) and spend N times the disk time.",
+        "Save on rank 0 only (`if dist.get_rank() == 0:`), and barrier before other ranks read it.",
+        requires=("distributed", "checkpoint"),
+    ),
+    Bug(
         "rank_modifies_parameters",
         "one rank changes its parameters outside DDP",
         Stage.STEP,
@@ -465,6 +477,7 @@ FEATURE_WORDS: dict[str, str] = {
     "binary_logits": "BCEWithLogitsLoss",
     "labels": "class labels",
     "validation": "a validation loader",
+    "checkpoint": "a checkpoint stage (checkpoint=True or a path)",
     "train_eval_differs": "dropout or batch norm",
     "dropout": "dropout",
     "relu": "ReLU layers",

@@ -68,6 +68,7 @@ SCENARIOS: dict[str, ScenarioInfo] = {
                     "train_eval_differs",
                     "scheduler",
                     "clip_grad",
+                    "checkpoint",
                     "labels",
                     "validation",
                     "float_inputs",

@@ -42,6 +42,8 @@ class RankComparison:
                 found += self._all_reduces(iteration, group)
             elif stage == Stage.VALIDATE:
                 found += self._validations(iteration, group)
+            elif stage == Stage.CHECKPOINT:
+                found += self._checkpoints(iteration, group)
         return [(event, finding) for event, finding in found if self._first(event.iteration, finding)]
 
     def _first(self, iteration: int, finding: Finding) -> bool:
@@ -140,6 +142,21 @@ class RankComparison:
             _fix("rank_modifies_parameters"),
         )
         return [(group[-1], finding)]
+
+    def _checkpoints(self, iteration: int, group: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
+        """One model on every rank: one rank should write it."""
+        writers = [e.rank for e in group if e.metrics.get("saved")]
+        if len(writers) < 2:
+            return []
+        finding = Finding(
+            "checkpoint_saved_by_every_rank",
+            "warning",
+            f"ranks {', '.join(map(str, writers))} each saved the checkpoint after iteration {iteration}: the same "
+            f"model {len(writers)} times, {len(writers)} processes writing one file at once",
+            ("checkpoint_every_rank",),
+            _fix("checkpoint_every_rank"),
+        )
+        return [(group[0], finding)]
 
     def _validations(self, iteration: int, group: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
         """One validation set, one model: every rank must report the same numbers."""
