@@ -184,19 +184,18 @@ def test_a_rank_killed_by_a_signal_is_reported(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("bug", "finding"),
+    ("bug", "finding", "fixture"),
     [
-        ("no_distributed_sampler", "ranks_same_batches"),
-        ("set_epoch_forgotten", "same_order_each_epoch"),
-        ("rank_modifies_parameters", "ranks_diverged"),
-        ("val_metrics_rank0_only", "ranks_disagree_on_validation"),
-        ("checkpoint_every_rank", "checkpoint_saved_by_every_rank"),
+        ("no_distributed_sampler", "ranks_same_batches", "ddp_long.py"),
+        ("no_distributed_sampler", "ranks_same_batches", "ddp_accumulation.py"),  # compared per micro-batch
+        ("set_epoch_forgotten", "same_order_each_epoch", "ddp_long.py"),
+        ("rank_modifies_parameters", "ranks_diverged", "ddp_long.py"),
+        ("val_metrics_rank0_only", "ranks_disagree_on_validation", "ddp_long.py"),
+        ("checkpoint_every_rank", "checkpoint_saved_by_every_rank", "ddp_long.py"),
     ],
 )
-def test_each_distributed_bug_is_named_within_200_iterations(capsys, bug, finding):
-    code, records, err = trace(
-        capsys, str(FIXTURES / "ddp_long.py"), "--nproc", "2", "-n", "200", "--fast", "--bug", bug
-    )
+def test_each_distributed_bug_is_named_within_200_iterations(capsys, bug, finding, fixture):
+    code, records, err = trace(capsys, str(FIXTURES / fixture), "--nproc", "2", "-n", "200", "--fast", "--bug", bug)
     assert code == 0, err
     named = [(r["iteration"], d) for r in records for d in r["diagnostics"] if d["id"] == finding]
     assert named and named[0][0] <= 200 and bug in named[0][1]["suspects"]

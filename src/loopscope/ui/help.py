@@ -58,6 +58,13 @@ A real PyTorch training loop, one stage at a time. (`escape`, `?` or `q` closes 
 Bugs change the loop from the next stage; the code panel shows the change as a diff (red: the
 correct line, struck out; green: the buggy one). Diagnostics name what they see, with numbers.
 
+With `--nproc N` every key moves all N ranks together and the panels show rank 0. The Ranks
+table (above the gradients) has one row per rank: `batch`, a fingerprint of the examples it
+loaded (different on every rank when the data is split); its `loss`; its gradient norm before
+DDP's all-reduce (`local`) and after it (`reduced`, the same on every rank); the all-reduces of its
+backward and their time (`comm`); and `params`, a checksum of its parameters after `step`, equal
+on every rank while they train one model.
+
 Press `escape`, `?` or `q` to close this help.
 """
 

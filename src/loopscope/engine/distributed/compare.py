@@ -4,6 +4,7 @@ fingerprint, its parameters' checksum), never from the bugs switched on."""
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from loopscope.shared.bugs import BUGS_BY_ID
 from loopscope.shared.events import Finding, StageEvent
@@ -29,11 +30,12 @@ class RankComparison:
 
     def observe(self, events: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
         found: list[tuple[StageEvent, Finding]] = []
-        by_stage: dict[tuple[int, Stage], list[StageEvent]] = defaultdict(list)
+        # One group per stage run on every rank: with accumulation, per micro-batch.
+        by_stage: dict[tuple[int, Any, Stage], list[StageEvent]] = defaultdict(list)
         for event in events:
             if event.error is None:
-                by_stage[(event.iteration, event.stage)].append(event)
-        for (iteration, stage), group in by_stage.items():
+                by_stage[(event.iteration, event.metrics.get("micro_batch"), event.stage)].append(event)
+        for (iteration, _, stage), group in by_stage.items():
             if stage == Stage.LOAD_BATCH:
                 found += self._batches(iteration, group)
             elif stage == Stage.STEP:
@@ -64,8 +66,8 @@ class RankComparison:
                         Finding(
                             "ranks_same_batches",
                             "error",
-                            f"every rank loaded the same examples in iterations {iteration - SAME_BATCHES_STREAK + 1}"
-                            f"-{iteration} (batch fingerprint {prints[0]} on all {self.world_size} ranks): the data "
+                            f"every rank loaded the same examples in {SAME_BATCHES_STREAK} batches running, up to "
+                            f"iteration {iteration} (batch fingerprint {prints[0]} on all {self.world_size} ranks): the data "
                             "is not split between the ranks, so they do one rank's work N times",
                             ("no_distributed_sampler",),
                             _fix("no_distributed_sampler"),

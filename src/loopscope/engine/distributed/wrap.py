@@ -22,21 +22,24 @@ from loopscope.engine.probes import flatten_tensors
 from loopscope.shared.errors import UserError
 
 
+def _same_batching(original: DataLoader[Any]) -> dict[str, Any]:
+    """What a loader over another sampler keeps of the user's: its batches, collation and workers."""
+    return {
+        "batch_size": original.batch_size,
+        "drop_last": original.drop_last,
+        "collate_fn": original.collate_fn,
+        "num_workers": original.num_workers,
+        "pin_memory": original.pin_memory,
+    }
+
+
 class EpochSampledLoader(DataLoader[Any]):
     """The training DataLoader over a DistributedSampler whose epoch is set as each pass begins, the
     way `for epoch in ...: sampler.set_epoch(epoch); for batch in loader:` sets it. `bug_on` (the
     stepper's switches) can make a pass forget set_epoch, or read the original loader instead."""
 
     def __init__(self, original: DataLoader[Any], sampler: DistributedSampler[Any]) -> None:
-        super().__init__(
-            original.dataset,
-            batch_size=original.batch_size,
-            sampler=sampler,
-            drop_last=original.drop_last,
-            collate_fn=original.collate_fn,
-            num_workers=original.num_workers,
-            pin_memory=original.pin_memory,
-        )
+        super().__init__(original.dataset, sampler=sampler, **_same_batching(original))
         self.original = original
         self.epoch = 0
         self.bug_on: Callable[[str], bool] = lambda bug: False
@@ -60,15 +63,7 @@ class ShardedValidation(DataLoader[Any]):
         sampler: DistributedSampler[Any] = DistributedSampler(
             original.dataset, num_replicas=world_size, rank=rank, shuffle=False
         )
-        super().__init__(
-            original.dataset,
-            batch_size=original.batch_size,
-            sampler=sampler,
-            drop_last=original.drop_last,
-            collate_fn=original.collate_fn,
-            num_workers=original.num_workers,
-            pin_memory=original.pin_memory,
-        )
+        super().__init__(original.dataset, sampler=sampler, **_same_batching(original))
 
 
 def distribute(experiment: Experiment, rank: int, world_size: int, seed: int, device: torch.device) -> Experiment:
