@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
 from loopscope.cli.codes import EXIT_CLAIM_FAILED, EXIT_OK, EXIT_STAGE_ERROR
 from loopscope.cli.trace import TraceWriter
-from loopscope.shared.errors import UserError
+from loopscope.shared.errors import UserError, check_processes
 
 if TYPE_CHECKING:
     from loopscope.engine.stepper import Stepper
@@ -93,12 +92,12 @@ def trace_command(args: argparse.Namespace, note: str | None = None) -> int:
     from loopscope.engine.script.target import is_script
     from loopscope.engine.stepper import Stepper
 
-    distributed = getattr(args, "nproc", 1) * getattr(args, "nnodes", 1) > 1
-    if is_script(args.target, getattr(args, "script", False)):
-        if distributed:
-            raise UserError("--nproc runs an experiment() factory for now; a DDP script runs as one process")
+    processes = getattr(args, "nproc", 1) * getattr(args, "nnodes", 1)
+    script = is_script(args.target, getattr(args, "script", False))
+    check_processes(processes, script, getattr(args, "twin", False))
+    if script:
         return _trace_script(args, note)
-    if distributed:
+    if processes > 1:
         return _trace_distributed(args, note)
     device = resolve_device(args.device)
     with _users_prints_to_stderr():
@@ -141,8 +140,6 @@ def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
     from loopscope.engine.distributed.launcher import rank_group
     from loopscope.engine.distributed.rank import RankSpec
 
-    if args.twin:
-        raise UserError("--twin runs in one process: it cannot be combined with --nproc")
     host, port = _rendezvous(args)
     spec = RankSpec(
         target=args.target,
@@ -172,17 +169,17 @@ def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
         with rank_group(spec, args.nproc) as group:
             while args.iterations is None or done < args.iterations:
                 turn = group.turn("iteration")
-                raised = comparison.observe(turn.events)
-                for event in turn.events:
+                events = comparison.annotate(turn.events)
+                for event in events:
                     for finding in event.diagnostics:
-                        if finding.severity != "info" and finding.id != "stage_error":
+                        own = finding.id not in comparison.raised  # the comparisons' are listed apart
+                        if own and finding.severity != "info" and finding.id != "stage_error":
                             seen = on_ranks.setdefault(finding.id, (event.iteration, finding, []))
                             if event.rank is not None and event.rank not in seen[2]:
                                 seen[2].append(event.rank)
-                    mine = tuple(finding for at, finding in raised if at is event)
-                    writer.write(dataclasses.replace(event, diagnostics=event.diagnostics + mine) if mine else event)
+                    writer.write(event)
                 failure = turn.failure
-                halted = next((e for e in turn.events if e.error is not None), None)
+                halted = next((e for e in events if e.error is not None), None)
                 done = max(done, turn.completed_iterations)
                 if failure or halted or turn.finished:
                     break

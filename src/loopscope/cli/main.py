@@ -16,7 +16,7 @@ from loopscope.cli.codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT
 from loopscope.cli.headless import bugs_for_command, check_command, trace_command, verify_demo_command
 from loopscope.shared.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.shared.catalog import DEFAULT_SCENARIO, SCENARIOS
-from loopscope.shared.errors import UserError
+from loopscope.shared.errors import UserError, check_processes
 from loopscope.shared.protocol import DEFAULT_HISTORY, RUN_SPEEDS, TEACHING_SPEED
 from loopscope.shared.vocab import STAGE_DESCRIPTIONS
 
@@ -467,10 +467,7 @@ def _run_app(args: argparse.Namespace) -> int:
     script = is_script(args.target, args.script)
     if not script:
         check_target(args.target)
-    if args.nproc > 1 and script:
-        raise UserError("--nproc runs an experiment() factory for now; a DDP script runs as one process")
-    if args.nproc > 1 and args.twin:
-        raise UserError("--twin runs in one process: it cannot be combined with --nproc")
+    check_processes(args.nproc, script, args.twin)
     if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
         raise UserError(f"--device {args.device!r}: expected one of auto|cpu|cuda|cuda:N|mps")
     from loopscope.ui.app import LoopscopeApp

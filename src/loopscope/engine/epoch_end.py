@@ -193,7 +193,7 @@ def _split_between_ranks(loader: Any) -> bool:
     """Whether each rank validates only its share of the set (under --nproc, see ShardedValidation)."""
     from torch.utils.data.distributed import DistributedSampler
 
-    return isinstance(getattr(loader, "sampler", None), DistributedSampler) and loader is not None
+    return isinstance(getattr(loader, "sampler", None), DistributedSampler)
 
 
 def _summed_over_ranks(

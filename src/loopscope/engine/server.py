@@ -14,7 +14,7 @@ from loopscope.engine.driver import Driver
 from loopscope.engine.pictures import PictureMaker
 from loopscope.engine.probe_schedule import ProbeSchedule
 from loopscope.engine.recorder import QUIET_STAGES
-from loopscope.shared.errors import UserError
+from loopscope.shared.errors import UserError, check_processes
 from loopscope.shared.history import loss_point
 from loopscope.shared.protocol import (
     FRAME_SECONDS,
@@ -70,31 +70,29 @@ class EngineServer:
             from loopscope.engine.stepper import Stepper
 
             spec = self.spec
-            if is_script(spec.target, spec.script):
+            script = is_script(spec.target, spec.script)
+            check_processes(spec.nproc, script, spec.twin)
+            if script:
                 self.stepper = self._script_driver()
-                self.conn.send(Ready(self.stepper.info(), self._state()))
-                return True
-            if spec.nproc > 1:
+            elif spec.nproc > 1:
                 self.stepper = self._distributed_driver()
-                self.conn.send(Ready(self.stepper.info(), self._state()))
-                return True
-            device = resolve_device(self.spec.device)
-            experiment = load_experiment(self.spec.target, self.spec.seed)
-            self.stepper = Stepper(
-                experiment,
-                device,
-                bugs=self.spec.bugs,
-                twin=self.spec.twin,
-                on_event=self._collect,
-                keep_snapshots=self.spec.history,
-            )
+            else:
+                self.stepper = Stepper(
+                    load_experiment(spec.target, spec.seed),
+                    resolve_device(spec.device),
+                    bugs=spec.bugs,
+                    twin=spec.twin,
+                    on_event=self._collect,
+                    keep_snapshots=spec.history,
+                )
+            ready = Ready(self.stepper.info(), self._state())
         except UserError as exc:
             self.conn.send(Failed(str(exc)))
             return False
         except Exception as exc:  # anything else while building: still one clear line
             self.conn.send(Failed(f"{type(exc).__name__}: {exc}"))
             return False
-        self.conn.send(Ready(self.stepper.info(), self._state()))
+        self.conn.send(ready)
         return True
 
     def _script_driver(self) -> Driver:
@@ -114,8 +112,6 @@ class EngineServer:
         from loopscope.engine.distributed.rank import RankSpec
 
         spec = self.spec
-        if spec.twin:
-            raise UserError("--twin runs in one process: it cannot be combined with --nproc")
         ranks = RankSpec(
             target=spec.target,
             device=spec.device,

@@ -3,19 +3,21 @@ fingerprint, its parameters' checksum), never from the bugs switched on."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Any
 
 from loopscope.shared.bugs import BUGS_BY_ID
 from loopscope.shared.events import Finding, StageEvent
-from loopscope.shared.vocab import Stage
+from loopscope.shared.vocab import Severity, Stage
 
 SAME_BATCHES_STREAK = 3  # iterations in a row with one batch on every rank: not a coincidence
 EPOCH_START = 3  # batches compared at the start of consecutive epochs
 
 
-def _fix(bug: str) -> str:
-    return BUGS_BY_ID[bug].fix
+def _finding(finding_id: str, severity: Severity, message: str, bug: str) -> Finding:
+    """A finding that suspects one bug, with that bug's fix."""
+    return Finding(finding_id, severity, message, (bug,), BUGS_BY_ID[bug].fix)
 
 
 class RankComparison:
@@ -27,6 +29,15 @@ class RankComparison:
         self._same_streak = 0
         self._starts: dict[int, dict[int, list[str]]] = defaultdict(dict)  # rank -> epoch -> fingerprints
         self._communicating: dict[tuple[int | None, int], int] = {}  # (rank, iteration) -> backwards that all-reduced
+
+    def annotate(self, events: list[StageEvent]) -> list[StageEvent]:
+        """The events, each with the findings comparing the ranks raised at it added."""
+        raised = self.observe(events)
+        out = []
+        for event in events:
+            mine = tuple(finding for at, finding in raised if at is event)
+            out.append(dataclasses.replace(event, diagnostics=event.diagnostics + mine) if mine else event)
+        return out
 
     def observe(self, events: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
         found: list[tuple[StageEvent, Finding]] = []
@@ -63,14 +74,13 @@ class RankComparison:
                 found.append(
                     (
                         group[0],
-                        Finding(
+                        _finding(
                             "ranks_same_batches",
                             "error",
                             f"every rank loaded the same examples in {SAME_BATCHES_STREAK} batches running, up to "
                             f"iteration {iteration} (batch fingerprint {prints[0]} on all {self.world_size} ranks): the data "
                             "is not split between the ranks, so they do one rank's work N times",
-                            ("no_distributed_sampler",),
-                            _fix("no_distributed_sampler"),
+                            "no_distributed_sampler",
                         ),
                     )
                 )
@@ -96,13 +106,12 @@ class RankComparison:
             return []
         if start != before[:compared]:
             return []
-        finding = Finding(
+        finding = _finding(
             "same_order_each_epoch",
             "warning",
             f"epoch {event.epoch} began with the same {compared} batches as epoch {event.epoch - 1} on rank "
             f"{event.rank}, though its sampler shuffles: the shuffle is not renewed from one epoch to the next",
-            ("set_epoch_forgotten",),
-            _fix("set_epoch_forgotten"),
+            "set_epoch_forgotten",
         )
         return [(event, finding)]
 
@@ -117,14 +126,13 @@ class RankComparison:
             self._communicating[key] = self._communicating.get(key, 0) + 1
             if self._communicating[key] != 2:
                 continue
-            finding = Finding(
+            finding = _finding(
                 "all_reduce_every_micro_batch",
                 "warning",
                 f"rank {event.rank} all-reduced its gradients at micro-batch {event.metrics['micro_batch']} as well "
                 f"as at an earlier one of the same step ({event.metrics.get('comm_ms', 0):.2f} ms this time): correct, "
                 "but each step pays the communication once per micro-batch instead of once",
-                ("accumulation_without_no_sync",),
-                _fix("accumulation_without_no_sync"),
+                "accumulation_without_no_sync",
             )
             found.append((event, finding))
         self._communicating = {k: v for k, v in self._communicating.items() if k[1] >= iteration}
@@ -135,13 +143,12 @@ class RankComparison:
         if len(group) < 2 or None in sums or len(set(sums)) == 1:
             return []
         per_rank = ", ".join(f"rank {e.rank}: {e.metrics.get('param_checksum')}" for e in group)
-        finding = Finding(
+        finding = _finding(
             "ranks_diverged",
             "error",
             f"after step at iteration {iteration} the ranks' parameters differ ({per_rank}): they no longer "
             "train one model, and DDP will not bring them back together",
-            ("rank_modifies_parameters",),
-            _fix("rank_modifies_parameters"),
+            "rank_modifies_parameters",
         )
         return [(group[-1], finding)]
 
@@ -150,13 +157,12 @@ class RankComparison:
         writers = [e.rank for e in group if e.metrics.get("saved")]
         if len(writers) < 2:
             return []
-        finding = Finding(
+        finding = _finding(
             "checkpoint_saved_by_every_rank",
             "warning",
             f"ranks {', '.join(map(str, writers))} each saved the checkpoint after iteration {iteration}: the same "
             f"model {len(writers)} times, {len(writers)} processes writing one file at once",
-            ("checkpoint_every_rank",),
-            _fix("checkpoint_every_rank"),
+            "checkpoint_every_rank",
         )
         return [(group[0], finding)]
 
@@ -166,13 +172,12 @@ class RankComparison:
         if len(group) < 2 or None in losses or len(set(losses)) == 1:
             return []
         per_rank = "; ".join(f"rank {e.rank}: {_val_summary(e)}" for e in group)
-        finding = Finding(
+        finding = _finding(
             "ranks_disagree_on_validation",
             "warning",
             f"the validation after iteration {iteration} gave each rank other numbers ({per_rank}): each "
             "measured only its share of the validation set, so what rank 0 reports is not the whole set's",
-            ("val_metrics_rank0_only",),
-            _fix("val_metrics_rank0_only"),
+            "val_metrics_rank0_only",
         )
         return [(group[0], finding)]
 

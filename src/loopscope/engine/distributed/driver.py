@@ -152,14 +152,10 @@ class DistributedDriver:
     def _with_comparisons(self, events: list[StageEvent]) -> list[StageEvent]:
         """Each event with the comparisons' findings it raised; a finding one rank raised already
         is not repeated for the next (every rank sees the same stale gradients)."""
-        raised = self.comparison.observe(events)
         out = []
-        for event in events:
-            own = tuple(f for f in event.diagnostics if self._raised_by.setdefault(f.id, event.rank) == event.rank)
-            compared = tuple(finding for at, finding in raised if at is event)
-            if own != event.diagnostics or compared:
-                event = dataclasses.replace(event, diagnostics=own + compared)
-            out.append(event)
+        for event in self.comparison.annotate(events):
+            first = tuple(f for f in event.diagnostics if self._raised_by.setdefault(f.id, event.rank) == event.rank)
+            out.append(event if first == event.diagnostics else dataclasses.replace(event, diagnostics=first))
         return out
 
     def _end(self, died: str | None, failed: StageEvent | None, failure: str | None) -> None:
