@@ -4,6 +4,8 @@ parameters after step)."""
 
 from __future__ import annotations
 
+import math
+
 from rich.text import Text
 
 from loopscope.shared.events import StageEvent
@@ -55,13 +57,26 @@ def _cells(stages: dict[str, StageEvent]) -> list[tuple[str, StageEvent | None, 
         comm = f"{count}x{backward.metrics.get('comm_ms', 0.0):.1f}ms" if count else "no sync"
     values = [
         (_metric(load, "batch_fingerprint"), load),
-        (fmt(loss.loss if loss else None, 3), loss),
-        (fmt(backward.metrics.get("local_grad_norm") if backward else None, 4), backward),
-        (fmt(backward.grad_norm if backward else None, 4), backward),
+        (_number(loss.loss if loss else None), loss),
+        (_number(backward.metrics.get("local_grad_norm") if backward else None), backward),
+        (_number(backward.grad_norm if backward else None), backward),
         (comm, backward),
         (_metric(step, "param_checksum"), step),
     ]
     return [(value, event, width) for (value, event), width in zip(values, widths)]
+
+
+def _number(value: float | None) -> str:
+    """At most 6 characters, the column's width: 0.4031, 2.9e-5 (a loss near 0 was 2.92e-05 and
+    pushed the row onto a second line)."""
+    text = fmt(value, 4)
+    if len(text) <= 6 or value is None or not math.isfinite(value):
+        return text
+    shown = fmt(value, 3)
+    if len(shown) <= 6:
+        return shown
+    mantissa, _, exponent = f"{value:.1e}".partition("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def _metric(event: StageEvent | None, name: str) -> str:
