@@ -3,6 +3,9 @@ every loss kept, and errors and warnings still shown at their stage."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -142,3 +145,122 @@ def test_run_mode_still_names_bugs(bug, scenario):
 
 def test_run_mode_raises_no_false_alarm_on_a_clean_run():
     assert clean_run("spirals", 600, probe_every=20) == []
+
+
+def _handed_on(target: str | Callable[[], Experiment], fast: bool, iterations: int = 40) -> tuple[list, dict, int]:
+    """What a run hands on (every event, as the screen and the trace get it) and where it ends."""
+    stepper = Stepper(load_experiment(target, 1) if isinstance(target, str) else target())
+    stepper.fast_path.possible = fast and stepper.fast_path.possible
+    handed = run_as_the_app_runs(stepper, iterations)
+    seen = [
+        (
+            e.iteration,
+            e.stage,
+            repr(e.loss),  # NaN equals NaN
+            repr({key: value for key, value in e.metrics.items() if not key.endswith("_seconds")}),  # no clock readings
+            e.error and (e.error.type, e.error.message),
+            [(f.id, f.message) for f in e.diagnostics],
+            e.bugs,
+        )
+        for e in handed
+    ]
+    params = {name: p.detach().clone() for name, p in stepper.model.named_parameters()}
+    return seen, params, stepper.fast_path.iterations
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        *SCENARIOS,
+        "third_party_models:mnist_style",
+        "third_party_models:transformer",
+        "third_party_models:nanogpt_style",
+        "third_party_models:hf_style",
+        "third_party_models:vae",
+        "third_party_models:bf16_classifier",
+        "tuple_experiment:experiment",
+        "dict_rnn_experiment:experiment",
+        "faulty_experiments:shape_mismatch",
+        "faulty_experiments:non_scalar_loss",
+        "faulty_experiments:nan_loss",
+        "user_mistakes:sigmoid_before_bce",
+    ],
+)
+def test_the_fast_path_hands_on_exactly_what_the_stage_path_does(target, monkeypatch):
+    """Unprobed iterations of a loop with no bug on run as straight-line code (issue 17); every
+    event, loss, metric, finding and parameter is the one the stage-by-stage path gives."""
+    monkeypatch.syspath_prepend("tests/fixtures")
+    fast, fast_params, ran_fast = _handed_on(target, fast=True)
+    staged, staged_params, ran_staged = _handed_on(target, fast=False)
+    assert ran_staged == 0
+    if target in ("amp",) or target.startswith(("faulty_experiments:shape", "faulty_experiments:non_scalar")):
+        assert ran_fast == 0  # a loss scaler, or an error before any unprobed iteration
+    else:
+        assert ran_fast > 0, "the fast path should have run the unprobed iterations"
+    assert len(fast) == len(staged)
+    for mine, theirs in zip(fast, staged):
+        assert mine == theirs
+    assert fast_params.keys() == staged_params.keys()
+    for name, value in fast_params.items():
+        torch.testing.assert_close(value, staged_params[name], rtol=0, atol=0, equal_nan=True)
+
+
+class _BackwardFails(torch.autograd.Function):
+    """Identity forward; its backward raises on the `fail_at`-th call."""
+
+    calls = 0
+    fail_at = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _BackwardFails.calls += 1
+        if _BackwardFails.calls == _BackwardFails.fail_at:
+            raise RuntimeError("backward failed on purpose")
+        return grad
+
+
+class _Chatty(nn.Module):
+    """Warns in every forward; its backward fails at a chosen call (0: never)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, x):
+        warnings.warn("forward says hello", UserWarning)
+        return _BackwardFails.apply(self.layer(x))
+
+
+class _WarningSGD(torch.optim.SGD):
+    def step(self, closure=None):
+        warnings.warn("step says hello", UserWarning)
+        return super().step(closure)
+
+
+def _chatty_experiment(fail_backward_at: int) -> Callable[[], Experiment]:
+    def make() -> Experiment:
+        _BackwardFails.calls, _BackwardFails.fail_at = 0, fail_backward_at
+        torch.manual_seed(0)
+        experiment = tiny_experiment(_Chatty())
+        experiment.optimizer = _WarningSGD(experiment.model.parameters(), lr=0.1)
+        return experiment
+
+    return make
+
+
+@pytest.mark.parametrize("fail_backward_at", [0, 12])
+def test_the_fast_path_shows_warnings_and_errors_at_their_stages(fail_backward_at):
+    fast, _, ran_fast = _handed_on(_chatty_experiment(fail_backward_at), fast=True, iterations=20)
+    staged, _, _ = _handed_on(_chatty_experiment(fail_backward_at), fast=False, iterations=20)
+    assert ran_fast > 0
+    assert fast == staged
+    warned = {(iteration, stage) for iteration, stage, _, metrics, *_ in fast if "hello" in metrics}
+    assert {stage for _, stage in warned} == {"forward", "step"}
+    if fail_backward_at:
+        iteration, stage, _, _, error, *_ = fast[-1]
+        assert (stage, error[0]) == ("backward", "RuntimeError") and iteration > 8
+        assert fast[-2][:2] == (iteration, "loss"), "the loss of the failing iteration is handed on before its error"

@@ -127,8 +127,8 @@ class LoopBody(EpochEndStages):
             record.metrics["micro_batch"] = self.state.micro_batch
             record.metrics["micro_batches"] = self.experiment.accumulation
 
-    def load_batch(self, record: StageRecord, batch: Any) -> None:
-        self._note_micro_batch(record)
+    def take_batch(self, batch: Any) -> None:
+        """The batch, split, on the device and through the data pipeline's bugs, into `values`."""
         inputs, targets = split_batch(batch)
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         values = self.values
@@ -137,6 +137,11 @@ class LoopBody(EpochEndStages):
         values.inputs, values.targets = self.injector.prepare_batch(inputs, targets)
         if self.state.batches_this_epoch == 1:
             self.state.running_loss = 0.0  # the loop's per-epoch report starts afresh
+
+    def load_batch(self, record: StageRecord, batch: Any) -> None:
+        self._note_micro_batch(record)
+        self.take_batch(batch)
+        values = self.values
         if self.quiet:
             return
         named = [(n, t, None) for n, t in probes.flatten_tensors("inputs", values.inputs)]
@@ -258,6 +263,23 @@ class LoopBody(EpochEndStages):
                 values.target_key,
                 micro_batch=state.micro_batch,
             )
+        self.note_loss(record, loss)
+        if self.quiet:  # the loss is kept for the plot and the trend checks; its tensors are not shown
+            return
+        named: list[tuple[str, torch.Tensor, str | None]] = [("output", output.detach(), None)]
+        if isinstance(targets, torch.Tensor):
+            named.append(("targets", targets.detach(), None))
+        named.append(("loss", loss.detach(), None))
+        if self.probe:
+            record.tensors = probes.tensor_stats(named)
+            record.metrics["loss_input"] = describe_loss_input(output)
+        else:
+            record.tensors = [probes.describe(n, t, None) for n, t, _ in named]
+
+    def note_loss(self, record: StageRecord, loss: torch.Tensor) -> None:
+        """What every loss event carries (the value, its shape, how it is reduced and divided), and
+        the loop's own use of it: the running loss of its epoch report."""
+        values, state = self.values, self.state
         # One host sync per iteration: the loss is always shown and always checked for NaN.
         if loss.numel() == 1:
             record.loss = float(loss.item())
@@ -280,17 +302,6 @@ class LoopBody(EpochEndStages):
         record.metrics["running_loss_holds_graph"] = isinstance(state.running_loss, torch.Tensor) and (
             state.running_loss.grad_fn is not None
         )
-        if self.quiet:  # the loss is kept for the plot and the trend checks; its tensors are not shown
-            return
-        named: list[tuple[str, torch.Tensor, str | None]] = [("output", output.detach(), None)]
-        if isinstance(targets, torch.Tensor):
-            named.append(("targets", targets.detach(), None))
-        named.append(("loss", loss.detach(), None))
-        if self.probe:
-            record.tensors = probes.tensor_stats(named)
-            record.metrics["loss_input"] = describe_loss_input(output)
-        else:
-            record.tensors = [probes.describe(n, t, None) for n, t, _ in named]
 
     def _reduction_of_training_loss(self) -> str:
         """ "sum" when the loss adds up its examples (stated, or measured once on this batch)."""
@@ -347,15 +358,28 @@ class LoopBody(EpochEndStages):
         if scale != 1.0:
             record.metrics["grad_scale"] = scale  # clipped before unscale_: the limit meets scaled values
         total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        norm_before = float(total)
-        record.metrics["max_norm"] = max_norm
-        record.metrics["norm_before"] = norm_before
-        record.metrics["clipped"] = norm_before > max_norm
+        self.note_clip(record, total)
         if self.probe:
             layers, after, _ = probes.grad_layers(self.named_params, scale)
             record.layers = layers
             record.grad_norm = after
             self.values.grad_norms = {layer.name: layer.grad_norm for layer in layers}
+
+    def note_clip(self, record: StageRecord, total: torch.Tensor) -> None:
+        """What clipping did: the norm before it, against the limit."""
+        max_norm = self.experiment.clip_grad_norm
+        assert max_norm is not None
+        norm_before = float(total)
+        record.metrics["max_norm"] = max_norm
+        record.metrics["norm_before"] = norm_before
+        record.metrics["clipped"] = norm_before > max_norm
+
+    def note_lr(self, record: StageRecord) -> None:
+        """The learning rate the step used (every group's, where they differ)."""
+        optimizer = self.experiment.optimizer
+        record.metrics["lr"] = optimizer.param_groups[0].get("lr")
+        if len(optimizer.param_groups) > 1:
+            record.metrics["lrs"] = [group.get("lr") for group in optimizer.param_groups]
 
     def step(self, record: StageRecord) -> None:
         optimizer = self.experiment.optimizer
@@ -380,9 +404,7 @@ class LoopBody(EpochEndStages):
             self.values.grads_scaled = False
         else:
             optimizer.step()
-        record.metrics["lr"] = optimizer.param_groups[0].get("lr")
-        if len(optimizer.param_groups) > 1:
-            record.metrics["lrs"] = [group.get("lr") for group in optimizer.param_groups]
+        self.note_lr(record)
         if self.probe:
             record.layers = self._update_meter.layers(trainable, self.values.grad_norms)
             ratios = [layer.update_ratio for layer in record.layers if layer.update_ratio is not None]

@@ -25,6 +25,7 @@ from loopscope.engine.diagnostics.context import ForwardFlow
 from loopscope.engine.driver import DriverBase
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.explain import LoopError, explain
+from loopscope.engine.fast_path import FastPath
 from loopscope.engine.features import experiment_features, experiment_info, infer_task
 from loopscope.engine.inject import BugInjector
 from loopscope.engine.losses import loss_kind
@@ -79,6 +80,7 @@ class Stepper(DriverBase):
         self.injector = BugInjector(experiment, applicable(self.features))
         self.body = LoopBody(experiment, self.device, self.task, self.injector, self.state)
         self.body.probe = probe
+        self.fast_path = FastPath(self.body)
         self.rewinder = Rewinder(keep_snapshots)
         self.twin_enabled = twin
         for bug_id in bugs:
@@ -276,8 +278,11 @@ class Stepper(DriverBase):
 
     def run_iteration(self) -> list[StageEvent]:
         if self.body.quiet and self.experiment.accumulation == 1:
-            with self.recording_warnings():
+            if self._caught is not None:  # running, the engine holds one recorder across a frame
                 events = self._quiet_iteration()
+            else:
+                with self.recording_warnings():
+                    events = self._quiet_iteration()
             if events is not None:
                 return events
         return super().run_iteration()
@@ -305,6 +310,10 @@ class Stepper(DriverBase):
         if batch is _END:
             state.prefetched = (time.perf_counter() - start, _END, None)
             return None
+        if self.fast_path.applies():
+            self._count_iteration()
+            state.iteration_last_stage = Stage.STEP
+            return self._fast_iteration(batch, start)
         stages = (Stage.LOAD_BATCH, *self._begin_iteration())
         bugs = self.active_bugs
         caught = self._caught
@@ -329,6 +338,36 @@ class Stepper(DriverBase):
             else:
                 events.append(self._finish(stage, record, start, None, bugs))
             start = time.perf_counter()
+        return events
+
+    def _fast_iteration(self, batch: Any, start: float) -> list[StageEvent]:
+        """A plain iteration on the fast path; as `_quiet_iteration`, only its loss is held, and a
+        stage that warned or raised makes its event."""
+        fast, caught = self.fast_path, self._caught
+        assert caught is not None
+        caught.clear()  # what came before this iteration is not its own
+        failure = None
+        try:
+            fast.run(batch, caught)
+        except Exception as exc:
+            failure = exc
+        if failure is None:
+            self._end_iteration()
+            if not fast.warned:  # the common case: one held loss
+                assert fast.loss_record is not None
+                self._done_quietly(Stage.LOSS, fast.loss_record, start, ())
+                return []
+        events: list[StageEvent] = []
+        for stage in (Stage.LOAD_BATCH, *fast.stages):
+            if failure is not None and stage == fast.stage:
+                events.append(self._finish(stage, StageRecord(), start, failure, ()))
+                break
+            if stage in fast.warned:
+                events.append(self._finish(stage, fast.warned_record(stage), start, None, ()))
+                start = time.perf_counter()
+            elif stage == Stage.LOSS and fast.loss_record is not None:
+                self._done_quietly(stage, fast.loss_record, start, ())
+                start = time.perf_counter()
         return events
 
     def _done_quietly(self, stage: Stage, record: StageRecord, start: float, bugs: tuple[str, ...]) -> None:
@@ -465,16 +504,20 @@ class Stepper(DriverBase):
     def _begin_iteration(self) -> list[Stage]:
         """A batch was taken: count the new iteration; returns its stages after load_batch."""
         state = self.state
-        state.iteration += 1
-        state.batches_this_epoch += 1
-        self.body.new_iteration()
-        state.micro_batch = 1
+        self._count_iteration()
         stages = self._iteration_queue()
         if state.batches_this_epoch == 1 and plan.epoch_scheduler_first(self.experiment, self.injector):
             stages.insert(0, Stage.SCHEDULER)  # the bug: scheduler.step() at the top of the epoch
         # Fixed when the iteration starts: a bug switched mid-iteration changes the next one.
         state.iteration_last_stage = stages[-1] if stages else Stage.LOAD_BATCH
         return stages
+
+    def _count_iteration(self) -> None:
+        state = self.state
+        state.iteration += 1
+        state.batches_this_epoch += 1
+        self.body.new_iteration()
+        state.micro_batch = 1
 
     def _iteration_queue(self) -> list[Stage]:
         """The stages after load_batch of an iteration starting now (the plan, kept per set of bugs)."""
