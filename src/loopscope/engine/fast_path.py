@@ -67,63 +67,73 @@ class FastPath:
         if self.warned:
             self.warned = {}
         self.loss_record = None
-        self.stage = Stage.LOAD_BATCH
-        inputs, targets = split_batch(batch)
-        inputs = inputs.to(device) if type(inputs) is torch.Tensor else to_device(inputs, device)
-        targets = targets.to(device) if type(targets) is torch.Tensor else to_device(targets, device)
-        if not isinstance(batch, (tuple, list)):
-            values.target_key = target_key(batch)
-        values.clean_inputs = values.inputs = inputs
-        values.clean_targets = values.targets = targets
-        if body.state.batches_this_epoch == 1:
-            body.state.running_loss = 0.0  # the loop's per-epoch report starts afresh
-        if caught:
-            self._note_warnings(caught)
-        self.stage = Stage.ZERO_GRAD
-        experiment.optimizer.zero_grad()
-        if caught:
-            self._note_warnings(caught)
-        self.stage = Stage.FORWARD
-        self._training = body.model.training
-        loss_fn = experiment.loss_fn
-        if experiment.amp is None and loss_fn is not None and type(inputs) is torch.Tensor and torch.is_grad_enabled():
-            raw = body.model(inputs)
-            output = raw if type(raw) is torch.Tensor else primary_output(raw)
-        else:
-            with torch.enable_grad(), body.autocast():
-                raw = body._call_model()
-                output = body._output_of(raw)
-        if caught:
-            self._note_warnings(caught)
-        self.stage = Stage.LOSS
-        if experiment.amp is None:
-            loss = own_loss(raw) if loss_fn is None else loss_fn(output, targets)
-        else:
-            with body.autocast():
-                loss = own_loss(raw) if loss_fn is None else loss_fn(output, targets)
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"the loss function returned {type(loss).__name__}, not a tensor")
-        self.loss_record = record = StageRecord()
-        body.note_loss(record, loss)
-        if caught:
-            self._note_warnings(caught)
-        self.stage = Stage.BACKWARD
-        loss.backward()
-        if caught:
-            self._note_warnings(caught)
-        max_norm = experiment.clip_grad_norm
-        if max_norm is not None:
-            self.stage = Stage.CLIP_GRAD
-            self._clip_total = torch.nn.utils.clip_grad_norm_(body.model.parameters(), max_norm)
+        stage = Stage.LOAD_BATCH  # a local: kept in `self.stage` only when something raises
+        try:
+            kind = type(batch)
+            if (kind is list or kind is tuple) and len(batch) == 2:  # what a DataLoader of pairs gives
+                inputs, targets = batch
+            else:
+                inputs, targets = split_batch(batch)
+                if not isinstance(batch, (tuple, list)):
+                    values.target_key = target_key(batch)
+            inputs = inputs.to(device) if type(inputs) is torch.Tensor else to_device(inputs, device)
+            targets = targets.to(device) if type(targets) is torch.Tensor else to_device(targets, device)
+            values.clean_inputs = values.inputs = inputs
+            values.clean_targets = values.targets = targets
+            if body.state.batches_this_epoch == 1:
+                body.state.running_loss = 0.0  # the loop's per-epoch report starts afresh
             if caught:
-                self._note_warnings(caught)
-        self.stage = Stage.STEP
-        experiment.optimizer.step()
-        if caught:
-            self._note_warnings(caught)
+                self._note_warnings(stage, caught)
+            stage = Stage.ZERO_GRAD
+            optimizer = experiment.optimizer
+            optimizer.zero_grad()
+            if caught:
+                self._note_warnings(stage, caught)
+            stage = Stage.FORWARD
+            model = body.model
+            self._training = model.training
+            loss_fn, amp = experiment.loss_fn, experiment.amp
+            if amp is None and loss_fn is not None and type(inputs) is torch.Tensor and torch.is_grad_enabled():
+                raw = model(inputs)
+                output = raw if type(raw) is torch.Tensor else primary_output(raw)
+            else:
+                with torch.enable_grad(), body.autocast():
+                    raw = body._call_model()
+                    output = body._output_of(raw)
+            if caught:
+                self._note_warnings(stage, caught)
+            stage = Stage.LOSS
+            if amp is None:
+                loss = own_loss(raw) if loss_fn is None else loss_fn(output, targets)
+            else:
+                with body.autocast():
+                    loss = own_loss(raw) if loss_fn is None else loss_fn(output, targets)
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"the loss function returned {type(loss).__name__}, not a tensor")
+            self.loss_record = record = StageRecord()
+            body.note_loss(record, loss)
+            if caught:
+                self._note_warnings(stage, caught)
+            stage = Stage.BACKWARD
+            loss.backward()
+            if caught:
+                self._note_warnings(stage, caught)
+            max_norm = experiment.clip_grad_norm
+            if max_norm is not None:
+                stage = Stage.CLIP_GRAD
+                self._clip_total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                if caught:
+                    self._note_warnings(stage, caught)
+            stage = Stage.STEP
+            optimizer.step()
+            if caught:
+                self._note_warnings(stage, caught)
+        except BaseException:
+            self.stage = stage
+            raise
 
-    def _note_warnings(self, caught: list[warnings.WarningMessage]) -> None:
-        self.warned[self.stage] = warning_lines(caught)
+    def _note_warnings(self, stage: Stage, caught: list[warnings.WarningMessage]) -> None:
+        self.warned[stage] = warning_lines(caught)
         caught.clear()
 
     def warned_record(self, stage: Stage) -> StageRecord:

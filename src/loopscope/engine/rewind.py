@@ -98,6 +98,8 @@ class Rewinder:
         self._unpaid: float | None = None  # the last snapshot's copy time, until its aftermath is known
         self._training: float | None = None  # seconds of training between boundaries, smoothed (none after a snapshot)
         self._last_boundary_time: float | None = None
+        self._next_due = 0  # the first boundary where a snapshot may be due (see take)
+        self._between_seconds, self._between_count = 0.0, 0  # training since the last decision
         self.furthest = 0  # the most iterations ever completed: the window is the last `keep` of them
         # (iteration, micro-batch) -> (loss, bugs): see step_back
         self.first_losses: dict[tuple[int, int], tuple[float | None, tuple[str, ...]]] = {}
@@ -114,11 +116,21 @@ class Rewinder:
         if self.keep <= 0:
             return
         now = self.clock()
-        waited = (
-            self._last_boundary_time is None
-            or now - self._last_boundary_time > 2 * training_seconds + self.WAIT_SECONDS
-        )
-        self._last_boundary_time = now
+        last_time, self._last_boundary_time = self._last_boundary_time, now
+        waited = last_time is None or now - last_time > 2 * training_seconds + self.WAIT_SECONDS
+        done = stepper.completed_iterations
+        self.bug_log[done] = frozenset(stepper.active_bugs)
+        self.furthest = max(self.furthest, done)
+        if not waited and done < self._next_due:
+            # Most boundaries of a run: only the sums the next spacing is learnt from. Each line
+            # here costs a small model's run several times what it costs alone (issue 17).
+            self._between_seconds += training_seconds
+            self._between_count += 1
+            return
+        self._decide(stepper, done, training_seconds, waited)
+
+    def _decide(self, stepper: Rewindable, done: int, training_seconds: float, waited: bool) -> None:
+        """At a boundary where a snapshot may be due: learn the costs, and take it if it is."""
         if self._unpaid is not None:
             # The iteration after a snapshot runs slower: the copy pushed the model and optimizer
             # out of the CPU caches (measured on the wide MLP: as much again as the copy itself).
@@ -128,16 +140,18 @@ class Rewinder:
             self._cost = cost if not self._cost else 0.8 * self._cost + 0.2 * cost
             self._unpaid = None
         elif not waited:  # only iterations without a snapshot before them say what one normally takes
-            self._training = (
-                training_seconds if self._training is None else 0.8 * self._training + 0.2 * training_seconds
-            )
-        done = stepper.completed_iterations
-        self.furthest = max(self.furthest, done)
-        self._log_bugs(done, frozenset(stepper.active_bugs))
+            self._between_seconds += training_seconds
+            self._between_count += 1
+        if self._between_count:
+            mean = self._between_seconds / self._between_count
+            self._training = mean if self._training is None else 0.5 * (self._training + mean)
+            self._between_seconds, self._between_count = 0.0, 0
         last = self.snapshots[-1] if self.snapshots else None
+        self._next_due = done + 1
         if last is not None and last.completed_iterations == done and last.epoch == stepper.epoch:
             return  # already taken at this boundary
         if last is not None and not waited and done - last.completed_iterations < self.interval:
+            self._next_due = last.completed_iterations + self.interval
             return
         started = time.perf_counter()
         # Keep one snapshot at or before the oldest boundary still in the window; one that falls
@@ -147,12 +161,12 @@ class Rewinder:
             dropped = self.snapshots.popleft()
         self.snapshots.append(self._snapshot(stepper, reuse=dropped))
         self._unpaid = time.perf_counter() - started
+        self._prune_bug_log()
 
-    def _log_bugs(self, done: int, bugs: frozenset[str]) -> None:
-        """The bugs on at each boundary a replay can pass: every one from the oldest snapshot on,
+    def _prune_bug_log(self) -> None:
+        """The bugs on at each boundary a replay can pass are kept from the oldest snapshot on,
         which may lie before the window (a replay from it passes them all)."""
-        self.bug_log[done] = bugs
-        oldest = self.snapshots[0].completed_iterations if self.snapshots else done
+        oldest = self.snapshots[0].completed_iterations
         # Keys are in order (a replay starts at a kept snapshot and rewrites keys already there),
         # so pruning stops at the first one still needed instead of scanning them all.
         while (first := next(iter(self.bug_log))) < oldest:
