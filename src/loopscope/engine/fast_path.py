@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from loopscope.engine import plan
 from loopscope.engine.batches import own_loss, primary_output, split_batch, target_key, to_device
 from loopscope.engine.recorder import StageRecord, warning_lines
-from loopscope.engine.stages import LoopBody
+from loopscope.engine.stages import IterationValues, LoopBody
 from loopscope.shared.vocab import Stage
 
 _PLAIN = (Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD, Stage.STEP)
@@ -37,6 +37,7 @@ class FastPath:
         self.warned: dict[Stage, list[str]] = {}  # the warnings each stage raised
         self.loss_record: StageRecord | None = None  # the loss's, once the loss stage has run
         self.iterations = 0  # run here so far
+        self._values: IterationValues | None = None  # reused from one fast iteration to the next
         # Decided once: none of these change while the experiment runs.
         self.possible = (
             experiment.accumulation == 1
@@ -62,7 +63,10 @@ class FastPath:
         common shapes (a tensor batch, a tensor output) skip the general helpers' dispatch, which
         run between a small model's stages costs several times what it costs alone."""
         body = self.body
-        experiment, values, device = body.experiment, body.values, body.device
+        experiment, device = body.experiment, body.device
+        values = body.values
+        if values is not self._values:  # fresh after a stage-by-stage iteration; then the fast path's own
+            values = body.values = self._values = IterationValues()
         self.iterations += 1
         if self.warned:
             self.warned = {}
@@ -72,10 +76,10 @@ class FastPath:
             kind = type(batch)
             if (kind is list or kind is tuple) and len(batch) == 2:  # what a DataLoader of pairs gives
                 inputs, targets = batch
+                values.target_key = None
             else:
                 inputs, targets = split_batch(batch)
-                if not isinstance(batch, (tuple, list)):
-                    values.target_key = target_key(batch)
+                values.target_key = target_key(batch)
             inputs = inputs.to(device) if type(inputs) is torch.Tensor else to_device(inputs, device)
             targets = targets.to(device) if type(targets) is torch.Tensor else to_device(targets, device)
             values.clean_inputs = values.inputs = inputs

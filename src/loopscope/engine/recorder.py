@@ -71,7 +71,7 @@ class EventRecorder:
         self.diagnostics = diagnostics
         self.on_event = on_event
         self.sync_cuda = sync_cuda and device.type == "cuda"  # stepping: true per-stage durations
-        self._held: list[tuple[Stage, StageRecord, dict[str, Any]]] = []  # see hold()
+        self._held: list[tuple[Stage, StageRecord, int, int, tuple[str, ...], float]] = []  # see hold()
 
     def elapsed_ms(self, start: float) -> float:
         """Milliseconds since `start`, the GPU's queued work included when stepping."""
@@ -79,18 +79,24 @@ class EventRecorder:
             torch.cuda.synchronize(self.device)
         return (time.perf_counter() - start) * 1000.0
 
-    def hold(self, stage: Stage, record: StageRecord, **details: Any) -> None:
+    def hold(
+        self, stage: Stage, record: StageRecord, iteration: int, epoch: int, bugs: tuple[str, ...], duration_ms: float
+    ) -> None:
         """`emit` later, at `catch_up`: running, the losses of unprobed iterations are handed on in
         batches. Made one by one between a small model's stages, events, history and diagnostics
         cost ~3x what they cost in a batch (the training pushes their code out of the CPU caches)."""
-        self._held.append((stage, record, details))
-        if len(self._held) >= HELD_AT_MOST:
+        held = self._held
+        held.append((stage, record, iteration, epoch, bugs, duration_ms))
+        if len(held) >= HELD_AT_MOST:
             self.catch_up()
 
     def catch_up(self) -> list[StageEvent]:
         """Emit the held events, in order; returns them."""
         held, self._held = self._held, []
-        return [self.emit(stage, record, **details) for stage, record, details in held]
+        return [
+            self.emit(stage, record, iteration=iteration, epoch=epoch, bugs=bugs, duration_ms=duration_ms)
+            for stage, record, iteration, epoch, bugs, duration_ms in held
+        ]
 
     def emit(
         self,

@@ -98,6 +98,7 @@ class Rewinder:
         self._unpaid: float | None = None  # the last snapshot's copy time, until its aftermath is known
         self._training: float | None = None  # seconds of training between boundaries, smoothed (none after a snapshot)
         self._last_boundary_time: float | None = None
+        self._bugs: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())  # the last bugs seen, as a set
         self._next_due = 0  # the first boundary where a snapshot may be due (see take)
         self._between_seconds, self._between_count = 0.0, 0  # training since the last decision
         self.furthest = 0  # the most iterations ever completed: the window is the last `keep` of them
@@ -119,7 +120,10 @@ class Rewinder:
         last_time, self._last_boundary_time = self._last_boundary_time, now
         waited = last_time is None or now - last_time > 2 * training_seconds + self.WAIT_SECONDS
         done = stepper.completed_iterations
-        self.bug_log[done] = frozenset(stepper.active_bugs)
+        bugs = stepper.active_bugs
+        if bugs != self._bugs[0]:
+            self._bugs = bugs, frozenset(bugs)
+        self.bug_log[done] = self._bugs[1]
         self.furthest = max(self.furthest, done)
         if not waited and done < self._next_due:
             # Most boundaries of a run: only the sums the next spacing is learnt from. Each line

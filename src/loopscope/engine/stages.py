@@ -279,29 +279,32 @@ class LoopBody(EpochEndStages):
     def note_loss(self, record: StageRecord, loss: torch.Tensor) -> None:
         """What every loss event carries (the value, its shape, how it is reduced and divided), and
         the loop's own use of it: the running loss of its epoch report."""
-        values, state = self.values, self.state
+        values, state, metrics = self.values, self.state, record.metrics
+        scalar = loss.numel() == 1
         # One host sync per iteration: the loss is always shown and always checked for NaN.
-        if loss.numel() == 1:
-            record.loss = float(loss.item())
+        if scalar:
+            value = record.loss = float(loss.item())
         else:  # a loss left unreduced (a bug, or the user's choice): its mean is what is shown
-            record.loss = loss.detach().float().mean().item() if loss.numel() else math.nan
-        record.metrics["loss_shape"] = list(loss.shape)
-        self._note_micro_batch(record)
-        examples = batch_size(values.targets)
-        if loss.numel() == 1 and examples >= 2 and self._reduction_of_training_loss() == "sum":
-            record.metrics["loss_summed_over"] = examples  # the plot shows it per example, as validation
-        if self.experiment.accumulation > 1:
+            value = record.loss = loss.detach().float().mean().item() if loss.numel() else math.nan
+        metrics["loss_shape"] = list(loss.shape)
+        accumulation = self.experiment.accumulation
+        if accumulation > 1:
+            self._note_micro_batch(record)
+        if scalar:
+            examples = batch_size(values.targets)
+            if examples >= 2 and self._reduction_of_training_loss() == "sum":
+                metrics["loss_summed_over"] = examples  # the plot shows it per example, as validation
+        if accumulation > 1:
             # The gradients of K micro-batches add up: divided by K, they are those of their mean.
-            divisor = 1 if "accumulation_not_divided" in self.injector else self.experiment.accumulation
-            record.metrics["loss_divisor"] = divisor
+            divisor = 1 if "accumulation_not_divided" in self.injector else accumulation
+            metrics["loss_divisor"] = divisor
             values.loss = loss / divisor if divisor > 1 else loss
         if "loss_accumulates_graph" in self.injector:
             state.running_loss = state.running_loss + loss  # the bug: keeps every graph alive
         else:
-            state.running_loss = float(state.running_loss) + record.loss
-        record.metrics["running_loss_holds_graph"] = isinstance(state.running_loss, torch.Tensor) and (
-            state.running_loss.grad_fn is not None
-        )
+            state.running_loss = float(state.running_loss) + value
+        running = state.running_loss
+        metrics["running_loss_holds_graph"] = isinstance(running, torch.Tensor) and running.grad_fn is not None
 
     def _reduction_of_training_loss(self) -> str:
         """ "sum" when the loss adds up its examples (stated, or measured once on this batch)."""

@@ -296,22 +296,33 @@ class Stepper(DriverBase):
         state = self.state
         if state.queue or state.halted is not None or state.finished or state.prefetched is not None:
             return None
-        if state.train_iter is None or state.loader_exhausted:
+        if state.loader_exhausted:
             return None
         if state.batches_this_epoch == 0 and plan.epoch_scheduler_first(self.experiment, self.injector):
             return None
         self.rewinder.take(self, self._take_block_seconds())
         start = time.perf_counter()
-        try:
-            batch = next(state.train_iter, _END)
-        except Exception as exc:
-            state.prefetched = (time.perf_counter() - start, None, exc)
-            return None
-        if batch is _END:
-            state.prefetched = (time.perf_counter() - start, _END, None)
-            return None
+        while True:
+            try:
+                batch = self._next_batch()  # opening the epoch's iterator where `for batch in loader:` would
+            except Exception as exc:
+                state.prefetched = (time.perf_counter() - start, None, exc)
+                return None
+            if batch is not _END:
+                break
+            if state.batches_this_epoch == 0 or self.epoch_end_stages():
+                # An empty loader's error, or the epoch's own stages: the stage-by-stage path shows them.
+                state.prefetched = (time.perf_counter() - start, _END, None)
+                return None
+            state.train_iter = None  # the epoch is over, with nothing to run at its end
+            if not self._advance_epoch():
+                return []
+            if plan.epoch_scheduler_first(self.experiment, self.injector):
+                return None  # the new epoch starts with the scheduler: the stage-by-stage path runs it
         if self.fast_path.applies():
-            self._count_iteration()
+            state.iteration += 1
+            state.batches_this_epoch += 1
+            state.micro_batch = 1
             state.iteration_last_stage = Stage.STEP
             return self._fast_iteration(batch, start)
         stages = (Stage.LOAD_BATCH, *self._begin_iteration())
@@ -376,9 +387,7 @@ class Stepper(DriverBase):
         self._block_seconds += seconds
         if record.loss is not None:
             state = self.state
-            self.recorder.hold(
-                stage, record, iteration=state.iteration, epoch=state.epoch, bugs=bugs, duration_ms=seconds * 1000.0
-            )
+            self.recorder.hold(stage, record, state.iteration, state.epoch, bugs, seconds * 1000.0)
 
     def run_epoch(self) -> list[StageEvent]:
         """Run to the end of the current epoch, its validation and bookkeeping stages included."""
@@ -504,20 +513,16 @@ class Stepper(DriverBase):
     def _begin_iteration(self) -> list[Stage]:
         """A batch was taken: count the new iteration; returns its stages after load_batch."""
         state = self.state
-        self._count_iteration()
+        state.iteration += 1
+        state.batches_this_epoch += 1
+        self.body.new_iteration()
+        state.micro_batch = 1
         stages = self._iteration_queue()
         if state.batches_this_epoch == 1 and plan.epoch_scheduler_first(self.experiment, self.injector):
             stages.insert(0, Stage.SCHEDULER)  # the bug: scheduler.step() at the top of the epoch
         # Fixed when the iteration starts: a bug switched mid-iteration changes the next one.
         state.iteration_last_stage = stages[-1] if stages else Stage.LOAD_BATCH
         return stages
-
-    def _count_iteration(self) -> None:
-        state = self.state
-        state.iteration += 1
-        state.batches_this_epoch += 1
-        self.body.new_iteration()
-        state.micro_batch = 1
 
     def _iteration_queue(self) -> list[Stage]:
         """The stages after load_batch of an iteration starting now (the plan, kept per set of bugs)."""

@@ -337,7 +337,8 @@ class ScriptDriver(DriverBase):
     def _hold(self, stage: Stage, record: StageRecord, duration_ms: float) -> None:
         """A quiet stage: its loss is held for the plot and the trend checks; the rest is dropped."""
         if record.loss is not None:
-            self.recorder.hold(stage, record, duration_ms=duration_ms, **self._place())
+            place = self._place()
+            self.recorder.hold(stage, record, place["iteration"], place["epoch"], place["bugs"], duration_ms)
 
     def _place(self) -> dict[str, Any]:
         """Where the loop is, for the event being made (the iteration a trailing call belongs to)."""
