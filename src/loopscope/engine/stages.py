@@ -85,6 +85,8 @@ class LoopBody(EpochEndStages):
         self.failing_module: str | None = None  # the module a failed probed forward was in
         self.scaler = grad_scaler_for(experiment.amp, device)
         self._update_meter = probes.UpdateMeter()
+        # (loss function, its `reduction` attribute, the reduction found): see _reduction_of_training_loss
+        self._training_reduction: tuple[Any, Any, str] | None = None
 
     def run(self, stage: Stage, record: StageRecord, batch: Any = None) -> None:
         match stage:
@@ -291,7 +293,8 @@ class LoopBody(EpochEndStages):
         if accumulation > 1:
             self._note_micro_batch(record)
         if scalar:
-            examples = batch_size(values.targets)
+            targets = values.targets
+            examples = int(targets.shape[0]) if type(targets) is torch.Tensor and targets.dim() else batch_size(targets)
             if examples >= 2 and self._reduction_of_training_loss() == "sum":
                 metrics["loss_summed_over"] = examples  # the plot shows it per example, as validation
         if accumulation > 1:
@@ -299,7 +302,7 @@ class LoopBody(EpochEndStages):
             divisor = 1 if "accumulation_not_divided" in self.injector else accumulation
             metrics["loss_divisor"] = divisor
             values.loss = loss / divisor if divisor > 1 else loss
-        if "loss_accumulates_graph" in self.injector:
+        if "loss_accumulates_graph" in self.injector.active:
             state.running_loss = state.running_loss + loss  # the bug: keeps every graph alive
         else:
             state.running_loss = float(state.running_loss) + value
@@ -308,10 +311,16 @@ class LoopBody(EpochEndStages):
 
     def _reduction_of_training_loss(self) -> str:
         """ "sum" when the loss adds up its examples (stated, or measured once on this batch)."""
+        loss_fn = self.experiment.loss_fn
+        stated = getattr(loss_fn, "reduction", None)
+        known = self._training_reduction
+        if known is not None and known[0] is loss_fn and known[1] == stated:  # asked every iteration
+            return known[2]
         values = self.values
-        reduction = loss_reduction(self.experiment.loss_fn)
+        reduction = loss_reduction(loss_fn)
         if reduction is None:
             reduction = self._reduction(values.inputs, values.targets, values.target_key)
+        self._training_reduction = (loss_fn, stated, reduction)
         return reduction
 
     def backward(self, record: StageRecord) -> None:

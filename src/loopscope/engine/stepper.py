@@ -364,9 +364,12 @@ class Stepper(DriverBase):
             failure = exc
         if failure is None:
             self._end_iteration()
-            if not fast.warned:  # the common case: one held loss
-                assert fast.loss_record is not None
-                self._done_quietly(Stage.LOSS, fast.loss_record, start, ())
+            held = fast.loss_record
+            if not fast.warned and held is not None:  # the common case: one held loss
+                seconds = time.perf_counter() - start
+                self._block_seconds += seconds
+                state = self.state
+                self.recorder.hold(Stage.LOSS, held, state.iteration, state.epoch, (), seconds * 1000.0)
                 return []
         events: list[StageEvent] = []
         for stage in (Stage.LOAD_BATCH, *fast.stages):
