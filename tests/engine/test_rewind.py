@@ -161,6 +161,22 @@ def test_the_slower_iteration_after_a_snapshot_counts_as_its_cost():
     assert len(rewinder.snapshots) <= 4 and rewinder.interval >= 40  # the estimate is smoothed
 
 
+def _spacing_after(rewinder, seconds_per_iteration: float, snapshot_cost: float) -> int:
+    rewinder._training, rewinder._cost = seconds_per_iteration, snapshot_cost
+    return rewinder.interval
+
+
+def test_snapshot_spacing_keeps_a_step_back_replay_short_at_up_to_twice_the_budget():
+    rewinder = Stepper(load_experiment("blobs", 0)).rewinder
+    # Cheap snapshots: half a percent of the run, a replay well under a quarter second.
+    assert _spacing_after(rewinder, 0.001, 0.0005) == 100  # 100 ms of replay at most
+    # Costly ones on a slow model: 0.5% would mean replaying 400 x 10 ms = 4 s on a step back;
+    # they come closer, but never past 1% of the run (200 x 10 ms).
+    assert _spacing_after(rewinder, 0.010, 0.020) == 200
+    # A middle case: 0.5% would be 40 x 10 ms; the quarter second wins (25), costing 0.8%.
+    assert _spacing_after(rewinder, 0.010, 0.002) == 25
+
+
 def test_rewind_gives_the_iteration_it_is_back_at_with_statistics():
     stepper = Stepper(load_experiment("blobs", 0), keep_snapshots=50)
     stepper.run(4)  # stepped with full statistics

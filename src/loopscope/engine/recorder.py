@@ -67,6 +67,7 @@ class EventRecorder:
         sync_cuda: bool = True,
     ) -> None:
         self.device = device
+        self._device_name, self._on_cuda = str(device), device.type == "cuda"  # every event carries them
         self.history = history
         self.diagnostics = diagnostics
         self.on_event = on_event
@@ -112,7 +113,7 @@ class EventRecorder:
     ) -> StageEvent:
         if self._held:  # in order: what was held comes first
             self.catch_up()
-        if self.device.type == "cuda":
+        if self._on_cuda:
             record.metrics["cuda_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
             record.metrics["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         event = StageEvent(
@@ -126,7 +127,7 @@ class EventRecorder:
             metrics=record.metrics,  # the record is the stage's own: no copy needed
             error=error,
             duration_ms=duration_ms,
-            device=str(self.device),
+            device=self._device_name,
             bugs=bugs,
             twin_loss=record.twin_loss,
             code_line=code_line,

@@ -79,14 +79,18 @@ class Rewinder:
     """Boundaries of the last `keep` iterations: full snapshots every few iterations, replay between.
 
     Copying the model and optimizer at every boundary would slow a fast run down badly (Adam's
-    state alone is twice the model), so snapshots are spaced to cost at most ~1% of the training
-    time; stepping back to a boundary between two snapshots restores the earlier one and replays the
-    iterations in between, which the loop's determinism makes exact. After a wait (a person stepping
-    by hand, a paused run) the boundary gets its snapshot whatever the spacing: its cost is hidden
-    in the wait, and the wait is not counted as training time.
+    state alone is twice the model), so snapshots are spaced to cost ~0.5% of the training time
+    (up to 1% where that keeps a step back's replay short, see `interval`); stepping back to a
+    boundary between two snapshots restores the earlier one and replays the iterations in between,
+    which the loop's determinism makes exact. After a wait (a person stepping by hand, a paused
+    run) the boundary gets its snapshot whatever the spacing: its cost is hidden in the wait, and
+    the wait is not counted as training time.
     """
 
-    BUDGET = 0.01
+    BUDGET = 0.005
+    # Stepping back replays up to a spacing's worth of iterations: where that would take longer
+    # than this, snapshots come closer, up to twice BUDGET (a keypress should not wait seconds).
+    MAX_REPLAY_SECONDS = 0.25
     WAIT_SECONDS = 0.05  # a gap this much longer than the training in it was spent waiting
 
     def __init__(self, keep: int = 200, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -110,7 +114,13 @@ class Rewinder:
     def interval(self) -> int:
         if not self._training:
             return 2  # leaves an iteration without a snapshot before it, to measure the rest by
-        return max(1, math.ceil(self._cost / (self.BUDGET * self._training)))
+        spacing = math.ceil(self._cost / (self.BUDGET * self._training))
+        if spacing * self._training > self.MAX_REPLAY_SECONDS:
+            spacing = max(
+                math.ceil(self.MAX_REPLAY_SECONDS / self._training),
+                math.ceil(self._cost / (2 * self.BUDGET * self._training)),
+            )
+        return max(1, spacing)
 
     def take(self, stepper: Rewindable, training_seconds: float) -> None:
         """At a boundary, after `training_seconds` of stages since the last one."""
@@ -251,6 +261,8 @@ class Rewinder:
     def replay_differs(self, event: StageEvent) -> str | None:
         """After a step back: if this loss event's iteration, run again with the same bugs, gave
         another loss than the first time, what to tell the user (state loopscope cannot restore)."""
+        if not self.first_losses:  # no step back to check (asked every iteration)
+            return None
         iteration, loss = event.iteration, event.loss
         first = self.first_losses.get(_loss_key(event))
         if first is None or first[1] != event.bugs or loss is None or first[0] is None:

@@ -183,6 +183,8 @@ class StructuralChecks:
         )
 
     def loss_shapes(self, event: StageEvent) -> None:
+        if not event.tensors:  # a quiet iteration's loss: nothing to compare (runs every iteration)
+            return
         shapes = {t.name: t.shape for t in event.tensors}
         output, targets = shapes.get("output"), shapes.get("targets")
         warned = any("target size" in w.lower() for w in event.metrics.get("warnings", ()))
