@@ -8,6 +8,7 @@ and sends every loss, so the plot is complete while statistics cost little.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 from loopscope.engine.driver import Driver
@@ -44,6 +45,10 @@ from loopscope.shared.vocab import Stage, StepKind
 PICTURE_SECONDS = 0.5  # a picture costs a forward pass over a grid: at most two a second
 
 
+RATE_WINDOW = 50  # iterations the shown rate is measured over
+POLL_SECONDS = 0.005  # running, commands are looked for this often (a key's wait: unnoticeable)
+
+
 class EngineServer:
     def __init__(self, conn: Any, spec: SessionSpec) -> None:
         self.conn = conn
@@ -55,7 +60,7 @@ class EngineServer:
         self._events: list = []
         self._losses: list = []
         self._last_frame = 0.0
-        self._rate_window: list[tuple[float, int]] = []
+        self._rate_window: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
         self.schedule = ProbeSchedule()
         self.run_until: int | None = None  # completed-iteration count at which running pauses
         self.pictures: PictureMaker | None = None  # while the UI shows pictures
@@ -292,7 +297,7 @@ class EngineServer:
         self.running = on and not s.finished
         if self.running and s.halted is not None:
             s.resume()
-        self._rate_window = [(time.monotonic(), s.completed_iterations)]
+        self._rate_window = deque([(time.monotonic(), s.completed_iterations)], maxlen=RATE_WINDOW)
 
     def _last_of_run(self) -> bool:
         """The iteration about to start is the run's last: probe it, so the screen ends on it."""
@@ -318,6 +323,7 @@ class EngineServer:
 
     def _run_until_frame(self, frame_due: float) -> None:
         s = self.stepper
+        poll_due = 0.0
         while True:
             started = time.monotonic()
             probed = False
@@ -327,8 +333,8 @@ class EngineServer:
             elapsed = time.monotonic() - started
             if self.speed is None:
                 self.schedule.record(probed, started, elapsed)
-            self._rate_window.append((time.monotonic(), s.completed_iterations))
-            self._rate_window = self._rate_window[-50:]
+            now = time.monotonic()
+            self._rate_window.append((now, s.completed_iterations))
             if s.finished or s.halted is not None:
                 break
             if self.run_until is not None and s.completed_iterations >= self.run_until and s.at_boundary:
@@ -339,8 +345,12 @@ class EngineServer:
                 if pause > 0:
                     self.conn.poll(pause)  # returns early when a command arrives
                 break
-            if time.monotonic() >= frame_due or self.conn.poll():
+            if now >= frame_due:
                 break
+            if now >= poll_due:  # a poll is a system call: ~1% of a small model's iteration, made every time
+                if self.conn.poll():
+                    break
+                poll_due = now + POLL_SECONDS
 
 
 def engine_process_main(conn: Any, spec: SessionSpec) -> None:
