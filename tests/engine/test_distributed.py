@@ -190,6 +190,8 @@ def test_a_rank_killed_by_a_signal_is_reported(capsys, monkeypatch):
         ("no_distributed_sampler", "ranks_same_batches", "ddp_accumulation.py"),  # compared per micro-batch
         ("set_epoch_forgotten", "same_order_each_epoch", "ddp_long.py"),
         ("rank_modifies_parameters", "ranks_diverged", "ddp_long.py"),
+        ("loss_divided_by_world_size", "loss_divided_by_ranks", "ddp_long.py"),
+        ("loss_divided_by_world_size", "loss_divided_by_ranks", "ddp_accumulation.py"),  # K x N
         ("val_metrics_rank0_only", "ranks_disagree_on_validation", "ddp_long.py"),
         ("checkpoint_every_rank", "checkpoint_saved_by_every_rank", "ddp_long.py"),
     ],
@@ -200,6 +202,18 @@ def test_each_distributed_bug_is_named_within_200_iterations(capsys, bug, findin
     named = [(r["iteration"], d) for r in records for d in r["diagnostics"] if d["id"] == finding]
     assert named and named[0][0] <= 200 and bug in named[0][1]["suspects"]
     assert f"[suspects: {bug}]" in err
+
+
+def test_the_loss_divided_by_the_world_size_halves_every_gradient_on_two_ranks(capsys):
+    """What the bug does, as the user's `loss / dist.get_world_size()` would: DDP averages the
+    ranks' gradients, and the division halves the average again (exactly: a power of two)."""
+    norms = {}
+    for bugs in ((), ("--bug", "loss_divided_by_world_size")):
+        code, records, err = trace(capsys, "blobs", "--nproc", "2", "-n", "1", *bugs)
+        assert code == 0, err
+        norms[bugs] = {r["rank"]: r["grad_norm"] for r in records if r["stage"] == "backward"}
+    clean, buggy = norms[()], norms[("--bug", "loss_divided_by_world_size")]
+    assert set(clean) == {0, 1} and all(buggy[rank] == clean[rank] / 2 for rank in clean)
 
 
 def test_a_clean_run_of_1000_iterations_raises_nothing_on_any_rank(capsys):

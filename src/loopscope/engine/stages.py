@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -76,6 +77,8 @@ class LoopBody(EpochEndStages):
         self.injector = injector
         self.state = state
         self.model = experiment.model
+        # Under DDP, the ranks whose gradients its all-reduce averages (1 in one process).
+        self.world_size = dist.get_world_size() if isinstance(self.model, DistributedDataParallel) else 1
         # Deduplicated like the optimizer sees them: shared weights appear once.
         self.named_params: list[tuple[str, nn.Parameter]] = list(self.model.named_parameters())
         self.probe = True  # full statistics; the loss and error checks run regardless
@@ -297,11 +300,16 @@ class LoopBody(EpochEndStages):
             examples = int(targets.shape[0]) if type(targets) is torch.Tensor and targets.dim() else batch_size(targets)
             if examples >= 2 and self._reduction_of_training_loss() == "sum":
                 metrics["loss_summed_over"] = examples  # the plot shows it per example, as validation
-        if accumulation > 1:
+        if accumulation > 1 or self.world_size > 1:
             # The gradients of K micro-batches add up: divided by K, they are those of their mean.
             divisor = 1 if "accumulation_not_divided" in self.injector else accumulation
-            metrics["loss_divisor"] = divisor
-            values.loss = loss / divisor if divisor > 1 else loss
+            if self.world_size > 1:
+                metrics["world_size"] = self.world_size
+                if "loss_divided_by_world_size" in self.injector:
+                    divisor *= self.world_size  # the bug: DDP averages over the ranks already
+            if accumulation > 1 or divisor > 1:
+                metrics["loss_divisor"] = divisor
+                values.loss = loss / divisor if divisor > 1 else loss
         if "loss_accumulates_graph" in self.injector.active:
             state.running_loss = state.running_loss + loss  # the bug: keeps every graph alive
         else:

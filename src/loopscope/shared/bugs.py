@@ -410,6 +410,19 @@ BUGS: tuple[Bug, ...] = (
         requires=("distributed",),
     ),
     Bug(
+        "loss_divided_by_world_size",
+        "the loss divided by the world size under DDP",
+        Stage.LOSS,
+        "loss = loss_fn(output, y)  # DDP averages the ranks' gradients itself",
+        "loss = loss_fn(output, y) / dist.get_world_size()",
+        "Training crawls: every step is 1/N of what it should be, as if the learning rate were divided "
+        "by the number of ranks.",
+        "DDP's all-reduce already averages the gradients over the N ranks (it sums them and divides by "
+        "N). Dividing each rank's loss by N as well divides the averaged gradient a second time.",
+        "Leave the loss as the loss function returns it: DDP's averaging is the division by N.",
+        requires=("distributed",),
+    ),
+    Bug(
         "accumulation_without_no_sync",
         "gradient accumulation without model.no_sync()",
         Stage.BACKWARD,

@@ -61,7 +61,8 @@ class LossMetrics(TypedDict, total=False):
     loss_shape: list[int]
     running_loss_holds_graph: bool
     loss_input: LossInput  # probed
-    loss_divisor: int  # accumulation: what the loss was divided by before backward (K, or 1)
+    loss_divisor: int  # accumulation or DDP: what the loss was divided by before backward (K, or 1)
+    world_size: int  # DDP: the ranks whose gradients the all-reduce averages
     loss_summed_over: int  # a summed loss (reduction "sum"): the examples it adds up (the plot divides)
 
 

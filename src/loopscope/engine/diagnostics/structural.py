@@ -223,9 +223,25 @@ class StructuralChecks:
             )
 
     def loss_divided(self, event: StageEvent) -> None:
-        """Gradient accumulation: each micro-batch's loss must be divided by their number."""
+        """Gradient accumulation: each micro-batch's loss must be divided by their number; under
+        DDP, by nothing more (its all-reduce averages over the ranks)."""
         m = event.metrics
         count = m.get("micro_batches")
+        world, divisor = m.get("world_size"), m.get("loss_divisor")
+        if world and world > 1 and divisor and divisor >= world * (count or 1):
+            self.fire(
+                event.iteration,
+                Finding(
+                    "loss_divided_by_ranks",
+                    "error",
+                    f"backward() gets the loss divided by {divisor}"
+                    + (f" ({count} micro-batches x {world} ranks)" if count and count > 1 else " (the number of ranks)")
+                    + f", but DDP's all-reduce already averages the {world} ranks' gradients: each step is "
+                    f"1/{world} of the mean loss's, as if the learning rate were {world}x lower.",
+                    ("loss_divided_by_world_size",),
+                    "Do not divide the loss by the world size: DDP's averaging is that division.",
+                ),
+            )
         if count and count > 1 and m.get("loss_divisor") == 1:
             self.fire(
                 event.iteration,
