@@ -12,6 +12,7 @@ from loopscope.engine.checks import run_checks
 from loopscope.engine.experiment import load_experiment, seed_everything
 from loopscope.engine.stepper import Stepper
 from loopscope.shared.loopcode import render_loop
+from loopscope.shared.vocab import Stage
 from tests.fixtures import third_party_models
 
 K = 4
@@ -124,3 +125,17 @@ def test_the_code_panel_shows_the_accumulating_loop():
     assert lines.index("if (i + 1) % K == 0 or i + 1 == len(train_loader):") < lines.index("optimizer.step()")
     buggy = render_loop({"accumulation": K}, stages, ["accumulation_not_divided"])
     assert [line.text.strip() for line in buggy if line.change == "removed"] == ["loss = loss / K"]
+
+
+def test_under_ddp_the_loop_code_runs_every_micro_batch_but_the_steps_under_no_sync():
+    stages = [Stage.LOAD_BATCH, Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD, Stage.STEP]
+    clean = [line.text.strip() for line in render_loop({"accumulation": 4, "distributed": True}, stages, [])]
+    sync = clean.index("with nullcontext() if sync else model.no_sync():  # one all-reduce a step")
+    # forward, loss and backward inside the block; the step outside it
+    assert sync < clean.index("out = model(x)") < clean.index("loss.backward()") < clean.index("optimizer.step()")
+    lines = render_loop({"accumulation": 4, "distributed": True}, stages, ["accumulation_without_no_sync"])
+    changed = [(line.change, line.text.strip()) for line in lines if line.change]
+    assert [text for _, text in changed] == [
+        "with nullcontext() if sync else model.no_sync():  # one all-reduce a step",
+        "with nullcontext():  # every micro-batch's backward all-reduces",
+    ]

@@ -93,3 +93,16 @@ async def test_a_rank_killed_by_a_signal_is_reported_and_never_hangs_the_app(mon
     await _fails_and_restarts(
         "rank 1 died (killed by SIGKILL)", "RankDied: rank 1 died (killed by SIGKILL)", "backward"
     )
+
+
+async def test_the_loop_code_shows_what_ddp_adds_and_a_distributed_bug_as_a_diff_in_place():
+    app = LoopscopeApp(SessionSpec("blobs", "cpu", nproc=2, bugs=("loss_divided_by_world_size",)))
+    async with app.run_test(size=(140, 60)) as pilot:
+        await ready(pilot)
+        await expect_text(pilot, "#code", "model = DDP(model)")
+        code = text_of(app, "#code")
+        for line in ("sampler = DistributedSampler(train_set)", "sampler.set_epoch(epoch)"):
+            assert line in code
+        # The bug's diff sits at the loss line, not in a setup block above the loop.
+        assert "- " in code and "loss = loss_fn(out, y) / dist.get_world_size()" in code
+        assert "# setup" not in code

@@ -137,6 +137,7 @@ def experiment_info(
         "amp": exp.amp,
         "accumulation": exp.accumulation,
         "lr": exp.optimizer.param_groups[0].get("lr"),
+        "distributed": isinstance(exp.model, nn.parallel.DistributedDataParallel),
     }
     return SessionInfo(
         name=exp.name,

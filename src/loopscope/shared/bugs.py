@@ -389,8 +389,8 @@ BUGS: tuple[Bug, ...] = (
         "no_distributed_sampler",
         "the DataLoader has no DistributedSampler",
         Stage.LOAD_BATCH,
-        "sampler = DistributedSampler(dataset)\nloader = DataLoader(dataset, batch_size=B, sampler=sampler)",
-        "loader = DataLoader(dataset, batch_size=B, shuffle=True)",
+        "sampler = DistributedSampler(train_set)\ntrain_loader = DataLoader(train_set, batch_size=B, sampler=sampler)",
+        "train_loader = DataLoader(train_set, batch_size=B, shuffle=True)",
         "Every rank loads the very same batches: N processes do the work of one, and an epoch is N times too long.",
         "A DataLoader knows nothing of the other ranks; seeded alike, each shuffles the whole dataset in the "
         "same order. DDP then averages N copies of one gradient.",
@@ -401,8 +401,8 @@ BUGS: tuple[Bug, ...] = (
         "set_epoch_forgotten",
         "sampler.set_epoch(epoch) is never called",
         Stage.LOAD_BATCH,
-        "sampler.set_epoch(epoch)\nfor x, y in loader:",
-        "for x, y in loader:",
+        "sampler.set_epoch(epoch)  # a new shuffle each epoch",
+        "",
         "Every epoch visits the examples in exactly the same order on every rank.",
         "A DistributedSampler shuffles with seed + epoch; without set_epoch the epoch stays 0, so the "
         "shuffle of the first epoch is repeated forever.",
@@ -413,8 +413,8 @@ BUGS: tuple[Bug, ...] = (
         "loss_divided_by_world_size",
         "the loss divided by the world size under DDP",
         Stage.LOSS,
-        "loss = loss_fn(output, y)  # DDP averages the ranks' gradients itself",
-        "loss = loss_fn(output, y) / dist.get_world_size()",
+        "loss = loss_fn(out, y)  # DDP averages the ranks' gradients itself",
+        "loss = loss_fn(out, y) / dist.get_world_size()",
         "Training crawls: every step is 1/N of what it should be, as if the learning rate were divided "
         "by the number of ranks.",
         "DDP's all-reduce already averages the gradients over the N ranks (it sums them and divides by "
@@ -426,8 +426,8 @@ BUGS: tuple[Bug, ...] = (
         "accumulation_without_no_sync",
         "gradient accumulation without model.no_sync()",
         Stage.BACKWARD,
-        "with model.no_sync():  # all but the micro-batch before step()\n    loss.backward()",
-        "loss.backward()",
+        "with nullcontext() if sync else model.no_sync():  # one all-reduce a step",
+        "with nullcontext():  # every micro-batch's backward all-reduces",
         "The numbers stay right, but every micro-batch's backward waits for an all-reduce: K times the "
         "communication of one step.",
         "DDP all-reduces the gradients at every backward() unless told not to; summed locally over the "
@@ -452,8 +452,8 @@ BUGS: tuple[Bug, ...] = (
         "checkpoint_every_rank",
         "every rank saves the checkpoint",
         Stage.CHECKPOINT,
-        "if val_loss < best and rank == 0: save(model)",
-        "if val_loss < best: save(model)  # on every rank",
+        "if rank == 0: save(model)",
+        "save(model)  # on every rank",
         "Each time the model improves, N processes write the same file at once.",
         "DDP keeps one model on every rank, so one copy is all there is to save; N writers of one path "
         "race (a reader can find it half-written) and spend N times the disk time.",

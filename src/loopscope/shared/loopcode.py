@@ -55,7 +55,19 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
         body[Stage.LOSS].append("    loss = loss / K")
         for stage in _AFTER_ACCUMULATION:
             body[stage] = ["    " + text for text in body.get(stage, [])]
+    distributed = bool(options.get("distributed"))
+    if distributed and isinstance(accumulation, int) and accumulation > 1:
+        # Every micro-batch but the step's runs under no_sync(): its forward and backward.
+        for stage in (Stage.FORWARD, Stage.LOSS, Stage.BACKWARD):
+            body[stage] = ["    " + text for text in body[stage]]
+        body[Stage.FORWARD][:0] = [
+            "    sync = (i + 1) % K == 0 or i + 1 == len(train_loader)",
+            "    with nullcontext() if sync else model.no_sync():  # one all-reduce a step",
+        ]
     lines = [CodeLine("for epoch in range(epochs):"), CodeLine("  model.train()")]
+    if distributed:
+        lines.insert(1, CodeLine("  sampler.set_epoch(epoch)  # a new shuffle each epoch"))
+        lines[:0] = [CodeLine(text) for text in _DDP_SETUP]
     if amp == "fp16":
         lines.insert(0, CodeLine("scaler = torch.amp.GradScaler()"))
     if isinstance(accumulation, int) and accumulation > 1:
@@ -82,7 +94,11 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
         ]
     if options.get("scheduler") and options.get("scheduler_interval") == "epoch":
         lines.append(CodeLine("  scheduler.step()", Stage.SCHEDULER))
-    if options.get("checkpoint"):
+    if options.get("checkpoint") and distributed:  # one copy of the model to save: rank 0's
+        lines.append(CodeLine("  if val_loss < best:", Stage.CHECKPOINT))
+        lines.append(CodeLine("      best = val_loss", Stage.CHECKPOINT))
+        lines.append(CodeLine("      if rank == 0: save(model)", Stage.CHECKPOINT))
+    elif options.get("checkpoint"):
         lines.append(CodeLine("  if val_loss < best: best = val_loss; save(model)", Stage.CHECKPOINT))
     if options.get("early_stopping_patience"):
         lines.append(
@@ -93,6 +109,13 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
     return lines
 
 
+# What a DDP tutorial adds before the loop (`--nproc`); torchrun's environment names the rank.
+_DDP_SETUP = (
+    'dist.init_process_group("gloo")  # nccl on GPUs; one process per rank',
+    "model = DDP(model)  # gradients all-reduced (averaged) inside backward()",
+    "sampler = DistributedSampler(train_set)  # each rank its own 1/N of the data",
+    "train_loader = DataLoader(train_set, batch_size=B, sampler=sampler)",
+)
 CANONICAL_ORDER: tuple[Stage, ...] = ITERATION_STAGES
 # With gradient accumulation these run once every K micro-batches, inside `if (i + 1) % K == 0:`.
 _AFTER_ACCUMULATION = (Stage.UNSCALE, Stage.CLIP_GRAD, Stage.STEP, Stage.SCHEDULER)
@@ -163,8 +186,13 @@ def with_bugs(lines: list[CodeLine], bugs: Sequence[str]) -> list[CodeLine]:
             continue
         line = result[anchor]
         indent = line.text[: len(line.text) - len(line.text.lstrip())]
-        added = [CodeLine(indent + t, line.stage, Change.ADDED, bug_id) for t in bug.buggy.splitlines() if t.strip()]
-        result[anchor : anchor + 1] = [CodeLine(line.text, line.stage, Change.REMOVED, bug_id), *added]
+        buggy = [t for t in bug.buggy.splitlines() if t.strip()]
+        kept = bool(buggy) and _code(buggy[0]) == wanted  # the bug only adds lines after a correct one
+        added = [CodeLine(indent + t, line.stage, Change.ADDED, bug_id) for t in buggy[1 if kept else 0 :]]
+        result[anchor : anchor + 1] = [
+            line if kept else CodeLine(line.text, line.stage, Change.REMOVED, bug_id),
+            *added,
+        ]
     if setup:
         return [CodeLine("# setup"), *setup, CodeLine(""), *result]
     return result
