@@ -30,6 +30,7 @@ RATIO_WINDOW = 20  # steps over which the update/weight ratio's median is judged
 # float32 keeps about 7 digits: an update under 1e-7 of a weight's size may round away entirely.
 ROUNDOFF = 1e-7
 CONVERGED_FRACTION = 0.01  # the recent losses average 1% of the first ones or less: the run converged
+FITTING_FRACTION = 0.1  # the recent losses average a tenth of the first ones or less: the model is fitting
 UNIT_INTERVAL_ITERATIONS = 50  # BCEWithLogitsLoss inputs inside [0, 1] this long: probabilities, not logits
 SKIPPED_STEPS_STREAK = 5  # fp16: a GradScaler finding its scale skips one or two steps, not five in a row
 REFIRE_AFTER = 200  # iterations before the same finding is reported again

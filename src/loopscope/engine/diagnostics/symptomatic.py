@@ -20,6 +20,7 @@ from loopscope.engine.diagnostics.findings import (
     DIVERGING_FACTOR,
     DROPOUT_TYPES,
     EXPLODING_RATIO,
+    FITTING_FRACTION,
     INPUT_ABS_MAX,
     INPUT_ABS_MEAN,
     LOSS_NUMERIC_FAILURE,
@@ -151,7 +152,9 @@ class SymptomChecks:
             if t.mean is None or t.std is None:
                 continue
             rms = math.sqrt(t.mean * t.mean + t.std * t.std)
-            if rms >= ACTIVATION_RMS:
+            # A model fitting its data grows its features as it grows confident (a converged MNIST
+            # net's penultimate layer reached RMS 10): large then is no fault of inputs or init.
+            if rms >= ACTIVATION_RMS and not self._loss_fell_to(FITTING_FRACTION):
                 self.fire(
                     it,
                     Finding(
@@ -164,6 +167,13 @@ class SymptomChecks:
                     ),
                 )
                 return
+
+    def _loss_fell_to(self, fraction: float) -> bool:
+        """Whether the latest ten losses average at most `fraction` of the first ones."""
+        latest = list(self.losses)[-10:]
+        return bool(
+            self.first_losses and latest and statistics.fmean(latest) <= fraction * statistics.fmean(self.first_losses)
+        )
 
     # ----- loss ------------------------------------------------------------------------
     def loss_value(self, event: StageEvent) -> None:
@@ -424,12 +434,7 @@ class SymptomChecks:
             )
             # A run that has converged takes tiny steps because its gradients are tiny: that is not
             # a learning rate too low (a noise-free fit was told to raise it).
-            latest = list(self.losses)[-10:]
-            converged = bool(
-                self.first_losses
-                and latest
-                and statistics.fmean(latest) <= CONVERGED_FRACTION * statistics.fmean(self.first_losses)
-            )
+            converged = self._loss_fell_to(CONVERGED_FRACTION)
             if not converged and (median < UPDATE_RATIO_LOW or (median < UPDATE_RATIO_SLOW and barely_moved)):
                 self.fire(
                     it,
