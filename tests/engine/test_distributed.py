@@ -279,6 +279,13 @@ def test_several_nodes_need_an_endpoint(capsys):
     assert "--nnodes > 1 needs --rdzv-endpoint HOST:PORT" in capsys.readouterr().err
 
 
+def test_the_app_says_how_to_train_across_machines_when_given_node_options(capsys):
+    assert main(["run", "spirals", "--nproc", "2", "--nnodes", "2", "--node-rank", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--nnodes: the app steps the ranks of this machine only" in err
+    assert "loopscope trace TARGET --nproc N --nnodes M --node-rank R --rdzv-endpoint HOST:PORT" in err
+
+
 def test_accumulation_all_reduces_once_per_step_and_computes_what_no_sync_computes(capsys):
     """4 micro-batches a step, 13 batches per rank and epoch (each epoch ends on a short group):
     bitwise the hand-written loop with no_sync(); one all-reduce a step, at its last micro-batch."""

@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed(run_parser)
     _add_svg_dir(run_parser)
     _add_nproc(run_parser, "the panels show rank 0, the Ranks table every rank's numbers")
+    for option in _NODE_OPTIONS:  # trace's: taken here only to say so clearly (see _run_app)
+        run_parser.add_argument(option, default=None, help=argparse.SUPPRESS)
     run_parser.add_argument(
         "--history",
         type=_non_negative_int,
@@ -459,11 +461,21 @@ def _add_nproc(parser: argparse.ArgumentParser, shown: str) -> None:
     )
 
 
+_NODE_OPTIONS = ("--nnodes", "--node-rank", "--rdzv-endpoint")
+
+
 def _run_app(args: argparse.Namespace) -> int:
     from loopscope.engine.experiment import check_target
     from loopscope.engine.script.target import is_script
     from loopscope.shared.protocol import SessionSpec
 
+    given = [option for option in _NODE_OPTIONS if getattr(args, option[2:].replace("-", "_")) is not None]
+    if given:
+        raise UserError(
+            f"{given[0]}: the app steps the ranks of this machine only (run --nproc N). To train across "
+            "machines, run `loopscope trace TARGET --nproc N --nnodes M --node-rank R --rdzv-endpoint "
+            "HOST:PORT` on each (README: Many processes)"
+        )
     script = is_script(args.target, args.script)
     if not script:
         check_target(args.target)
