@@ -286,6 +286,49 @@ def test_the_app_says_how_to_train_across_machines_when_given_node_options(capsy
     assert "loopscope trace TARGET --nproc N --nnodes M --node-rank R --rdzv-endpoint HOST:PORT" in err
 
 
+def test_a_users_ddp_script_computes_under_loopscope_bitwise_what_torchrun_computes(capfd, tmp_path, monkeypatch):
+    """Script mode under --nproc: the script joins the group from torchrun's environment, shards
+    its data and wraps its model itself; loopscope only steps it. Its losses, rank for rank, are
+    those of the same script under torchrun."""
+    import subprocess
+    import sys
+
+    script = str(FIXTURES / "ddp_script.py")
+    env = {**os.environ, "LOSSES_TO": str(tmp_path / "torchrun"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script]
+    subprocess.run(command, env=env, check=True, timeout=300, capture_output=True)
+    expected = {rank: json.loads((tmp_path / f"torchrun.{rank}").read_text()) for rank in (0, 1)}
+    monkeypatch.setenv("LOSSES_TO", str(tmp_path / "loopscope"))
+    code = main(["trace", script, "--nproc", "2", "--format", "jsonl"])
+    out, err = capfd.readouterr()  # at the file descriptors: the ranks' own output included
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]  # the script's prints are not among them
+    losses = {rank: [r["loss"] for r in records if r["stage"] == "loss" and r["rank"] == rank] for rank in (0, 1)}
+    assert len(expected[0]) == 16 and losses == expected
+    assert "epoch 1: loss" in err  # rank 0's prints, on stderr
+    assert "parameters bitwise equal on every rank after every step" in err
+
+
+def test_a_users_ddp_script_without_a_distributed_sampler_is_named(capsys):
+    script = str(FIXTURES / "ddp_script.py")
+    code = main(["trace", script, "--nproc", "2", "--format", "jsonl", "--", "--no-sampler"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    named = [r["iteration"] for r in records for d in r["diagnostics"] if d["id"] == "ranks_same_batches"]
+    assert named and named[0] <= 3
+
+
+def test_a_rank_of_a_users_ddp_script_that_raises_stops_every_rank(capsys):
+    script = str(FIXTURES / "ddp_script.py")
+    code = main(["trace", script, "--nproc", "2", "--format", "jsonl", "--", "--fail"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    errors = [r for r in map(json.loads, out.splitlines()) if r["error"] is not None]
+    assert [(r["rank"], r["stage"], r["iteration"]) for r in errors] == [(1, "forward", 3)]
+    assert "rank 0 stopped: waiting in a collective for a rank that failed" in err
+
+
 def test_accumulation_all_reduces_once_per_step_and_computes_what_no_sync_computes(capsys):
     """4 micro-batches a step, 13 batches per rank and epoch (each epoch ends on a short group):
     bitwise the hand-written loop with no_sync(); one all-reduce a step, at its last micro-batch."""

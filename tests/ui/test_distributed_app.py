@@ -106,3 +106,19 @@ async def test_the_loop_code_shows_what_ddp_adds_and_a_distributed_bug_as_a_diff
         # The bug's diff sits at the loss line, not in a setup block above the loop.
         assert "- " in code and "loss = loss_fn(out, y) / dist.get_world_size()" in code
         assert "# setup" not in code
+
+
+async def test_a_users_ddp_script_steps_on_two_ranks_together_in_the_app():
+    """`loopscope run ddp_script.py --nproc 2`: the user's own DDP script, as torchrun would run it,
+    moved stage by stage on both ranks; the Ranks table compares them."""
+    app = LoopscopeApp(SessionSpec(str(FIXTURES / "ddp_script.py"), "cpu", nproc=2))
+    async with app.run_test(size=(140, 50)) as pilot:
+        await ready(pilot)
+        assert "2 ranks" in text_of(app, "#pipeline")
+        await pilot.press("space")
+        await wait_until(pilot, lambda: app.model.state.iteration == 1)
+        await pilot.press("n")
+        await wait_until(pilot, lambda: app.model.state.completed_iterations == 1, timeout=60)
+        await expect_text(pilot, "#ranks", "parameters equal")
+        ranks = text_of(app, "#ranks")
+        assert "own examples per rank" in ranks  # the script's DistributedSampler, seen in the fingerprints

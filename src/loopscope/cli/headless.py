@@ -94,11 +94,11 @@ def trace_command(args: argparse.Namespace, note: str | None = None) -> int:
 
     processes = getattr(args, "nproc", 1) * getattr(args, "nnodes", 1)
     script = is_script(args.target, getattr(args, "script", False))
-    check_processes(processes, script, getattr(args, "twin", False))
+    check_processes(processes, getattr(args, "twin", False))
+    if processes > 1:
+        return _trace_distributed(args, note, script)
     if script:
         return _trace_script(args, note)
-    if processes > 1:
-        return _trace_distributed(args, note)
     device = resolve_device(args.device)
     with _users_prints_to_stderr():
         experiment = load_experiment(args.target, 0 if args.seed is None else args.seed)
@@ -133,7 +133,7 @@ def _trace_script(args: argparse.Namespace, note: str | None) -> int:
     return code
 
 
-def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
+def _trace_distributed(args: argparse.Namespace, note: str | None, script: bool = False) -> int:
     """`loopscope trace TARGET --nproc N`: N ranks of DDP, moved iteration by iteration together;
     every rank's records, in rank order within each turn."""
     from loopscope.engine.distributed.compare import RankComparison
@@ -151,6 +151,8 @@ def _trace_distributed(args: argparse.Namespace, note: str | None) -> int:
         master_port=port,
         master_addr=host,
         first_rank=args.node_rank * args.nproc,
+        script=script,
+        script_args=tuple(getattr(args, "script_args", ())),
     )
     if note:
         sys.stderr.write(f"loopscope: {note}\n")

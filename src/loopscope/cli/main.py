@@ -479,7 +479,7 @@ def _run_app(args: argparse.Namespace) -> int:
     script = is_script(args.target, args.script)
     if not script:
         check_target(args.target)
-    check_processes(args.nproc, script, args.twin)
+    check_processes(args.nproc, args.twin)
     if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
         raise UserError(f"--device {args.device!r}: expected one of auto|cpu|cuda|cuda:N|mps")
     from loopscope.ui.app import LoopscopeApp

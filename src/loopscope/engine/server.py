@@ -76,11 +76,11 @@ class EngineServer:
 
             spec = self.spec
             script = is_script(spec.target, spec.script)
-            check_processes(spec.nproc, script, spec.twin)
-            if script:
+            check_processes(spec.nproc, spec.twin)
+            if spec.nproc > 1:
+                self.stepper = self._distributed_driver(script)
+            elif script:
                 self.stepper = self._script_driver()
-            elif spec.nproc > 1:
-                self.stepper = self._distributed_driver()
             else:
                 self.stepper = Stepper(
                     load_experiment(spec.target, spec.seed),
@@ -111,7 +111,7 @@ class EngineServer:
             seed_everything(spec.seed)
         return ScriptDriver(spec.target, list(spec.script_args), bugs=spec.bugs, on_event=self._collect)
 
-    def _distributed_driver(self) -> Driver:
+    def _distributed_driver(self, script: bool) -> Driver:
         from loopscope.engine.distributed.driver import DistributedDriver
         from loopscope.engine.distributed.launcher import free_port
         from loopscope.engine.distributed.rank import RankSpec
@@ -125,6 +125,8 @@ class EngineServer:
             probe=True,
             world_size=spec.nproc,
             master_port=free_port(),
+            script=script,
+            script_args=tuple(spec.script_args),
         )
         return DistributedDriver(ranks, on_event=self._collect)
 

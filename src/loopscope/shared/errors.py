@@ -11,12 +11,10 @@ class UserError(Exception):
     """Bad arguments, a bad target file or a factory that failed: print the message, exit 2."""
 
 
-def check_processes(processes: int, script: bool, twin: bool) -> None:
+def check_processes(processes: int, twin: bool) -> None:
     """What several processes (--nproc) cannot be combined with, said before anything starts."""
     if processes <= 1:
         return
-    if script:
-        raise UserError("--nproc runs an experiment() factory for now; a DDP script runs as one process")
     if twin:
         raise UserError("--twin runs in one process: it cannot be combined with --nproc")
 

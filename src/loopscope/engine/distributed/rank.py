@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ class RankSpec:
     first_rank: int = 0  # this node's first global rank: node_rank * ranks per node
     # Experiment fields set after it is built (the quality matrix's long clean runs: no early stop).
     overrides: tuple[tuple[str, Any], ...] = ()
+    script: bool = False  # target is a user's DDP script, run as torchrun runs it
+    script_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
     """Entry point of a rank's process (spawned: torch is imported here, in the child)."""
     rank = spec.first_rank + local_rank
     exit_when_orphaned(parent_pid)  # a launcher killed outright must not leave ranks behind
+    # What the user's code prints goes where the launcher's messages go, never into its output
+    # (trace's records on stdout; the app's engine sends both to its log).
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     # As torchrun: one thread per rank unless asked otherwise, so N ranks do not fight for the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -77,6 +84,9 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
 
     if os.environ["OMP_NUM_THREADS"].isdigit():
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if spec.script:
+        _script_rank_main(rank, local_rank, spec, conn)
+        return
     from loopscope.engine.devices import resolve_device
     from loopscope.engine.distributed.wrap import (
         EpochSampledLoader,
@@ -138,6 +148,19 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
     stepper.on_event = add_rank_metrics
     local_norms.measuring = spec.probe
 
+    def set_probe(on: bool) -> None:
+        stepper.probe = local_norms.measuring = on
+
+    try:
+        _serve(stepper, conn, rank, set_probe)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _serve(driver: Any, conn: Any, rank: int, set_probe: Any) -> None:
+    """Run the launcher's commands on this rank's driver until told to stop (or the launcher is gone)."""
+
     def tagged(events: list[Any]) -> list[Any]:
         return [dataclasses.replace(event, rank=rank) for event in events]
 
@@ -149,20 +172,70 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
                 break
             events: list[Any] = []
             if kind in ("stage", "iteration", "epoch") and arguments:  # probed or not, as the coordinator says
-                stepper.probe = local_norms.measuring = bool(arguments[0])
+                set_probe(bool(arguments[0]))
             if kind == "stage":
-                event = stepper.step_stage()
+                event = driver.step_stage()
                 events = [] if event is None else [event]
             elif kind == "iteration":
-                events = stepper.run_iteration()
+                events = driver.run_iteration()
             elif kind == "epoch":
-                events = stepper.run_epoch()
+                events = driver.run_epoch()
             elif kind == "bug":
                 with suppress(UserError, KeyError, ValueError):  # the coordinator checked it applies
-                    stepper.set_bug(arguments[0], bool(arguments[1]))
-            conn.send(("events", tagged(events), rank_state(stepper)))
+                    driver.set_bug(arguments[0], bool(arguments[1]))
+            conn.send(("events", tagged(events), rank_state(driver)))
     except (EOFError, OSError):
         pass  # the launcher is gone
+
+
+def _script_rank_main(rank: int, local_rank: int, spec: RankSpec, conn: Any) -> None:
+    """A user's DDP script as one of torchrun's workers: the environment torchrun sets (the script
+    calls `init_process_group` itself, and wraps its own model in DDP), stepped by the launcher."""
+    import torch.distributed as dist
+
+    from loopscope.engine.batches import split_batch
+    from loopscope.engine.distributed.wrap import batch_fingerprint, parameter_checksum
+    from loopscope.engine.script.driver import ScriptDriver
+    from loopscope.engine.script.main_thread import lend_main_thread
+    from loopscope.shared.vocab import Stage
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(spec.world_size),
+        MASTER_ADDR=spec.master_addr,
+        MASTER_PORT=str(spec.master_port),
+    )
+    try:
+        driver = ScriptDriver(spec.target, list(spec.script_args), probe=spec.probe, bugs=spec.bugs)
+    except BaseException as exc:
+        conn.send(("failed", f"rank {rank}: {type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", driver.info(), rank_state(driver)))
+
+    def add_rank_metrics(event: Any) -> None:
+        """What only this rank knows, from the objects the script made."""
+        if event.error is not None:
+            return
+        if event.stage == Stage.LOAD_BATCH and driver.last_batch is not None:
+            with suppress(TypeError):
+                event.metrics["batch_fingerprint"] = batch_fingerprint(split_batch(driver.last_batch)[0])
+        elif event.stage == Stage.STEP and driver.models:
+            event.metrics["param_checksum"] = parameter_checksum(driver.models[0])
+
+    driver.on_event = add_rank_metrics
+
+    def set_probe(on: bool) -> None:
+        driver.probe = on
+
+    def serve() -> None:
+        try:
+            _serve(driver, conn, rank, set_probe)
+        finally:
+            driver.close()  # a script waiting at a stage is ended, giving the main thread back
+
+    try:
+        lend_main_thread(serve)  # the script runs on the main thread, as under torchrun
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

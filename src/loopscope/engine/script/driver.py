@@ -114,6 +114,7 @@ class ScriptDriver(DriverBase):
         self._train_dataset: Any = None
         self._train_iterator: weakref.ref[Any] | None = None
         self._models: list[nn.Module] = []
+        self.last_batch: Any = None  # the training batch the script loaded last (--nproc fingerprints it)
         self._backwards_since_step = 0
         self._loss_since_backward = False
         self._scales: dict[int, float] = {}  # id of a GradScaler-scaled loss -> the scale
@@ -151,6 +152,11 @@ class ScriptDriver(DriverBase):
 
     def next_stage(self) -> Stage | None:
         return None if self.state.finished else self._stage_now
+
+    @property
+    def models(self) -> list[nn.Module]:
+        """The modules the script trains, in the order they first ran a forward."""
+        return self._models
 
     def iteration_stages(self) -> list[Stage]:
         return [Stage.LOAD_BATCH, Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD, Stage.STEP]
@@ -411,6 +417,7 @@ class ScriptDriver(DriverBase):
             self._train_dataset = dataset
         if dataset is not self._train_dataset or self._validation is not None:
             return  # another loader's batch (validation's): part of that stage
+        self.last_batch = batch
         if self._train_iterator is None or self._train_iterator() is not iterator:
             if self._train_iterator is not None:
                 self.state.epoch += 1
