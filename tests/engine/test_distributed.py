@@ -305,6 +305,10 @@ def test_a_users_ddp_script_computes_under_loopscope_bitwise_what_torchrun_compu
     records = [json.loads(line) for line in out.splitlines()]  # the script's prints are not among them
     losses = {rank: [r["loss"] for r in records if r["stage"] == "loss" and r["rank"] == rank] for rank in (0, 1)}
     assert len(expected[0]) == 16 and losses == expected
+    # Each rank's norm before DDP's all-reduce, read from the script's own DDP model.
+    backward = [r for r in records if r["stage"] == "backward"]
+    assert len(backward) == 32 and all(r["metrics"]["all_reduces"] == 1 for r in backward)
+    assert all(r["metrics"]["local_grad_norm"] != r["grad_norm"] for r in backward)
     assert "epoch 1: loss" in err  # rank 0's prints, on stderr
     assert "parameters bitwise equal on every rank after every step" in err
 

@@ -122,3 +122,5 @@ async def test_a_users_ddp_script_steps_on_two_ranks_together_in_the_app():
         await expect_text(pilot, "#ranks", "parameters equal")
         ranks = text_of(app, "#ranks")
         assert "own examples per rank" in ranks  # the script's DistributedSampler, seen in the fingerprints
+        rows = [line.split() for line in ranks.splitlines() if line.split()[:1] in (["0"], ["1"])]
+        assert len(rows) == 2 and all(row[3] != "-" for row in rows)  # each rank's local norm

@@ -192,9 +192,10 @@ def _script_rank_main(rank: int, local_rank: int, spec: RankSpec, conn: Any) -> 
     """A user's DDP script as one of torchrun's workers: the environment torchrun sets (the script
     calls `init_process_group` itself, and wraps its own model in DDP), stepped by the launcher."""
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     from loopscope.engine.batches import split_batch
-    from loopscope.engine.distributed.wrap import batch_fingerprint, parameter_checksum
+    from loopscope.engine.distributed.wrap import LocalGradNorms, batch_fingerprint, parameter_checksum
     from loopscope.engine.script.driver import ScriptDriver
     from loopscope.engine.script.main_thread import lend_main_thread
     from loopscope.shared.vocab import Stage
@@ -213,6 +214,9 @@ def _script_rank_main(rank: int, local_rank: int, spec: RankSpec, conn: Any) -> 
         return
     conn.send(("ready", driver.info(), rank_state(driver)))
 
+    local_norms = LocalGradNorms()
+    hooked: list[bool] = []  # one entry once the hook was tried
+
     def add_rank_metrics(event: Any) -> None:
         """What only this rank knows, from the objects the script made."""
         if event.error is not None:
@@ -220,13 +224,28 @@ def _script_rank_main(rank: int, local_rank: int, spec: RankSpec, conn: Any) -> 
         if event.stage == Stage.LOAD_BATCH and driver.last_batch is not None:
             with suppress(TypeError):
                 event.metrics["batch_fingerprint"] = batch_fingerprint(split_batch(driver.last_batch)[0])
+        elif event.stage == Stage.FORWARD and not hooked:
+            # The script's DDP model exists from its first forward; its first backward is still to come.
+            model = next((m for m in driver.models if isinstance(m, DistributedDataParallel)), None)
+            hooked.append(model is not None)
+            if model is not None:
+                try:
+                    local_norms.install(model)
+                except RuntimeError:  # the script registered a communication hook of its own: it keeps it
+                    hooked[0] = False
+        elif event.stage == Stage.BACKWARD and hooked and hooked[0]:
+            local, all_reduces, seconds = local_norms.take()
+            if local is not None:
+                event.metrics["local_grad_norm"] = local
+            event.metrics["all_reduces"] = all_reduces
+            event.metrics["comm_ms"] = seconds * 1000.0
         elif event.stage == Stage.STEP and driver.models:
             event.metrics["param_checksum"] = parameter_checksum(driver.models[0])
 
     driver.on_event = add_rank_metrics
 
     def set_probe(on: bool) -> None:
-        driver.probe = on
+        driver.probe = local_norms.measuring = on
 
     def serve() -> None:
         try:
