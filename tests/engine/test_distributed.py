@@ -237,14 +237,15 @@ def test_a_clean_run_of_1000_iterations_raises_nothing_on_any_rank(capsys):
     assert saves and {rank for rank, _ in saves} == {0}
 
 
-def test_two_nodes_on_one_machine_train_together_as_two_ranks_do(capsys, tmp_path):
+@pytest.mark.parametrize("target", ["ddp_long.py", "ddp_script.py"])  # an experiment, a user's DDP script
+def test_two_nodes_on_one_machine_train_together_as_two_ranks_do(capfd, tmp_path, target):
     """`--nnodes 2`, one command per "node", meeting at a local endpoint: together they compute
     what `--nproc 2` on one machine computes, rank for rank."""
     import subprocess
     import sys
 
     endpoint = f"127.0.0.1:{free_port()}"
-    common = [str(FIXTURES / "ddp_long.py"), "--nproc", "1", "--nnodes", "2", "-n", "30", "--fast"]
+    common = [str(FIXTURES / target), "--nproc", "1", "--nnodes", "2", "-n", "12", "--fast"]
     command = [sys.executable, "-m", "loopscope", "trace", *common, "--rdzv-endpoint", endpoint, "--format", "jsonl"]
     # Files, not pipes: a node blocked on a full pipe nobody reads would stall the other in the all-reduce.
     nodes = []
@@ -264,11 +265,13 @@ def test_two_nodes_on_one_machine_train_together_as_two_ranks_do(capsys, tmp_pat
         records = [json.loads(line) for line in (tmp_path / f"{node}.out").read_text().splitlines()]
         (rank,) = {r["rank"] for r in records}
         by_rank[rank] = records
-    code, together, err = trace(capsys, str(FIXTURES / "ddp_long.py"), "--nproc", "2", "-n", "30", "--fast")
+    code = main(["trace", str(FIXTURES / target), "--nproc", "2", "-n", "12", "--fast", "--format", "jsonl"])
+    out, err = capfd.readouterr()
     assert code == 0, err
+    together = [json.loads(line) for line in out.splitlines()]
     for rank in (0, 1):
         losses = [r["loss"] for r in by_rank[rank] if r["stage"] == "loss"]
-        assert len(losses) == 30
+        assert len(losses) == 12
         assert losses == [r["loss"] for r in together if r["rank"] == rank and r["stage"] == "loss"]
     sums = [[r["metrics"]["param_checksum"] for r in by_rank[rank] if r["stage"] == "step"] for rank in (0, 1)]
     assert sums[0] == sums[1]  # one model across the two nodes
