@@ -282,11 +282,13 @@ def test_several_nodes_need_an_endpoint(capsys):
     assert "--nnodes > 1 needs --rdzv-endpoint HOST:PORT" in capsys.readouterr().err
 
 
-def test_the_app_says_how_to_train_across_machines_when_given_node_options(capsys):
+def test_the_app_on_several_nodes_needs_an_endpoint_and_a_shared_secret(capsys, monkeypatch):
+    monkeypatch.delenv("LOOPSCOPE_NODE_KEY", raising=False)
     assert main(["run", "spirals", "--nproc", "2", "--nnodes", "2", "--node-rank", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "--nnodes: the app steps the ranks of this machine only" in err
-    assert "loopscope trace TARGET --nproc N --nnodes M --node-rank R --rdzv-endpoint HOST:PORT" in err
+    assert "--nnodes > 1 needs --rdzv-endpoint HOST:PORT" in capsys.readouterr().err
+    endpoint = ["--rdzv-endpoint", "127.0.0.1:29500"]
+    assert main(["run", "spirals", "--nproc", "2", "--nnodes", "2", "--node-rank", "1", *endpoint]) == 2
+    assert "set LOOPSCOPE_NODE_KEY (any string) in each node's environment" in capsys.readouterr().err
 
 
 def test_a_users_ddp_script_computes_under_loopscope_bitwise_what_torchrun_computes(capfd, tmp_path, monkeypatch):

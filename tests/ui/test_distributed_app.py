@@ -124,3 +124,38 @@ async def test_a_users_ddp_script_steps_on_two_ranks_together_in_the_app():
         assert "own examples per rank" in ranks  # the script's DistributedSampler, seen in the fingerprints
         rows = [line.split() for line in ranks.splitlines() if line.split()[:1] in (["0"], ["1"])]
         assert len(rows) == 2 and all(row[3] != "-" for row in rows)  # each rank's local norm
+
+
+async def test_the_app_on_node_0_moves_the_ranks_of_another_node(monkeypatch, tmp_path):
+    """`run --nnodes 2`, two "nodes" on one machine: node 1's command starts its rank and no
+    screen; node 0's app moves both ranks, and when it quits node 1's command ends too."""
+    import subprocess
+    import sys
+
+    from loopscope.engine.distributed.launcher import free_port
+
+    monkeypatch.setenv("LOOPSCOPE_NODE_KEY", "a secret shared by the nodes")
+    endpoint = f"127.0.0.1:{free_port()}"
+    node = ["--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint]
+    with open(tmp_path / "node1.err", "w") as err:
+        node1 = subprocess.Popen(
+            [sys.executable, "-m", "loopscope", "run", "blobs", *node, "--node-rank", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        app = LoopscopeApp(SessionSpec("blobs", "cpu", nproc=1, nnodes=2, rdzv_endpoint=endpoint))
+        async with app.run_test(size=(140, 50)) as pilot:
+            await ready(pilot)
+            assert "2 ranks" in text_of(app, "#pipeline")
+            await pilot.press("n")
+            await wait_until(pilot, lambda: app.model.state.completed_iterations == 1, timeout=60)
+            await expect_text(pilot, "#ranks", "parameters equal")
+            rows = [line.split() for line in text_of(app, "#ranks").splitlines() if line.split()[:1] in (["0"], ["1"])]
+            assert [row[0] for row in rows] == ["0", "1"] and rows[0][-1] == rows[1][-1]  # one model, two nodes
+        assert node1.wait(timeout=30) == 0
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
+    assert "rank 1 follow node 0's app" in (tmp_path / "node1.err").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
@@ -138,22 +139,9 @@ def _trace_distributed(args: argparse.Namespace, note: str | None, script: bool 
     every rank's records, in rank order within each turn."""
     from loopscope.engine.distributed.compare import RankComparison
     from loopscope.engine.distributed.launcher import rank_group
-    from loopscope.engine.distributed.rank import RankSpec
 
-    host, port = _rendezvous(args)
-    spec = RankSpec(
-        target=args.target,
-        device=args.device,
-        seed=0 if args.seed is None else args.seed,
-        bugs=tuple(args.bug),
-        probe=not args.fast,
-        world_size=args.nproc * args.nnodes,
-        master_port=port,
-        master_addr=host,
-        first_rank=args.node_rank * args.nproc,
-        script=script,
-        script_args=tuple(getattr(args, "script_args", ())),
-    )
+    host, port = rendezvous(args)
+    spec = _rank_spec(args, host, port, script, probe=not args.fast)
     if note:
         sys.stderr.write(f"loopscope: {note}\n")
     where = f"node {args.node_rank} of {args.nnodes}, " if args.nnodes > 1 else ""
@@ -216,7 +204,44 @@ def _trace_distributed(args: argparse.Namespace, note: str | None, script: bool 
     return EXIT_STAGE_ERROR if (failure or halted) else EXIT_OK
 
 
-def _rendezvous(args: argparse.Namespace) -> tuple[str, int]:
+def _rank_spec(args: argparse.Namespace, host: str, port: int, script: bool, probe: bool) -> Any:
+    """The RankSpec of this node's ranks, from the command line."""
+    from loopscope.engine.distributed.rank import RankSpec
+
+    return RankSpec(
+        target=args.target,
+        device=args.device,
+        seed=0 if args.seed is None else args.seed,
+        bugs=tuple(args.bug),
+        probe=probe,
+        world_size=args.nproc * args.nnodes,
+        master_port=port,
+        master_addr=host,
+        first_rank=args.node_rank * args.nproc,
+        script=script,
+        script_args=tuple(getattr(args, "script_args", ())),
+    )
+
+
+def follow_node(args: argparse.Namespace, script: bool) -> int:
+    """`run --nnodes M --node-rank R` with R > 0: no screen here; this machine's ranks join node
+    0's app, which moves them with its own, until it ends the run."""
+    from loopscope.engine.distributed.launcher import follow
+
+    host, port = rendezvous(args)
+    spec = dataclasses.replace(_rank_spec(args, host, port, script, probe=True), coordinator=(host, port + 1))
+    first, last = spec.first_rank, spec.first_rank + args.nproc - 1
+    sys.stderr.write(
+        f"loopscope: node {args.node_rank} of {args.nnodes}: rank{'s' if last > first else ''} "
+        f"{first}{f'-{last}' if last > first else ''} follow node 0's app at {host}:{port + 1} "
+        "(ctrl+c stops them)\n"
+    )
+    code = follow(spec, args.nproc)
+    sys.stderr.write(f"loopscope: node {args.node_rank}: the ranks ended{'' if code == 0 else ' with an error'}\n")
+    return code
+
+
+def rendezvous(args: argparse.Namespace) -> tuple[str, int]:
     """Where the ranks meet: a free port here for one machine, --rdzv-endpoint for several."""
     from loopscope.engine.distributed.launcher import free_port
 

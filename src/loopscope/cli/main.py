@@ -163,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed(run_parser)
     _add_svg_dir(run_parser)
     _add_nproc(run_parser, "the panels show rank 0, the Ranks table every rank's numbers")
-    for option in _NODE_OPTIONS:  # trace's: taken here only to say so clearly (see _run_app)
-        run_parser.add_argument(option, default=None, help=argparse.SUPPRESS)
+    _add_nodes(
+        run_parser,
+        f"the app runs on node 0 and moves every node's ranks; the other nodes' commands only start "
+        f"their ranks; every node needs the same secret in {NODE_KEY_VARIABLE}",
+    )
     run_parser.add_argument(
         "--history",
         type=_non_negative_int,
@@ -197,26 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the full statistics (tensor stats, per-layer norms); losses and errors are still recorded",
     )
     _add_nproc(trace, "every record carries its rank")
-    trace.add_argument(
-        "--nnodes",
-        type=_positive_int,
-        default=1,
-        metavar="M",
-        help="machines taking part (default: 1); run the same command on each, with its --node-rank, "
-        "and --rdzv-endpoint naming node 0",
-    )
-    trace.add_argument(
-        "--node-rank",
-        type=_non_negative_int,
-        default=0,
-        metavar="R",
-        help="this machine's place among the --nnodes, from 0 (node 0 hosts the rendezvous)",
-    )
-    trace.add_argument(
-        "--rdzv-endpoint",
-        metavar="HOST:PORT",
-        help="where the ranks meet (torch.distributed's TCP store, hosted by node 0); needed with --nnodes > 1",
-    )
+    _add_nodes(trace, "each node writes its own ranks' records")
 
     scenarios = commands.add_parser(
         "scenarios",
@@ -461,27 +445,53 @@ def _add_nproc(parser: argparse.ArgumentParser, shown: str) -> None:
     )
 
 
-_NODE_OPTIONS = ("--nnodes", "--node-rank", "--rdzv-endpoint")
+NODE_KEY_VARIABLE = "LOOPSCOPE_NODE_KEY"  # engine.distributed.rank.NODE_KEY, named without importing torch
+
+
+def _add_nodes(parser: argparse.ArgumentParser, how: str) -> None:
+    parser.add_argument(
+        "--nnodes",
+        type=_positive_int,
+        default=1,
+        metavar="M",
+        help="machines taking part (default: 1); run the same command on each, with its --node-rank, "
+        f"and --rdzv-endpoint naming node 0; {how}",
+    )
+    parser.add_argument(
+        "--node-rank",
+        type=_non_negative_int,
+        default=0,
+        metavar="R",
+        help="this machine's place among the --nnodes, from 0 (node 0 hosts the rendezvous)",
+    )
+    parser.add_argument(
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        help="where the ranks meet (torch.distributed's TCP store, hosted by node 0); needed with --nnodes > 1",
+    )
 
 
 def _run_app(args: argparse.Namespace) -> int:
+    from loopscope.cli.headless import follow_node, rendezvous
     from loopscope.engine.experiment import check_target
     from loopscope.engine.script.target import is_script
     from loopscope.shared.protocol import SessionSpec
 
-    given = [option for option in _NODE_OPTIONS if getattr(args, option[2:].replace("-", "_")) is not None]
-    if given:
-        raise UserError(
-            f"{given[0]}: the app steps the ranks of this machine only (run --nproc N). To train across "
-            "machines, run `loopscope trace TARGET --nproc N --nnodes M --node-rank R --rdzv-endpoint "
-            "HOST:PORT` on each (README: Many processes)"
-        )
     script = is_script(args.target, args.script)
     if not script:
         check_target(args.target)
-    check_processes(args.nproc, args.twin)
+    check_processes(args.nproc * args.nnodes, args.twin)
     if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
         raise UserError(f"--device {args.device!r}: expected one of auto|cpu|cuda|cuda:N|mps")
+    if args.nnodes > 1:
+        rendezvous(args)  # the endpoint and node rank checked before anything starts
+        if not os.environ.get(NODE_KEY_VARIABLE):
+            raise UserError(
+                f"run --nnodes needs the same secret on every node: set {NODE_KEY_VARIABLE} (any string) "
+                "in each node's environment (node 0's app takes the other nodes' ranks only with it)"
+            )
+        if args.node_rank > 0:  # no screen here: node 0's app moves this node's ranks
+            return follow_node(args, script)
     from loopscope.ui.app import LoopscopeApp
 
     spec = SessionSpec(
@@ -496,6 +506,8 @@ def _run_app(args: argparse.Namespace) -> int:
         seed_given=args.seed is not None or not script,
         speed=args.speed,
         nproc=args.nproc,
+        nnodes=args.nnodes,
+        rdzv_endpoint=args.rdzv_endpoint,
     )
     app = LoopscopeApp(spec, svg_dir=args.svg_dir)
     # SIGTERM quits like `q`: Textual restores the terminal and the engine process is stopped.

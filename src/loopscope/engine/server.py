@@ -76,8 +76,8 @@ class EngineServer:
 
             spec = self.spec
             script = is_script(spec.target, spec.script)
-            check_processes(spec.nproc, spec.twin)
-            if spec.nproc > 1:
+            check_processes(spec.nproc * spec.nnodes, spec.twin)
+            if spec.nproc * spec.nnodes > 1:
                 self.stepper = self._distributed_driver(script)
             elif script:
                 self.stepper = self._script_driver()
@@ -117,18 +117,27 @@ class EngineServer:
         from loopscope.engine.distributed.rank import RankSpec
 
         spec = self.spec
+        host, port = "127.0.0.1", None
+        if spec.nnodes > 1 and spec.rdzv_endpoint:  # node 0 of several: its address, as every node was told
+            host, _, port_text = spec.rdzv_endpoint.rpartition(":")
+            host, port = host.strip("[]"), int(port_text)
         ranks = RankSpec(
             target=spec.target,
             device=spec.device,
             seed=spec.seed,
             bugs=spec.bugs,
             probe=True,
-            world_size=spec.nproc,
-            master_port=free_port(),
+            world_size=spec.nproc * spec.nnodes,
+            master_port=port or free_port(),
+            master_addr=host,
             script=script,
             script_args=tuple(spec.script_args),
         )
-        return DistributedDriver(ranks, on_event=self._collect)
+        remote = spec.nproc * (spec.nnodes - 1)  # the other nodes' ranks connect next to the store's port
+        listen = (host, ranks.master_port + 1) if remote else None
+        return DistributedDriver(
+            ranks, on_event=self._collect, local_ranks=spec.nproc, remote_ranks=remote, listen=listen
+        )
 
     def _state(self) -> EngineState:
         s = self.stepper

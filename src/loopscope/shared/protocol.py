@@ -45,6 +45,8 @@ class SessionSpec:
     seed_given: bool = True  # a script seeds itself: `seed` applies only when the user gave it
     speed: float | None = None  # iterations a second when running (one of RUN_SPEEDS); None: max
     nproc: int = 1  # ranks of DistributedDataParallel, each its own process (1: no torch.distributed)
+    nnodes: int = 1  # machines taking part; the app runs on node 0 and moves every node's ranks
+    rdzv_endpoint: str | None = None  # HOST:PORT of node 0 (torch.distributed's store), with nnodes > 1
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,9 @@ class EngineSession:
             # Daemonic unless it starts rank processes of its own, which a daemonic process may not;
             # either way it ends with the app (its lifeline), and `stop` kills it if it must.
             self._worker = ctx.Process(
-                target=run_engine, args=(engine_end, self.spec, self.log_path), daemon=self.spec.nproc <= 1
+                target=run_engine,
+                args=(engine_end, self.spec, self.log_path),
+                daemon=self.spec.nproc * self.spec.nnodes <= 1,
             )
             with _real_std_streams():
                 self._worker.start()

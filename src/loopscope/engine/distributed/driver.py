@@ -30,7 +30,12 @@ class DistributedDriver:
     """Drives N ranks of DDP as one loop (the engine server's Driver)."""
 
     def __init__(
-        self, spec: RankSpec, on_event: Callable[[StageEvent], None] | None = None, local_ranks: int | None = None
+        self,
+        spec: RankSpec,
+        on_event: Callable[[StageEvent], None] | None = None,
+        local_ranks: int | None = None,
+        remote_ranks: int = 0,
+        listen: tuple[str, int] | None = None,
     ) -> None:
         self.history = History()  # rank 0's loop
         self.on_event = on_event
@@ -38,7 +43,8 @@ class DistributedDriver:
         self.quiet = False  # unused: ranks make every event, the comparisons read every batch
         self.sync_cuda = False
         self.diagnostics = None  # each rank judges its own loop; the comparisons are the coordinator's
-        self.group = RankGroup(spec, spec.world_size if local_ranks is None else local_ranks)
+        local = spec.world_size - remote_ranks if local_ranks is None else local_ranks
+        self.group = RankGroup(spec, local, remote_ranks, listen)
         self.group.start()  # UserError when a rank cannot start
         self.world_size = spec.world_size
         self.comparison = RankComparison(self.group.world_size)

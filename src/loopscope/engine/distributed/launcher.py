@@ -13,7 +13,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopscope.engine.distributed.rank import RankSpec, RankState, rank_main
+from loopscope.engine.distributed.rank import RankSpec, RankState, node_key, rank_main
 from loopscope.shared.errors import UserError
 from loopscope.shared.events import StageEvent
 
@@ -43,10 +43,16 @@ class Turn:
 class RankGroup:
     """The rank processes of one run."""
 
-    def __init__(self, spec: RankSpec, local_ranks: int) -> None:
+    def __init__(
+        self, spec: RankSpec, local_ranks: int, remote_ranks: int = 0, listen: tuple[str, int] | None = None
+    ) -> None:
         self.spec = spec
-        self.world_size = local_ranks  # the ranks this machine runs (ranks first_rank, first_rank + 1, ...)
-        self._processes: list[Any] = []
+        # The ranks this group moves: this machine's (first_rank, first_rank + 1, ...), then, with
+        # `remote_ranks`, those of other nodes, which connect to `listen` (node 0's app).
+        self.world_size = local_ranks + remote_ranks
+        self.local_ranks, self.remote_ranks, self.listen = local_ranks, remote_ranks, listen
+        self._listener: Any = None
+        self._processes: list[Any] = []  # None for another node's rank
         self._conns: list[Any] = []
         self.failure: str | None = None
         self.died: str | None = None  # the first rank that died, when one did: the cause of any failure
@@ -55,7 +61,11 @@ class RankGroup:
 
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
-        for rank in range(self.world_size):
+        if self.remote_ranks:  # listening before any rank starts: the other nodes' ranks may come first
+            from multiprocessing.connection import Listener
+
+            self._listener = Listener(self.listen, authkey=node_key())
+        for rank in range(self.local_ranks):
             ours, theirs = ctx.Pipe()
             process = ctx.Process(
                 target=rank_main,
@@ -66,6 +76,8 @@ class RankGroup:
             theirs.close()
             self._processes.append(process)
             self._conns.append(ours)
+        if self.remote_ranks:
+            self._accept_remote_ranks()
         answers = self._gather(START_SECONDS)
         failed = [a[1] for a in answers if a is not None and a[0] == "failed"]
         if failed or self.failure:
@@ -73,6 +85,38 @@ class RankGroup:
             raise UserError(failed[0] if failed else str(self.failure))
         self.info = answers[0][1]
         self.states = [answer[2] for answer in answers]
+
+    def _accept_remote_ranks(self) -> None:
+        """The other nodes' ranks, connected in any order, placed by their global rank."""
+        import threading
+
+        remote: dict[int, Any] = {}
+
+        def accept() -> None:
+            with suppress(OSError, EOFError):
+                while len(remote) < self.remote_ranks:
+                    conn = self._listener.accept()  # authenticated by the shared key
+                    kind, rank = conn.recv()
+                    if kind == "hello" and self.local_ranks <= rank < self.world_size and rank not in remote:
+                        remote[rank] = conn
+                    else:
+                        conn.close()
+
+        waiter = threading.Thread(target=accept, daemon=True)
+        waiter.start()
+        waiter.join(START_SECONDS)
+        if len(remote) < self.remote_ranks:
+            self._listener.close()  # ends the wait for a node that never came
+            missing = sorted(set(range(self.local_ranks, self.world_size)) - set(remote))
+            host, port = self.listen or ("?", 0)
+            self.close()
+            raise UserError(
+                f"ranks {missing} (the other nodes) did not connect to {host}:{port} within "
+                f"{START_SECONDS} s: start the same command on each node, with its --node-rank"
+            )
+        for rank in sorted(remote):
+            self._conns.append(remote[rank])
+            self._processes.append(None)
 
     def turn(self, command: str | tuple[Any, ...]) -> Turn:
         """Every rank runs `command`: "stage", "iteration", "epoch" (or a tuple with
@@ -112,6 +156,12 @@ class RankGroup:
                         answers[rank] = conn.recv()
                 except (EOFError, OSError):
                     ready = False
+                    if process is None:  # another node's rank: its connection is all there is to see
+                        waiting.discard(rank)
+                        died = f"rank {rank} (another node) disconnected"
+                        self.died = self.died or died
+                        self.failure = self.failure or died
+                        continue
                     process.join(0.5)
                 if ready:
                     waiting.discard(rank)
@@ -120,7 +170,7 @@ class RankGroup:
                         kind == "failed" or (kind == "events" and answers[rank][2].halted is not None)
                     ) and grace_until is None:
                         grace_until = time.monotonic() + GRACE_SECONDS
-                elif not process.is_alive():
+                elif process is not None and not process.is_alive():
                     waiting.discard(rank)
                     died = f"rank {rank} died ({_exit_description(process.exitcode)})"
                     self.died = self.died or died
@@ -146,18 +196,27 @@ class RankGroup:
                 conn.send("stop")
         # Ranks left waiting in a collective for a failed one never read "stop": no point waiting.
         deadline = time.monotonic() + (0.5 if self.failure else 5.0)
-        for process in self._processes:
+        local = [process for process in self._processes if process is not None]
+        for process in local:
             process.join(max(0.0, deadline - time.monotonic()))
-        for process in self._processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(2.0)
-            if process.is_alive():
-                process.kill()
-                process.join(2.0)
+        for process in local:
+            _stop(process)
         for conn in self._conns:
             conn.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         self._processes, self._conns = [], []
+
+
+def _stop(process: Any) -> None:
+    """A rank process gone: terminated if still alive, killed if that was not enough."""
+    if process.is_alive():
+        process.terminate()
+        process.join(2.0)
+    if process.is_alive():
+        process.kill()
+        process.join(2.0)
 
 
 def _exit_description(code: int | None) -> str:
@@ -171,6 +230,27 @@ def _exit_description(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+def follow(spec: RankSpec, local_ranks: int) -> int:
+    """Another node of `run --nnodes`: start this machine's ranks, which node 0's app moves, and
+    wait for them to end. Returns 0, or 1 when a rank ended badly."""
+    ctx = multiprocessing.get_context("spawn")
+    processes = [
+        ctx.Process(
+            target=rank_main, args=(rank, spec, None, os.getpid()), name=f"loopscope-rank-{spec.first_rank + rank}"
+        )
+        for rank in range(local_ranks)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    finally:
+        for process in processes:
+            _stop(process)
+    return 0 if all(process.exitcode == 0 for process in processes) else 1
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from loopscope.shared.errors import UserError
 from loopscope.shared.lifeline import exit_when_orphaned
 
 COLLECTIVE_TIMEOUT_SECONDS = 120  # a backstop: the launcher stops ranks left waiting long before
+COORDINATOR_WAIT_SECONDS = 300  # another node's rank waits this long for node 0's app to listen
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,43 @@ class RankSpec:
     overrides: tuple[tuple[str, Any], ...] = ()
     script: bool = False  # target is a user's DDP script, run as torchrun runs it
     script_args: tuple[str, ...] = ()
+    # Where node 0's app takes the commands of other nodes' ranks (`run --nnodes`): a rank started
+    # without a pipe connects there instead.
+    coordinator: tuple[str, int] | None = None
+
+
+NODE_KEY = "LOOPSCOPE_NODE_KEY"  # the secret every node of one `run --nnodes` shares
+
+
+def node_key() -> bytes:
+    """The shared secret that authenticates other nodes' ranks to node 0's app (their commands
+    and answers are pickled: nobody else may connect)."""
+    key = os.environ.get(NODE_KEY, "")
+    if not key:
+        raise UserError(
+            f"run --nnodes needs the same secret on every node: set {NODE_KEY} (any string) in each "
+            "node's environment before starting loopscope"
+        )
+    return key.encode()
+
+
+def connect_to_coordinator(spec: RankSpec, rank: int) -> Any:
+    """A rank of another node: its connection to node 0's app (retried while node 0 starts)."""
+    import time
+    from multiprocessing.connection import Client
+
+    assert spec.coordinator is not None
+    deadline = time.monotonic() + COORDINATOR_WAIT_SECONDS
+    while True:
+        try:
+            conn = Client(spec.coordinator, authkey=node_key())
+            break
+        except (ConnectionRefusedError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    conn.send(("hello", rank))
+    return conn
 
 
 @dataclass(frozen=True)
@@ -73,6 +111,8 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
     """Entry point of a rank's process (spawned: torch is imported here, in the child)."""
     rank = spec.first_rank + local_rank
     exit_when_orphaned(parent_pid)  # a launcher killed outright must not leave ranks behind
+    if conn is None:  # a rank of another node: node 0's app moves it
+        conn = connect_to_coordinator(spec, rank)
     # What the user's code prints goes where the launcher's messages go, never into its output
     # (trace's records on stdout; the app's engine sends both to its log).
     sys.stdout.flush()
