@@ -35,7 +35,17 @@ def tmux_session():
         pytest.skip("tmux is not installed")
     name = f"loopscope-test-{os.getpid()}"
     subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
-    tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "bash --norc --noprofile")
+    for _ in range(10):
+        started = subprocess.run(
+            ["tmux", "new-session", "-d", "-s", name, "-x", "120", "-y", "40", "bash --norc --noprofile"],
+            capture_output=True,
+            text=True,
+        )
+        if started.returncode == 0:
+            break
+        time.sleep(0.5)  # the server whose last session was just killed may still be exiting
+    else:
+        raise AssertionError(f"tmux new-session failed: {started.stderr}")
     yield name
     subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
 
