@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from loopscope.cli.codes import EXIT_CLAIM_FAILED, EXIT_OK, EXIT_STAGE_ERROR
 from loopscope.cli.trace import TraceWriter
 from loopscope.shared.errors import UserError, check_processes
+from loopscope.shared.nodes import parse_endpoint
 
 if TYPE_CHECKING:
     from loopscope.engine.stepper import Stepper
@@ -254,10 +255,7 @@ def rendezvous(args: argparse.Namespace) -> tuple[str, int]:
                 "the same on every node"
             )
         return "127.0.0.1", free_port()
-    host, _, port = args.rdzv_endpoint.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--rdzv-endpoint must be HOST:PORT, got {args.rdzv_endpoint!r}")
-    return host.strip("[]"), int(port)
+    return parse_endpoint(args.rdzv_endpoint)
 
 
 def _write_trace(stepper: Any, args: argparse.Namespace, note: str | None) -> int:

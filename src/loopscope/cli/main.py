@@ -17,6 +17,7 @@ from loopscope.cli.headless import bugs_for_command, check_command, trace_comman
 from loopscope.shared.bugs import BUGS, BUGS_BY_ID, requirement_text, unknown_bug_message
 from loopscope.shared.catalog import DEFAULT_SCENARIO, SCENARIOS
 from loopscope.shared.errors import UserError, check_processes
+from loopscope.shared.nodes import NODE_KEY, node_key
 from loopscope.shared.protocol import DEFAULT_HISTORY, RUN_SPEEDS, TEACHING_SPEED
 from loopscope.shared.vocab import STAGE_DESCRIPTIONS
 
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nodes(
         run_parser,
         f"the app runs on node 0 and moves every node's ranks; the other nodes' commands only start "
-        f"their ranks; every node needs the same secret in {NODE_KEY_VARIABLE}",
+        f"their ranks; every node needs the same secret in {NODE_KEY}",
     )
     run_parser.add_argument(
         "--history",
@@ -445,9 +446,6 @@ def _add_nproc(parser: argparse.ArgumentParser, shown: str) -> None:
     )
 
 
-NODE_KEY_VARIABLE = "LOOPSCOPE_NODE_KEY"  # engine.distributed.rank.NODE_KEY, named without importing torch
-
-
 def _add_nodes(parser: argparse.ArgumentParser, how: str) -> None:
     parser.add_argument(
         "--nnodes",
@@ -484,12 +482,8 @@ def _run_app(args: argparse.Namespace) -> int:
     if args.device not in ("auto", "cpu") and not args.device.startswith(("cuda", "mps")):
         raise UserError(f"--device {args.device!r}: expected one of auto|cpu|cuda|cuda:N|mps")
     if args.nnodes > 1:
-        rendezvous(args)  # the endpoint and node rank checked before anything starts
-        if not os.environ.get(NODE_KEY_VARIABLE):
-            raise UserError(
-                f"run --nnodes needs the same secret on every node: set {NODE_KEY_VARIABLE} (any string) "
-                "in each node's environment (node 0's app takes the other nodes' ranks only with it)"
-            )
+        rendezvous(args)  # the endpoint, node rank and secret checked before anything starts
+        node_key()
         if args.node_rank > 0:  # no screen here: node 0's app moves this node's ranks
             return follow_node(args, script)
     from loopscope.ui.app import LoopscopeApp

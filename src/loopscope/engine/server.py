@@ -17,6 +17,7 @@ from loopscope.engine.probe_schedule import ProbeSchedule
 from loopscope.engine.recorder import QUIET_STAGES
 from loopscope.shared.errors import UserError, check_processes
 from loopscope.shared.history import loss_point
+from loopscope.shared.nodes import parse_endpoint
 from loopscope.shared.protocol import (
     FRAME_SECONDS,
     Checks,
@@ -119,8 +120,7 @@ class EngineServer:
         spec = self.spec
         host, port = "127.0.0.1", None
         if spec.nnodes > 1 and spec.rdzv_endpoint:  # node 0 of several: its address, as every node was told
-            host, _, port_text = spec.rdzv_endpoint.rpartition(":")
-            host, port = host.strip("[]"), int(port_text)
+            host, port = parse_endpoint(spec.rdzv_endpoint)
         ranks = RankSpec(
             target=spec.target,
             device=spec.device,

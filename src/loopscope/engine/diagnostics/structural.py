@@ -242,7 +242,7 @@ class StructuralChecks:
                     "Do not divide the loss by the world size: DDP's averaging is that division.",
                 ),
             )
-        if count and count > 1 and m.get("loss_divisor") == 1:
+        if count and count > 1 and divisor == 1:
             self.fire(
                 event.iteration,
                 Finding(

@@ -13,9 +13,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopscope.engine.distributed.rank import RankSpec, RankState, node_key, rank_main
+from loopscope.engine.distributed.rank import RankSpec, RankState, rank_main
 from loopscope.shared.errors import UserError
 from loopscope.shared.events import StageEvent
+from loopscope.shared.nodes import node_key
 
 START_SECONDS = 180  # importing torch and building the experiment, in every rank at once
 # Once one rank has failed, the others get this long to answer before they are stopped: they may

@@ -13,6 +13,7 @@ from typing import Any
 
 from loopscope.shared.errors import UserError
 from loopscope.shared.lifeline import exit_when_orphaned
+from loopscope.shared.nodes import node_key
 
 COLLECTIVE_TIMEOUT_SECONDS = 120  # a backstop: the launcher stops ranks left waiting long before
 COORDINATOR_WAIT_SECONDS = 300  # another node's rank waits this long for node 0's app to listen
@@ -40,21 +41,6 @@ class RankSpec:
     coordinator: tuple[str, int] | None = None
 
 
-NODE_KEY = "LOOPSCOPE_NODE_KEY"  # the secret every node of one `run --nnodes` shares
-
-
-def node_key() -> bytes:
-    """The shared secret that authenticates other nodes' ranks to node 0's app (their commands
-    and answers are pickled: nobody else may connect)."""
-    key = os.environ.get(NODE_KEY, "")
-    if not key:
-        raise UserError(
-            f"run --nnodes needs the same secret on every node: set {NODE_KEY} (any string) in each "
-            "node's environment before starting loopscope"
-        )
-    return key.encode()
-
-
 def connect_to_coordinator(spec: RankSpec, rank: int) -> Any:
     """A rank of another node: its connection to node 0's app (retried while node 0 starts)."""
     import time
@@ -66,7 +52,7 @@ def connect_to_coordinator(spec: RankSpec, rank: int) -> Any:
         try:
             conn = Client(spec.coordinator, authkey=node_key())
             break
-        except (ConnectionRefusedError, OSError):
+        except OSError:  # refused, or not reachable yet
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
