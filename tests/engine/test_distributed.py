@@ -194,6 +194,7 @@ def test_a_rank_killed_by_a_signal_is_reported(capsys, monkeypatch):
         ("loss_divided_by_world_size", "loss_divided_by_ranks", "ddp_accumulation.py"),  # K x N
         ("val_metrics_rank0_only", "ranks_disagree_on_validation", "ddp_long.py"),
         ("checkpoint_every_rank", "checkpoint_saved_by_every_rank", "ddp_long.py"),
+        ("batchnorm_not_synced", "batchnorm_statistics_per_rank", "ddp_long.py"),
     ],
 )
 def test_each_distributed_bug_is_named_within_200_iterations(capsys, bug, finding, fixture):
@@ -202,6 +203,16 @@ def test_each_distributed_bug_is_named_within_200_iterations(capsys, bug, findin
     named = [(r["iteration"], d) for r in records for d in r["diagnostics"] if d["id"] == finding]
     assert named and named[0][0] <= 200 and bug in named[0][1]["suspects"]
     assert f"[suspects: {bug}]" in err
+
+
+def test_sorted_unshuffled_data_under_ddp_gives_each_rank_its_share_in_label_order(capsys):
+    """A single-process bug under --nproc, as `DistributedSampler(sorted_set, shuffle=False)`:
+    (it used to stop every rank at start, its loader no longer the DDP one)."""
+    code, records, err = trace(capsys, "blobs", "--nproc", "2", "-n", "2", "--bug", "no_shuffle_sorted_data")
+    assert code == 0, err
+    loads = [r["metrics"] for r in records if r["stage"] == "load_batch"]
+    assert len(loads) == 4 and all(m["class_counts"] == {"0": 10} and not m["sampler_shuffles"] for m in loads)
+    assert len({m["batch_fingerprint"] for m in loads}) == 4  # each rank its own examples
 
 
 def test_the_loss_divided_by_the_world_size_halves_every_gradient_on_two_ranks(capsys):
@@ -326,6 +337,100 @@ def test_a_users_ddp_script_without_a_distributed_sampler_is_named(capsys):
     records = [json.loads(line) for line in out.splitlines()]
     named = [r["iteration"] for r in records for d in r["diagnostics"] if d["id"] == "ranks_same_batches"]
     assert named and named[0] <= 3
+
+
+def test_a_users_ddp_script_whose_batchnorm_is_not_synced_is_named(capsys):
+    script = str(FIXTURES / "ddp_script.py")
+    code = main(["trace", script, "--nproc", "2", "--format", "jsonl", "--", "--batchnorm"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    named = [
+        (r["iteration"], d) for r in records for d in r["diagnostics"] if d["id"] == "batchnorm_statistics_per_rank"
+    ]
+    assert named and named[0][0] == 1
+    assert (
+        "each rank normalized with the mean and variance of its own 16 examples instead of the 32"
+        in named[0][1]["message"]
+    )
+    # Without the layer nothing is said.
+    code, records, err = trace(capsys, script, "--nproc", "2")
+    assert code == 0 and not any(r["diagnostics"] for r in records)
+
+
+def _batchnorm_rank(rank: int, port: int, per_rank: bool, results: mp.Queue) -> None:
+    """One rank's half of a batch through --nproc's converted BatchNorm, with the gradients of a
+    loss that weighs every example differently (the statistics' own gradient then matters)."""
+    import torch
+    import torch.distributed as dist
+
+    from loopscope.engine.distributed.sync_batchnorm import convert_sync_batchnorm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    inputs, weights, layer = _batchnorm_case()
+    model = convert_sync_batchnorm(layer)
+    model[0].per_rank_statistics = per_rank
+    half = inputs[rank * 8 : (rank + 1) * 8].clone().requires_grad_()
+    (model(half) * weights[rank * 8 : (rank + 1) * 8]).sum().backward()
+    for parameter in model.parameters():  # summed as the loss of both halves together would be
+        dist.all_reduce(parameter.grad)
+    bn = model[0]
+    results.put((rank, type(bn).__name__, half.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+    dist.destroy_process_group()
+
+
+def _batchnorm_case():
+    import torch
+    from torch import nn
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(16, 3, 5, 5, generator=generator) * 3 + 1
+    weights = torch.arange(16.0).view(16, 1, 1, 1)
+    layer = nn.Sequential(nn.BatchNorm2d(3))
+    with torch.no_grad():
+        layer[0].weight.uniform_(0.5, 2, generator=generator)
+        layer[0].bias.uniform_(-1, 1, generator=generator)
+    return inputs, weights, layer
+
+
+@pytest.mark.parametrize("per_rank", [False, True], ids=["synced", "batchnorm_not_synced"])
+def test_sync_batchnorm_on_cpu_ranks_computes_what_one_process_computes_on_the_whole_batch(per_rank):
+    """Torch's SyncBatchNorm has no CPU kernels; --nproc's has: on 2 gloo ranks, each with half of a
+    batch, the same input gradients, parameter gradients and running statistics as one BatchNorm
+    over the whole batch. With the bug, each rank computes what a BatchNorm on its half alone does."""
+    import torch
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    ranks = [ctx.Process(target=_batchnorm_rank, args=(r, port, per_rank, results)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    try:
+        got = dict((rank, rest) for rank, *rest in (results.get(timeout=120) for _ in ranks))
+    finally:
+        for process in ranks:
+            process.join(30)
+    inputs, weights, layer = _batchnorm_case()
+    if not per_rank:
+        whole = inputs.clone().requires_grad_()
+        (layer(whole) * weights).sum().backward()
+        expected = {rank: whole.grad[rank * 8 : (rank + 1) * 8] for rank in (0, 1)}
+        grads = (layer[0].weight.grad, layer[0].bias.grad)
+        statistics = (layer[0].running_mean, layer[0].running_var)
+    for rank, (kind, input_grad, weight_grad, bias_grad, running_mean, running_var) in got.items():
+        assert kind == "RankSyncedBatchNorm"
+        if per_rank:  # a plain BatchNorm on this rank's half, bitwise
+            _, _, alone = _batchnorm_case()
+            half = inputs[rank * 8 : (rank + 1) * 8].clone().requires_grad_()
+            (alone(half) * weights[rank * 8 : (rank + 1) * 8]).sum().backward()
+            assert torch.equal(input_grad, half.grad)
+            assert torch.equal(running_mean, alone[0].running_mean)
+            continue
+        torch.testing.assert_close(input_grad, expected[rank])
+        torch.testing.assert_close((weight_grad, bias_grad), grads, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close((running_mean, running_var), statistics)
 
 
 def test_a_rank_of_a_users_ddp_script_that_raises_stops_every_rank(capsys):

@@ -159,3 +159,25 @@ async def test_the_app_on_node_0_moves_the_ranks_of_another_node(monkeypatch, tm
             node1.kill()
             node1.wait()
     assert "rank 1 follow node 0's app" in (tmp_path / "node1.err").read_text()
+
+
+async def test_batchnorm_synced_over_the_ranks_and_the_bug_that_leaves_it_per_rank():
+    """A model with BatchNorm on 2 ranks: the loop converts it to SyncBatchNorm (on CPU too), so
+    the ranks' statistics agree; switched on live, the bug strikes that line out and the ranks'
+    statistics part at the next forward, which a finding names."""
+    app = LoopscopeApp(SessionSpec(str(FIXTURES / "ddp_long.py"), "cpu", nproc=2))
+    async with app.run_test(size=(140, 60)) as pilot:
+        await ready(pilot)
+        convert = "model = nn.SyncBatchNorm.convert_sync_batchnorm(model)"
+        await expect_text(pilot, "#code", convert)
+        await pilot.press("n")
+        await wait_until(pilot, lambda: app.model.state.completed_iterations == 1, timeout=60)
+        await expect_text(pilot, "#ranks", "BatchNorm statistics shared")
+        app.toggle_bug("batchnorm_not_synced")
+        await wait_until(pilot, lambda: "batchnorm_not_synced" in app.model.state.active_bugs)
+        code = text_of(app, "#code").splitlines()
+        assert any(line.lstrip().startswith("-") and convert in line for line in code)
+        await pilot.press("n")
+        await wait_until(pilot, lambda: app.model.state.completed_iterations == 2, timeout=60)
+        await expect_text(pilot, "#ranks", "BatchNorm statistics per rank")
+        await expect_text(pilot, "#diagnostics", "BatchNorm running statistics differ")

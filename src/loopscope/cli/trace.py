@@ -75,7 +75,10 @@ def _describe(event: StageEvent) -> str:
     if stage == "forward":
         output = next((t for t in event.tensors if t.name == "output"), None)
         modules = sum(1 for t in event.tensors if t.module_type)
-        return (_tensor(output) if output else "") + (f"  ({modules} module outputs)" if modules else "")
+        text = (_tensor(output) if output else "") + (f"  ({modules} module outputs)" if modules else "")
+        if "batchnorm_checksum" in m:  # DDP: equal on every rank when BatchNorm syncs its statistics
+            text += f"  batchnorm stats crc {m['batchnorm_checksum']}"
+        return text
     if stage == "loss":
         shapes = " vs ".join(f"{t.name} {_shape(t)}" for t in event.tensors if t.name in ("output", "targets"))
         kind = ", rows sum to 1: probabilities, not logits" if m.get("loss_input") == "probabilities" else ""

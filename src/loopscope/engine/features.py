@@ -138,6 +138,10 @@ def experiment_info(
         "accumulation": exp.accumulation,
         "lr": exp.optimizer.param_groups[0].get("lr"),
         "distributed": isinstance(exp.model, nn.parallel.DistributedDataParallel),
+        # torch's, or --nproc's (which syncs on CPU too, and is no SyncBatchNorm to DDP's eyes)
+        "sync_batchnorm": any(
+            isinstance(m, nn.SyncBatchNorm) or hasattr(m, "per_rank_statistics") for m in exp.model.modules()
+        ),
     }
     return SessionInfo(
         name=exp.name,

@@ -13,6 +13,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from loopscope.engine.batches import split_batch
 from loopscope.shared.bugs import BUGS_BY_ID, requirement_text, unknown_bug_message
@@ -148,6 +149,12 @@ class BugInjector:
         # Takes effect when the next epoch creates its iterator, as a changed DataLoader would.
         self.experiment.train_loader = sorted_loader(self._clean_train_loader) if on else self._clean_train_loader
 
+    def _switch_batchnorm_not_synced(self, on: bool) -> None:
+        # The layers --nproc converted to SyncBatchNorm: each rank's own statistics again.
+        for module in self.experiment.model.modules():
+            if hasattr(module, "per_rank_statistics"):
+                module.per_rank_statistics = on
+
     def _switch_train_in_eval_mode(self, on: bool) -> None:
         if not on:
             self.experiment.model.train()
@@ -216,10 +223,21 @@ def sorted_loader(loader: Any) -> Any:
         _, target = split_batch(dataset[i])
         labels.append(float(torch.as_tensor(target).reshape(-1)[0]))
     order = sorted(range(len(labels)), key=lambda i: labels[i])
+    ordered = Subset(dataset, order)
+    sampler = None
+    if isinstance(loader.sampler, DistributedSampler):  # --nproc: each rank its share, in order
+        sampler = DistributedSampler(
+            ordered,
+            num_replicas=loader.sampler.num_replicas,
+            rank=loader.sampler.rank,
+            shuffle=False,
+            drop_last=loader.sampler.drop_last,
+        )
     return DataLoader(
-        Subset(dataset, order),
+        ordered,
         batch_size=loader.batch_size,
         shuffle=False,
+        sampler=sampler,
         drop_last=loader.drop_last,
         collate_fn=loader.collate_fn,
     )

@@ -410,6 +410,21 @@ BUGS: tuple[Bug, ...] = (
         requires=("distributed",),
     ),
     Bug(
+        "batchnorm_not_synced",
+        "BatchNorm not converted to SyncBatchNorm",
+        Stage.FORWARD,
+        "model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over every rank's batch",
+        "",
+        "Each rank normalizes with the mean and variance of its own share of the batch: noisier "
+        "statistics than the global batch's, and running averages that differ from rank to rank.",
+        "BatchNorm computes its statistics from the batch it is given, and under DDP that is one "
+        "rank's share; DDP averages the gradients, not the statistics, and overwrites the other ranks' "
+        "running averages with rank 0's at each forward.",
+        "Convert the model before wrapping it: model = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(model)); "
+        "its BatchNorm layers then all-reduce their statistics over the ranks.",
+        requires=("distributed", "batchnorm"),
+    ),
+    Bug(
         "loss_divided_by_world_size",
         "the loss divided by the world size under DDP",
         Stage.LOSS,

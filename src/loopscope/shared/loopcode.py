@@ -67,7 +67,12 @@ def loop_lines(options: Mapping[str, object], iteration_stages: Sequence[Stage])
     lines = [CodeLine("for epoch in range(epochs):"), CodeLine("  model.train()")]
     if distributed:
         lines.insert(1, CodeLine("  sampler.set_epoch(epoch)  # a new shuffle each epoch"))
-        lines[:0] = [CodeLine(text) for text in _DDP_SETUP]
+        setup = list(_DDP_SETUP)
+        if options.get("sync_batchnorm"):
+            setup.insert(
+                1, "model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over every rank's batch"
+            )
+        lines[:0] = [CodeLine(text) for text in setup]
     if amp == "fp16":
         lines.insert(0, CodeLine("scaler = torch.amp.GradScaler()"))
     if isinstance(accumulation, int) and accumulation > 1:

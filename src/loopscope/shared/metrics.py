@@ -55,6 +55,9 @@ class ZeroGradMetrics(TypedDict, total=False):
 class ForwardMetrics(TypedDict, total=False):
     model_training: bool  # forward: model.training; validate: any module still in training mode
     output_requires_grad: bool
+    # --nproc: CRC-32 of the BatchNorm layers' running statistics after a training forward (equal on
+    # every rank when they normalize with the statistics of the whole batch: SyncBatchNorm)
+    batchnorm_checksum: str
 
 
 class LossMetrics(TypedDict, total=False):

@@ -29,6 +29,7 @@ class RankComparison:
         self._same_streak = 0
         self._starts: dict[int, dict[int, list[str]]] = defaultdict(dict)  # rank -> epoch -> fingerprints
         self._communicating: dict[tuple[int | None, int], int] = {}  # (rank, iteration) -> backwards that all-reduced
+        self._batch_sizes: dict[int, int] = {}  # rank -> examples in its latest batch
 
     def annotate(self, events: list[StageEvent]) -> list[StageEvent]:
         """The events, each with the findings comparing the ranks raised at it added."""
@@ -49,6 +50,8 @@ class RankComparison:
         for (iteration, _, stage), group in by_stage.items():
             if stage == Stage.LOAD_BATCH:
                 found += self._batches(iteration, group)
+            elif stage == Stage.FORWARD:
+                found += self._batchnorm(iteration, group)
             elif stage == Stage.STEP:
                 found += self._checksums(iteration, group)
             elif stage == Stage.BACKWARD:
@@ -88,6 +91,8 @@ class RankComparison:
             self._same_streak = 0
         for event in group:
             found += self._epoch_order(event)
+            if event.rank is not None and "batch_size" in event.metrics:
+                self._batch_sizes[event.rank] = event.metrics["batch_size"]
         return found
 
     def _epoch_order(self, event: StageEvent) -> list[tuple[StageEvent, Finding]]:
@@ -137,6 +142,29 @@ class RankComparison:
             found.append((event, finding))
         self._communicating = {k: v for k, v in self._communicating.items() if k[1] >= iteration}
         return found
+
+    def _batchnorm(self, iteration: int, group: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
+        """DDP hands every rank rank 0's running statistics before a forward; after it they still
+        agree only if every rank normalized with the same (the whole batch's) statistics."""
+        sums = [e.metrics.get("batchnorm_checksum") for e in group]
+        if len(group) < 2 or None in sums or len(set(sums)) == 1:
+            return []
+        per_rank = ", ".join(f"rank {e.rank}: {checksum}" for e, checksum in zip(group, sums))
+        sizes = {self._batch_sizes.get(e.rank) for e in group if e.rank is not None}
+        size = sizes.pop() if len(sizes) == 1 else None
+        examples = (
+            f"its own {size} examples instead of the {size * len(group)} of every rank's batch together"
+            if size
+            else "its own share of the batch instead of the whole batch"
+        )
+        finding = _finding(
+            "batchnorm_statistics_per_rank",
+            "warning",
+            f"after forward at iteration {iteration} the ranks' BatchNorm running statistics differ "
+            f"({per_rank}): each rank normalized with the mean and variance of {examples}",
+            "batchnorm_not_synced",
+        )
+        return [(group[0], finding)]
 
     def _checksums(self, iteration: int, group: list[StageEvent]) -> list[tuple[StageEvent, Finding]]:
         sums = [e.metrics.get("param_checksum") for e in group]

@@ -117,6 +117,7 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
     from loopscope.engine.distributed.wrap import (
         EpochSampledLoader,
         LocalGradNorms,
+        add_batchnorm_checksum,
         batch_fingerprint,
         distribute,
         parameter_checksum,
@@ -143,9 +144,9 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
         experiment = distribute(experiment, rank, spec.world_size, spec.seed, device)
         local_norms = LocalGradNorms()
         local_norms.install(experiment.model)
-        stepper = Stepper(experiment, device, probe=spec.probe, sync_cuda=False, bugs=spec.bugs)
-        loader = experiment.train_loader
+        loader = experiment.train_loader  # before a bug that replaces it (no_shuffle_sorted_data) is on
         assert isinstance(loader, EpochSampledLoader)
+        stepper = Stepper(experiment, device, probe=spec.probe, sync_cuda=False, bugs=spec.bugs)
         loader.bug_on = stepper.injector.__contains__
     except BaseException as exc:  # told to the launcher in one line; nothing to step
         conn.send(("failed", f"rank {rank}: {type(exc).__name__}: {exc}"))
@@ -158,7 +159,11 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
             return
         if event.stage == Stage.LOAD_BATCH:
             event.metrics["batch_fingerprint"] = batch_fingerprint(stepper.body.values.clean_inputs)
-            event.metrics["sampler_shuffles"] = bool(getattr(loader.sampler, "shuffle", False))
+            # The loader now read: a bug may have replaced it with one that does not shuffle.
+            sampler = getattr(experiment.train_loader, "sampler", None)
+            event.metrics["sampler_shuffles"] = bool(getattr(sampler, "shuffle", False))
+        elif event.stage == Stage.FORWARD:
+            add_batchnorm_checksum(event, experiment.model)
         elif event.stage == Stage.BACKWARD:
             local, all_reduces, seconds = local_norms.take()
             if local is not None:
@@ -221,7 +226,12 @@ def _script_rank_main(rank: int, local_rank: int, spec: RankSpec, conn: Any) -> 
     from torch.nn.parallel import DistributedDataParallel
 
     from loopscope.engine.batches import split_batch
-    from loopscope.engine.distributed.wrap import LocalGradNorms, batch_fingerprint, parameter_checksum
+    from loopscope.engine.distributed.wrap import (
+        LocalGradNorms,
+        add_batchnorm_checksum,
+        batch_fingerprint,
+        parameter_checksum,
+    )
     from loopscope.engine.script.driver import ScriptDriver
     from loopscope.engine.script.main_thread import lend_main_thread
     from loopscope.shared.vocab import Stage
@@ -250,7 +260,9 @@ def _script_rank_main(rank: int, local_rank: int, spec: RankSpec, conn: Any) -> 
         if event.stage == Stage.LOAD_BATCH and driver.last_batch is not None:
             with suppress(TypeError):
                 event.metrics["batch_fingerprint"] = batch_fingerprint(split_batch(driver.last_batch)[0])
-        elif event.stage == Stage.FORWARD and not hooked:
+        elif event.stage == Stage.FORWARD and driver.models:
+            add_batchnorm_checksum(event, driver.models[0])
+        if event.stage == Stage.FORWARD and not hooked:
             # The script's DDP model exists from its first forward; its first backward is still to come.
             model = next((m for m in driver.models if isinstance(m, DistributedDataParallel)), None)
             hooked.append(model is not None)
@@ -259,13 +271,13 @@ def _script_rank_main(rank: int, local_rank: int, spec: RankSpec, conn: Any) -> 
                     local_norms.install(model)
                 except RuntimeError:  # the script registered a communication hook of its own: it keeps it
                     hooked[0] = False
-        elif event.stage == Stage.BACKWARD and hooked and hooked[0]:
+        if event.stage == Stage.BACKWARD and hooked and hooked[0]:
             local, all_reduces, seconds = local_norms.take()
             if local is not None:
                 event.metrics["local_grad_norm"] = local
             event.metrics["all_reduces"] = all_reduces
             event.metrics["comm_ms"] = seconds * 1000.0
-        elif event.stage == Stage.STEP and driver.models:
+        if event.stage == Stage.STEP and driver.models:
             event.metrics["param_checksum"] = parameter_checksum(driver.models[0])
 
     driver.on_event = add_rank_metrics

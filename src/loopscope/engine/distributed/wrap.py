@@ -1,6 +1,7 @@
 """What factory mode does to an experiment for DDP, as a hand-written DDP loop does it: the model
-wrapped in DistributedDataParallel, the training loader drawing from a DistributedSampler that is
-told the epoch (`set_epoch`) before each pass, the validation set split between the ranks."""
+wrapped in DistributedDataParallel (its BatchNorm layers converted to SyncBatchNorm first), the
+training loader drawing from a DistributedSampler that is told the epoch (`set_epoch`) before each
+pass, the validation set split between the ranks."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from typing import Any
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 from torch.utils.data.distributed import DistributedSampler
 
+from loopscope.engine.distributed.sync_batchnorm import convert_sync_batchnorm
 from loopscope.engine.experiment import Experiment
 from loopscope.engine.probes import flatten_tensors
 from loopscope.shared.errors import UserError
@@ -85,7 +88,8 @@ def distribute(experiment: Experiment, rank: int, world_size: int, seed: int, de
     experiment.train_loader = EpochSampledLoader(loader, sampler)
     if isinstance(experiment.val_loader, DataLoader) and experiment.val_loader.batch_size is not None:
         experiment.val_loader = ShardedValidation(experiment.val_loader, rank, world_size)
-    model = experiment.model.to(device)
+    # As a DDP tutorial does for a model with BatchNorm: statistics over the ranks' batches together.
+    model = convert_sync_batchnorm(experiment.model.to(device))
     experiment.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return experiment
 
@@ -144,6 +148,22 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     for parameter in model.parameters():
         crc = zlib.crc32(_bytes(parameter), crc)
     return f"{crc:08x}"
+
+
+def add_batchnorm_checksum(event: Any, model: torch.nn.Module) -> None:
+    """A training forward's CRC-32 of every BatchNorm layer's running statistics, when the model
+    has any: equal on every rank exactly when each normalized with the same statistics (DDP
+    broadcast rank 0's before the forward)."""
+    crc, found = 0, False
+    for module in model.modules():
+        if not (isinstance(module, _BatchNorm) and module.training and module.track_running_stats):
+            continue
+        for statistics in (module.running_mean, module.running_var):
+            if isinstance(statistics, torch.Tensor):
+                found = True
+                crc = zlib.crc32(_bytes(statistics), crc)
+    if found:
+        event.metrics["batchnorm_checksum"] = f"{crc:08x}"
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:

@@ -102,4 +102,13 @@ def _verdict(model: ScreenModel) -> Text:
         text.append("parameters equal", style="green")
     elif len(sums) > 1:
         text.append("parameters DIFFER", style="bold red")
+    norms = {
+        (e.iteration, e.metrics.get("batchnorm_checksum"))
+        for r in model.ranks
+        if (e := model.ranks[r].get("forward")) is not None and "batchnorm_checksum" in e.metrics
+    }
+    if len(norms) == 1 and len(model.ranks) > 1:
+        text.append("\nBatchNorm statistics shared", style="green")
+    elif len(norms) > 1 and len({iteration for iteration, _ in norms}) == 1:  # one forward, other statistics
+        text.append("\nBatchNorm statistics per rank", style="bold yellow")
     return text
