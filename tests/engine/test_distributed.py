@@ -472,3 +472,19 @@ def test_each_ranks_own_findings_close_the_trace_with_the_ranks_that_raised_them
     assert code == 0, err
     assert {r["rank"] for r in records for d in r["diagnostics"] if d["id"] == "stale_gradients"} == {0, 1}
     assert "loopscope: error at iteration 2 on ranks 0, 1: " in err and "[suspects: skip_zero_grad]" in err
+
+
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+    reason="needs two GPUs: NCCL runs one rank per device",
+)
+def test_two_ranks_on_two_gpus_train_with_nccl_and_torchs_own_sync_batchnorm(capsys):
+    code, records, err = trace(capsys, "digits", "--device", "cuda", "--nproc", "2", "-n", "20")
+    assert code == 0, err
+    assert {r["device"] for r in records} == {"cuda:0", "cuda:1"}
+    assert "parameters bitwise equal on every rank after every step" in err
+    forwards: dict[int, set] = {}
+    for r in records:
+        if r["stage"] == "forward":
+            forwards.setdefault(r["iteration"], set()).add(r["metrics"]["batchnorm_checksum"])
+    assert len(forwards) == 20 and all(len(sums) == 1 for sums in forwards.values())

@@ -224,7 +224,7 @@ def sorted_loader(loader: Any) -> Any:
         labels.append(float(torch.as_tensor(target).reshape(-1)[0]))
     order = sorted(range(len(labels)), key=lambda i: labels[i])
     ordered = Subset(dataset, order)
-    sampler = None
+    sampler: DistributedSampler[Any] | None = None
     if isinstance(loader.sampler, DistributedSampler):  # --nproc: each rank its share, in order
         sampler = DistributedSampler(
             ordered,

@@ -129,7 +129,13 @@ def rank_main(local_rank: int, spec: RankSpec, conn: Any, parent_pid: int) -> No
     try:
         device = resolve_device(spec.device)
         if device.type == "cuda":
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus:  # NCCL refuses two ranks on one device, at their first collective
+                raise UserError(
+                    f"no GPU of its own (NCCL runs one rank per device, and this machine has {gpus}): "
+                    f"use --nproc {gpus} or fewer on CUDA, or --device cpu (gloo)"
+                )
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
