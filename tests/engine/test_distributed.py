@@ -488,3 +488,13 @@ def test_two_ranks_on_two_gpus_train_with_nccl_and_torchs_own_sync_batchnorm(cap
         if r["stage"] == "forward":
             forwards.setdefault(r["iteration"], set()).add(r["metrics"]["batchnorm_checksum"])
     assert len(forwards) == 20 and all(len(sums) == 1 for sums in forwards.values())
+
+
+def test_a_correct_model_with_batchnorm_a_gru_and_frozen_and_shared_layers_raises_nothing_on_two_ranks(capsys):
+    """Each rank validates after 3 of its 9 iterations (half the single-process run's): an
+    untrained model is at chance by right there, which once made `validation_at_chance` fire."""
+    code, records, err = trace(capsys, str(FIXTURES / "dict_rnn_experiment.py"), "--nproc", "2", "--fast")
+    assert code == 0, err
+    assert max(r["iteration"] for r in records) == 9
+    assert not [d for r in records for d in r["diagnostics"] if d["severity"] in ("warning", "error")]
+    assert "parameters bitwise equal on every rank after every step" in err

@@ -24,6 +24,9 @@ ACTIVATION_RMS = 10.0  # AUTOTRAINER / UMLAUT: mean |layer output| >= 10
 # AUTOTRAINER starts judging symptoms after 30% of training; here: after a fixed warm-up, long
 # enough that a slow but healthy start (blobs with some seeds) is not called a stall.
 WARMUP_ITERATIONS = 150
+# Validation accuracy is judged from this many iterations on: before them an untrained model is at
+# chance by right (a small dataset split over ranks validates after a handful of steps).
+CHANCE_MIN_ITERATIONS = 30
 STALLED_FRACTION = 0.97  # the last 50 losses average at least 97% of the first 20
 DIVERGING_FACTOR = 1.5  # ... or half as much again: the loss is going the wrong way
 RATIO_WINDOW = 20  # steps over which the update/weight ratio's median is judged

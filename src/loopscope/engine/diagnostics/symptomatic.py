@@ -15,6 +15,7 @@ from typing import Any
 from loopscope.engine.diagnostics.context import DiagnosticContext
 from loopscope.engine.diagnostics.findings import (
     ACTIVATION_RMS,
+    CHANCE_MIN_ITERATIONS,
     CONVERGED_FRACTION,
     DEAD_RELU_FRACTION,
     DIVERGING_FACTOR,
@@ -477,7 +478,7 @@ class SymptomChecks:
     def chance_accuracy(self, event: StageEvent) -> None:
         self._validations.append(dict(event.metrics))
         accuracies = [v["val_accuracy"] for v in self._validations if v.get("val_accuracy") is not None]
-        if len(accuracies) < 2:
+        if len(accuracies) < 2 or event.iteration < CHANCE_MIN_ITERATIONS:
             return
         # One output column is a binary model: chance is 50%, not 100%.
         binary = self.context.loss_kind.startswith("bce") or self.context.task == Task.BINARY
