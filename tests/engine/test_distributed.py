@@ -234,6 +234,7 @@ def test_a_clean_run_of_1000_iterations_raises_nothing_on_any_rank(capsys):
     raised = {d["id"] for r in records for d in r["diagnostics"] if d["severity"] in ("warning", "error")}
     assert raised == set()
     assert "parameters bitwise equal on every rank after every step" in err
+    assert "BatchNorm statistics bitwise equal on every rank after every forward" in err  # SyncBatchNorm
     # Each rank validated its half of the 128 examples; the sums, all-reduced, are the whole set's.
     validations: dict[int, list] = {}
     for r in records:
@@ -355,29 +356,35 @@ def test_a_users_ddp_script_whose_batchnorm_is_not_synced_is_named(capsys):
     )
     # Without the layer nothing is said.
     code, records, err = trace(capsys, script, "--nproc", "2")
-    assert code == 0 and not any(r["diagnostics"] for r in records)
+    assert code == 0, err
+    assert not [d for r in records for d in r["diagnostics"] if d["severity"] in ("warning", "error")]
 
 
 def _batchnorm_rank(rank: int, port: int, per_rank: bool, results: mp.Queue) -> None:
     """One rank's half of a batch through --nproc's converted BatchNorm, with the gradients of a
     loss that weighs every example differently (the statistics' own gradient then matters)."""
+    import traceback
+
     import torch
     import torch.distributed as dist
 
     from loopscope.engine.distributed.sync_batchnorm import convert_sync_batchnorm
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    inputs, weights, layer = _batchnorm_case()
-    model = convert_sync_batchnorm(layer)
-    model[0].per_rank_statistics = per_rank
-    half = inputs[rank * 8 : (rank + 1) * 8].clone().requires_grad_()
-    (model(half) * weights[rank * 8 : (rank + 1) * 8]).sum().backward()
-    for parameter in model.parameters():  # summed as the loss of both halves together would be
-        dist.all_reduce(parameter.grad)
-    bn = model[0]
-    results.put((rank, type(bn).__name__, half.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
-    dist.destroy_process_group()
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        inputs, weights, layer = _batchnorm_case()
+        model = convert_sync_batchnorm(layer)
+        model[0].per_rank_statistics = per_rank
+        half = inputs[rank * 8 : (rank + 1) * 8].clone().requires_grad_()
+        (model(half) * weights[rank * 8 : (rank + 1) * 8]).sum().backward()
+        for parameter in model.parameters():  # summed as the loss of both halves together would be
+            dist.all_reduce(parameter.grad)
+        bn = model[0]
+        results.put((rank, type(bn).__name__, half.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+        dist.destroy_process_group()
+    except BaseException:  # told to the test, which would otherwise wait for a result
+        results.put((rank, "failed", traceback.format_exc(), None, None, None, None))
 
 
 def _batchnorm_case():
@@ -420,7 +427,7 @@ def test_sync_batchnorm_on_cpu_ranks_computes_what_one_process_computes_on_the_w
         grads = (layer[0].weight.grad, layer[0].bias.grad)
         statistics = (layer[0].running_mean, layer[0].running_var)
     for rank, (kind, input_grad, weight_grad, bias_grad, running_mean, running_var) in got.items():
-        assert kind == "RankSyncedBatchNorm"
+        assert kind == "RankSyncedBatchNorm", f"rank {rank}: {input_grad}"
         if per_rank:  # a plain BatchNorm on this rank's half, bitwise
             _, _, alone = _batchnorm_case()
             half = inputs[rank * 8 : (rank + 1) * 8].clone().requires_grad_()

@@ -194,6 +194,8 @@ def _trace_distributed(args: argparse.Namespace, note: str | None, script: bool 
     if "ranks_diverged" not in comparison.raised and done and args.nproc > 1:
         on = "this node's ranks" if args.nnodes > 1 else "every rank"
         sys.stderr.write(f"loopscope: parameters bitwise equal on {on} after every step\n")
+        if comparison.batchnorm_compared and "batchnorm_statistics_per_rank" not in comparison.raised:
+            sys.stderr.write(f"loopscope: BatchNorm statistics bitwise equal on {on} after every forward\n")
     if failure:  # first: a rank that died is why the others' collectives failed
         sys.stderr.write(f"loopscope: {failure}\n")
     if halted is not None and halted.error is not None:

@@ -30,6 +30,7 @@ class RankComparison:
         self._starts: dict[int, dict[int, list[str]]] = defaultdict(dict)  # rank -> epoch -> fingerprints
         self._communicating: dict[tuple[int | None, int], int] = {}  # (rank, iteration) -> backwards that all-reduced
         self._batch_sizes: dict[int, int] = {}  # rank -> examples in its latest batch
+        self.batchnorm_compared = False  # some forward's BatchNorm statistics were compared across ranks
 
     def annotate(self, events: list[StageEvent]) -> list[StageEvent]:
         """The events, each with the findings comparing the ranks raised at it added."""
@@ -147,7 +148,10 @@ class RankComparison:
         """DDP hands every rank rank 0's running statistics before a forward; after it they still
         agree only if every rank normalized with the same (the whole batch's) statistics."""
         sums = [e.metrics.get("batchnorm_checksum") for e in group]
-        if len(group) < 2 or None in sums or len(set(sums)) == 1:
+        if len(group) < 2 or None in sums:
+            return []
+        self.batchnorm_compared = True
+        if len(set(sums)) == 1:
             return []
         per_rank = ", ".join(f"rank {e.rank}: {checksum}" for e, checksum in zip(group, sums))
         sizes = {self._batch_sizes.get(e.rank) for e in group if e.rank is not None}
