@@ -53,7 +53,7 @@ def no_rank_left_behind():
 
 
 def trace(capsys, *args: str) -> tuple[int, list[dict], str]:
-    code = main(["trace", *args, "--format", "jsonl"])
+    code = main(["trace", "--format", "jsonl", *args])  # before the target: a script's own arguments follow `--`
     out, err = capsys.readouterr()
     return code, [json.loads(line) for line in out.splitlines()], err
 
@@ -331,21 +331,16 @@ def test_a_users_ddp_script_computes_under_loopscope_bitwise_what_torchrun_compu
 
 
 def test_a_users_ddp_script_without_a_distributed_sampler_is_named(capsys):
-    script = str(FIXTURES / "ddp_script.py")
-    code = main(["trace", script, "--nproc", "2", "--format", "jsonl", "--", "--no-sampler"])
-    out, err = capsys.readouterr()
+    code, records, err = trace(capsys, str(FIXTURES / "ddp_script.py"), "--nproc", "2", "--", "--no-sampler")
     assert code == 0, err
-    records = [json.loads(line) for line in out.splitlines()]
     named = [r["iteration"] for r in records for d in r["diagnostics"] if d["id"] == "ranks_same_batches"]
     assert named and named[0] <= 3
 
 
 def test_a_users_ddp_script_whose_batchnorm_is_not_synced_is_named(capsys):
     script = str(FIXTURES / "ddp_script.py")
-    code = main(["trace", script, "--nproc", "2", "--format", "jsonl", "--", "--batchnorm"])
-    out, err = capsys.readouterr()
+    code, records, err = trace(capsys, script, "--nproc", "2", "--", "--batchnorm")
     assert code == 0, err
-    records = [json.loads(line) for line in out.splitlines()]
     named = [
         (r["iteration"], d) for r in records for d in r["diagnostics"] if d["id"] == "batchnorm_statistics_per_rank"
     ]
@@ -441,11 +436,9 @@ def test_sync_batchnorm_on_cpu_ranks_computes_what_one_process_computes_on_the_w
 
 
 def test_a_rank_of_a_users_ddp_script_that_raises_stops_every_rank(capsys):
-    script = str(FIXTURES / "ddp_script.py")
-    code = main(["trace", script, "--nproc", "2", "--format", "jsonl", "--", "--fail"])
-    out, err = capsys.readouterr()
+    code, records, err = trace(capsys, str(FIXTURES / "ddp_script.py"), "--nproc", "2", "--", "--fail")
     assert code == 1
-    errors = [r for r in map(json.loads, out.splitlines()) if r["error"] is not None]
+    errors = [r for r in records if r["error"] is not None]
     assert [(r["rank"], r["stage"], r["iteration"]) for r in errors] == [(1, "forward", 3)]
     assert "rank 0 stopped: waiting in a collective for a rank that failed" in err
 

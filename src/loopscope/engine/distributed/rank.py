@@ -266,24 +266,25 @@ def _script_rank_main(rank: int, local_rank: int, spec: RankSpec, conn: Any) -> 
         if event.stage == Stage.LOAD_BATCH and driver.last_batch is not None:
             with suppress(TypeError):
                 event.metrics["batch_fingerprint"] = batch_fingerprint(split_batch(driver.last_batch)[0])
-        elif event.stage == Stage.FORWARD and driver.models:
-            add_batchnorm_checksum(event, driver.models[0])
-        if event.stage == Stage.FORWARD and not hooked:
-            # The script's DDP model exists from its first forward; its first backward is still to come.
-            model = next((m for m in driver.models if isinstance(m, DistributedDataParallel)), None)
-            hooked.append(model is not None)
-            if model is not None:
-                try:
-                    local_norms.install(model)
-                except RuntimeError:  # the script registered a communication hook of its own: it keeps it
-                    hooked[0] = False
-        if event.stage == Stage.BACKWARD and hooked and hooked[0]:
+        elif event.stage == Stage.FORWARD:
+            if driver.models:
+                add_batchnorm_checksum(event, driver.models[0])
+            if not hooked:
+                # The script's DDP model exists from its first forward; its first backward is still to come.
+                model = next((m for m in driver.models if isinstance(m, DistributedDataParallel)), None)
+                hooked.append(model is not None)
+                if model is not None:
+                    try:
+                        local_norms.install(model)
+                    except RuntimeError:  # the script registered a communication hook of its own: it keeps it
+                        hooked[0] = False
+        elif event.stage == Stage.BACKWARD and hooked and hooked[0]:
             local, all_reduces, seconds = local_norms.take()
             if local is not None:
                 event.metrics["local_grad_norm"] = local
             event.metrics["all_reduces"] = all_reduces
             event.metrics["comm_ms"] = seconds * 1000.0
-        if event.stage == Stage.STEP and driver.models:
+        elif event.stage == Stage.STEP and driver.models:
             event.metrics["param_checksum"] = parameter_checksum(driver.models[0])
 
     driver.on_event = add_rank_metrics

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -96,10 +96,7 @@ def distribute(experiment: Experiment, rank: int, world_size: int, seed: int, de
 
 def batch_fingerprint(inputs: Any) -> str:
     """CRC-32 of a batch's input tensors: equal on two ranks when they hold the same examples."""
-    crc = 0
-    for _, tensor in flatten_tensors("inputs", inputs):
-        crc = zlib.crc32(_bytes(tensor), crc)
-    return f"{crc:08x}"
+    return _crc32(tensor for _, tensor in flatten_tensors("inputs", inputs))
 
 
 class LocalGradNorms:
@@ -144,26 +141,30 @@ class LocalGradNorms:
 def parameter_checksum(model: torch.nn.Module) -> str:
     """CRC-32 of every parameter's bytes, in order: equal on two ranks exactly when their
     parameters are bitwise equal (up to a 1 in 4e9 collision)."""
-    crc = 0
-    for parameter in model.parameters():
-        crc = zlib.crc32(_bytes(parameter), crc)
-    return f"{crc:08x}"
+    return _crc32(model.parameters())
 
 
 def add_batchnorm_checksum(event: Any, model: torch.nn.Module) -> None:
     """A training forward's CRC-32 of every BatchNorm layer's running statistics, when the model
     has any: equal on every rank exactly when each normalized with the same statistics (DDP
     broadcast rank 0's before the forward)."""
-    crc, found = 0, False
-    for module in model.modules():
-        if not (isinstance(module, _BatchNorm) and module.training and module.track_running_stats):
-            continue
-        for statistics in (module.running_mean, module.running_var):
-            if isinstance(statistics, torch.Tensor):
-                found = True
-                crc = zlib.crc32(_bytes(statistics), crc)
-    if found:
-        event.metrics["batchnorm_checksum"] = f"{crc:08x}"
+    statistics = [
+        tensor
+        for module in model.modules()
+        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats
+        for tensor in (module.running_mean, module.running_var)
+        if isinstance(tensor, torch.Tensor)
+    ]
+    if statistics:
+        event.metrics["batchnorm_checksum"] = _crc32(statistics)
+
+
+def _crc32(tensors: Iterable[torch.Tensor]) -> str:
+    """CRC-32 of the tensors' bytes, in order, as 8 hex digits."""
+    crc = 0
+    for tensor in tensors:
+        crc = zlib.crc32(_bytes(tensor), crc)
+    return f"{crc:08x}"
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
