@@ -313,7 +313,14 @@ def test_a_users_ddp_script_computes_under_loopscope_bitwise_what_torchrun_compu
     script = str(FIXTURES / "ddp_script.py")
     env = {**os.environ, "LOSSES_TO": str(tmp_path / "torchrun"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script]
-    subprocess.run(command, env=env, check=True, timeout=300, capture_output=True)
+    for attempt in range(3):
+        # torch's gloo teardown (not loopscope, not the script) has been seen to abort a torchrun
+        # worker with SIGABRT after its training ended (once in CI, under load; 0 in 60 runs here):
+        # the reference run is retried then, any other failure fails the test.
+        reference = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
+        if reference.returncode == 0 or "SIGABRT" not in reference.stderr or attempt == 2:
+            break
+    assert reference.returncode == 0, reference.stderr
     expected = {rank: json.loads((tmp_path / f"torchrun.{rank}").read_text()) for rank in (0, 1)}
     monkeypatch.setenv("LOSSES_TO", str(tmp_path / "loopscope"))
     code = main(["trace", script, "--nproc", "2", "--format", "jsonl"])
