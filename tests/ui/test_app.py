@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 import re
 import time
 
@@ -543,3 +544,33 @@ async def test_a_scripts_prints_show_in_the_output_panel_as_python_prints_them()
         await expect_text(pilot, "#status", "the script finished")
         expected = plain.stdout.splitlines()  # every loss to 10 decimals, the early stop included
         await wait_until(pilot, lambda: [line for line in output.lines if line] == expected)
+
+
+async def test_while_running_the_loss_plot_redraws_at_most_every_plot_seconds_and_catches_up_on_stop(monkeypatch):
+    """The plot is the costliest thing to draw: while a run goes on it redraws at most every
+    PLOT_SECONDS (CPU the engine would rather have); once the run stops it shows the last loss at once.
+    A lower bound on the spacing holds however loaded the machine: load only spaces frames further."""
+    from loopscope.shared.protocol import PLOT_SECONDS
+    from loopscope.ui.plot import LossPlot
+
+    plots = []  # (when, running, the last iteration drawn)
+    show = LossPlot.show
+
+    def recorded_show(self, model):
+        running = bool(model.state and model.state.running)
+        # When: the frame's own clock (its start), so the time the other panels took does not count.
+        plots.append((self.app._last_plot, running, max(model.loss.means()[0], default=0)))
+        return show(self, model)
+
+    monkeypatch.setattr(LossPlot, "show", recorded_show)
+    app = make_app("loopscope.scenarios.bench_models:mlp_experiment")  # long enough to run for seconds
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("r")
+        await wait_until(pilot, lambda: sum(running for _, running, _ in plots) >= 6)
+        await press_and_wait(pilot, "r", lambda: not state(app).running)
+        await wait_until(pilot, lambda: plots[-1][1:] == (False, state(app).completed_iterations))
+    while_running = [(when, x) for when, running, x in plots if running]
+    gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(while_running)]
+    assert min(gaps) >= PLOT_SECONDS, gaps
+    assert [x for _, x in while_running] == sorted(x for _, x in while_running)  # and it follows the run

@@ -11,13 +11,17 @@ from loopscope.shared.events import CheckResult, StageError, StageEvent
 from loopscope.shared.vocab import PictureKind, Stage, StepKind, Task
 
 # While training runs, the screen's counters move at 10 frames a second and the detail panels
-# (tensors, gradients, plot) at 5: a person cannot read numbers that change faster, and every
+# (tensors, gradients) at 5, the plot at 2.5: a person cannot read numbers that change faster, and every
 # wake-up of the UI process takes a core from the engine's threads. Measured with `loopscope bench`
 # on 2 cores: 20 frames a second cost ~5% of throughput against 10; so, oddly, did 5 (one clock at
 # 0.2 s: 0.90x against 0.94x over five runs each). The engine probes in full no more often than
 # the panels show.
 FRAME_SECONDS = 0.1
 DETAIL_SECONDS = 0.2
+# The loss plot, the costliest thing on screen (a plotext build, ~5 ms), follows a run at half the
+# panels' rate: the UI process then takes 0.067-0.071 of a core instead of 0.090-0.109 (the bench's
+# mlp running in the app, 2 cores, four runs each).
+PLOT_SECONDS = 0.4
 
 DEFAULT_HISTORY = 200  # iterations that `b` can step back through
 
