@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from loopscope.engine import plan
 from loopscope.engine.batches import own_loss, primary_output, split_batch, target_key, to_device
-from loopscope.engine.recorder import StageRecord, warning_lines
+from loopscope.engine.recorder import PlainLoss, StageRecord, plain_loss_record, warning_lines
 from loopscope.engine.stages import IterationValues, LoopBody
 from loopscope.shared.vocab import Stage
 
@@ -35,7 +35,7 @@ class FastPath:
         experiment = body.experiment
         self.stage = Stage.LOAD_BATCH
         self.warned: dict[Stage, list[str]] = {}  # the warnings each stage raised
-        self.loss_record: StageRecord | None = None  # the loss's, once the loss stage has run
+        self.loss_note: PlainLoss | None = None  # the loss's figures, once the loss stage has run
         self.iterations = 0  # run here so far
         self._values: IterationValues | None = None  # reused from one fast iteration to the next
         # Decided once: none of these change while the experiment runs.
@@ -70,7 +70,7 @@ class FastPath:
         self.iterations += 1
         if self.warned:
             self.warned = {}
-        self.loss_record = None
+        self.loss_note = None
         stage = Stage.LOAD_BATCH  # a local: kept in `self.stage` only when something raises
         try:
             kind = type(batch)
@@ -114,8 +114,9 @@ class FastPath:
                     loss = own_loss(raw) if loss_fn is None else loss_fn(output, targets)
             if not isinstance(loss, torch.Tensor):
                 raise TypeError(f"the loss function returned {type(loss).__name__}, not a tensor")
-            self.loss_record = record = StageRecord()
-            body.note_loss(record, loss)
+            value, summed_over = body.loss_value(loss)
+            body.state.running_loss = float(body.state.running_loss) + value  # the loop's epoch report
+            self.loss_note = (value, loss.shape, summed_over)
             if caught:
                 self._note_warnings(stage, caught)
             stage = Stage.BACKWARD
@@ -142,7 +143,8 @@ class FastPath:
 
     def warned_record(self, stage: Stage) -> StageRecord:
         """The record of a stage that warned, as the stage body would have filled it unprobed."""
-        record = self.loss_record if stage == Stage.LOSS and self.loss_record is not None else StageRecord()
+        note = self.loss_note
+        record = plain_loss_record(note) if stage == Stage.LOSS and note is not None else StageRecord()
         metrics = record.metrics
         if stage == Stage.FORWARD:
             metrics["model_training"] = self._training

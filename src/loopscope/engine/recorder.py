@@ -55,6 +55,24 @@ class StageRecord:
     twin_loss: float | None = None
 
 
+# A plain iteration's loss, held: (value, shape, the examples a summed loss adds up or None).
+PlainLoss = tuple[float, torch.Size, int | None]
+
+
+def plain_loss_record(note: PlainLoss) -> StageRecord:
+    """The loss stage's record of a plain iteration, as `LoopBody.note_loss` fills it."""
+    value, shape, summed_over = note
+    return StageRecord(loss=value, metrics=_plain_loss_metrics(shape, summed_over))
+
+
+def _plain_loss_metrics(shape: torch.Size, summed_over: int | None) -> StageMetrics:
+    metrics = cast(StageMetrics, {"loss_shape": list(shape)})
+    if summed_over is not None:
+        metrics["loss_summed_over"] = summed_over
+    metrics["running_loss_holds_graph"] = False  # no bug on: the running loss is a float
+    return metrics
+
+
 class EventRecorder:
     """Turns stage records into StageEvents and hands them on."""
 
@@ -72,7 +90,7 @@ class EventRecorder:
         self.diagnostics = diagnostics
         self.on_event = on_event
         self.sync_cuda = sync_cuda and device.type == "cuda"  # stepping: true per-stage durations
-        self._held: list[tuple[Stage, StageRecord, int, int, tuple[str, ...], float]] = []  # see hold()
+        self._held: list[tuple[Stage, StageRecord | PlainLoss, int, int, tuple[str, ...], float]] = []  # see hold()
 
     def elapsed_ms(self, start: float) -> float:
         """Milliseconds since `start`, the GPU's queued work included when stepping."""
@@ -91,13 +109,32 @@ class EventRecorder:
         if len(held) >= HELD_AT_MOST:
             self.catch_up()
 
-    def catch_up(self) -> list[StageEvent]:
-        """Emit the held events, in order; returns them."""
+    def hold_plain_loss(self, note: PlainLoss, iteration: int, epoch: int, duration_ms: float) -> None:
+        """`hold` for the loss of a plain iteration (no bug on), as its bare figures: its record is
+        built at `catch_up`, in a batch (issue 17: ~5 us an iteration of a 0.45 ms MLP's step)."""
+        held = self._held
+        held.append((Stage.LOSS, note, iteration, epoch, (), duration_ms))
+        if len(held) >= HELD_AT_MOST:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Emit the held events, in order."""
         held, self._held = self._held, []
-        return [
-            self.emit(stage, record, iteration=iteration, epoch=epoch, bugs=bugs, duration_ms=duration_ms)
-            for stage, record, iteration, epoch, bugs, duration_ms in held
-        ]
+        device, hand_on = self._device_name, self._hand_on
+        for stage, record, iteration, epoch, bugs, duration_ms in held:
+            if isinstance(record, tuple):  # a plain iteration's loss: its event straight from the figures
+                value, shape, summed_over = record
+                metrics = _plain_loss_metrics(shape, summed_over)
+                if self._on_cuda:
+                    self._note_cuda_memory(metrics)
+                # Positional: a fifth cheaper than by keyword, at thousands of events a second.
+                hand_on(
+                    StageEvent(
+                        iteration, epoch, stage, bugs, (), value, None, (), metrics, (), None, duration_ms, device
+                    )
+                )
+            else:
+                self.emit(stage, record, iteration=iteration, epoch=epoch, bugs=bugs, duration_ms=duration_ms)
 
     def emit(
         self,
@@ -114,24 +151,32 @@ class EventRecorder:
         if self._held:  # in order: what was held comes first
             self.catch_up()
         if self._on_cuda:
-            record.metrics["cuda_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
-            record.metrics["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        event = StageEvent(
-            iteration=iteration,
-            epoch=epoch,
-            stage=stage,
-            tensors=tuple(record.tensors),
-            loss=record.loss,
-            grad_norm=record.grad_norm,
-            layers=tuple(record.layers),
-            metrics=record.metrics,  # the record is the stage's own: no copy needed
-            error=error,
-            duration_ms=duration_ms,
-            device=self._device_name,
-            bugs=bugs,
-            twin_loss=record.twin_loss,
-            code_line=code_line,
+            self._note_cuda_memory(record.metrics)
+        return self._hand_on(
+            StageEvent(
+                iteration=iteration,
+                epoch=epoch,
+                stage=stage,
+                tensors=tuple(record.tensors),
+                loss=record.loss,
+                grad_norm=record.grad_norm,
+                layers=tuple(record.layers),
+                metrics=record.metrics,  # the record is the stage's own: no copy needed
+                error=error,
+                duration_ms=duration_ms,
+                device=self._device_name,
+                bugs=bugs,
+                twin_loss=record.twin_loss,
+                code_line=code_line,
+            )
         )
+
+    def _note_cuda_memory(self, metrics: StageMetrics) -> None:
+        metrics["cuda_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
+        metrics["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+
+    def _hand_on(self, event: StageEvent) -> StageEvent:
+        """To the diagnostics (which may add findings), the history and `on_event`."""
         if self.diagnostics is not None:
             findings = self.diagnostics.observe(event)
             if findings:

@@ -285,21 +285,14 @@ class LoopBody(EpochEndStages):
         """What every loss event carries (the value, its shape, how it is reduced and divided), and
         the loop's own use of it: the running loss of its epoch report."""
         values, state, metrics = self.values, self.state, record.metrics
-        scalar = loss.numel() == 1
-        # One host sync per iteration: the loss is always shown and always checked for NaN.
-        if scalar:
-            value = record.loss = float(loss.item())
-        else:  # a loss left unreduced (a bug, or the user's choice): its mean is what is shown
-            value = record.loss = loss.detach().float().mean().item() if loss.numel() else math.nan
+        value, summed_over = self.loss_value(loss)
+        record.loss = value
         metrics["loss_shape"] = list(loss.shape)
         accumulation = self.experiment.accumulation
         if accumulation > 1:
             self._note_micro_batch(record)
-        if scalar:
-            targets = values.targets
-            examples = int(targets.shape[0]) if type(targets) is torch.Tensor and targets.dim() else batch_size(targets)
-            if examples >= 2 and self._reduction_of_training_loss() == "sum":
-                metrics["loss_summed_over"] = examples  # the plot shows it per example, as validation
+        if summed_over is not None:
+            metrics["loss_summed_over"] = summed_over  # the plot shows it per example, as validation
         if accumulation > 1 or self.world_size > 1:
             # The gradients of K micro-batches add up: divided by K, they are those of their mean.
             divisor = 1 if "accumulation_not_divided" in self.injector else accumulation
@@ -316,6 +309,18 @@ class LoopBody(EpochEndStages):
             state.running_loss = float(state.running_loss) + value
         running = state.running_loss
         metrics["running_loss_holds_graph"] = isinstance(running, torch.Tensor) and running.grad_fn is not None
+
+    def loss_value(self, loss: torch.Tensor) -> tuple[float, int | None]:
+        """(the loss shown, the examples it adds up when its reduction is a sum, else None)."""
+        # One host sync per iteration: the loss is always shown and always checked for NaN.
+        if loss.numel() != 1:  # a loss left unreduced (a bug, or the user's choice): its mean is what is shown
+            return (loss.detach().float().mean().item() if loss.numel() else math.nan), None
+        value = float(loss.item())
+        targets = self.values.targets
+        examples = int(targets.shape[0]) if type(targets) is torch.Tensor and targets.dim() else batch_size(targets)
+        if examples >= 2 and self._reduction_of_training_loss() == "sum":
+            return value, examples
+        return value, None
 
     def _reduction_of_training_loss(self) -> str:
         """ "sum" when the loss adds up its examples (stated, or measured once on this batch)."""

@@ -57,6 +57,11 @@ class FindingLog:
         self.raised: list[Finding] = []  # by the event being judged now
         self._last_fired: dict[str, int] = {}
 
+    def due(self, finding_id: str, iteration: int) -> bool:
+        """Whether a finding with this id raised at `iteration` would be reported (see fire)."""
+        last = self._last_fired.get(finding_id)
+        return last is None or iteration - last >= REFIRE_AFTER
+
     def fire(self, iteration: int, finding: Finding) -> None:
         last = self._last_fired.get(finding.id)
         if last is not None and iteration - last < REFIRE_AFTER:
