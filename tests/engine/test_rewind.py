@@ -214,3 +214,38 @@ def test_an_exact_replay_says_nothing():
     assert stepper.rewind() and stepper.rewind_warning is None
     stepper.run(3)
     assert not [f for e in stepper.history.recent() for f in e.diagnostics if f.id == "rewind_inexact"]
+
+
+def run_quietly(stepper: Stepper, until: int) -> None:
+    """Unprobed whole iterations, as the app runs them (the fast path where no bug is on)."""
+    stepper.quiet, stepper.probe = True, False
+    with stepper.recording_warnings():
+        while stepper.completed_iterations < until:
+            stepper.run_iteration()
+    stepper.catch_up()
+
+
+def test_a_fast_run_passes_boundaries_without_the_rewinder_and_stepping_back_across_them_is_exact():
+    stepper = Stepper(load_experiment("blobs", 0), keep_snapshots=40)
+    stepper.rewinder.BUDGET = 1e-9  # snapshots far apart: a step back replays across many boundaries
+    takes: list[int] = []
+    take = stepper.rewinder.take
+    stepper.rewinder.take = lambda s, seconds, gap=None: (takes.append(s.completed_iterations), take(s, seconds, gap))
+    run_quietly(stepper, 5)
+    stepper.set_bug("lr_too_high", True)
+    run_quietly(stepper, 10)  # iterations 6-10 with the bug on: not the fast path
+    stepper.set_bug("lr_too_high", False)
+    run_quietly(stepper, 30)  # the fast path again
+    first_time = losses_of(stepper, 1)
+    assert len(takes) < 20, "the fast path should pass most boundaries without the rewinder"
+    for _ in range(20):
+        assert stepper.rewind()
+    # Back at 10: the bugs are those iteration 11 began with, as a snapshot there would hold.
+    assert stepper.completed_iterations == 10 and stepper.active_bugs == ()
+    assert stepper.rewinder.mismatch is None
+    assert stepper.rewind() and stepper.rewind()  # at 8, the bug was on
+    assert stepper.active_bugs == ("lr_too_high",)
+    run_quietly(stepper, 10)
+    stepper.set_bug("lr_too_high", False)
+    run_quietly(stepper, 30)
+    assert losses_of(stepper, 1) == first_time

@@ -9,6 +9,7 @@ of its own, so its losses and parameters are bitwise those of the plain loop (th
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -94,6 +95,10 @@ class Stepper(DriverBase):
         self.rewind_warning: str | None = None  # the last step back's replay gave other numbers
         self._caught = None
         self._block_seconds = 0.0  # training time since the last iteration boundary
+        # Boundaries the fast path passed without the rewinder (see _pass_quietly): how many, the
+        # last, the training time up to it, and when the last fast iteration ended.
+        self._lane, self._lane_last, self._lane_seconds = 0, 0, 0.0
+        self._quiet_end = -math.inf
         self._queues: dict[tuple[str, ...], list[Stage]] = {}  # see _iteration_queue
 
     def _diagnostics(self) -> Diagnostics:
@@ -301,8 +306,19 @@ class Stepper(DriverBase):
             return None
         if state.batches_this_epoch == 0 and plan.epoch_scheduler_first(self.experiment, self.injector):
             return None
-        self.rewinder.take(self, self._take_block_seconds())
+        fast = self.fast_path
+        fast_now = fast.applies()
         start = time.perf_counter()
+        done = state.completed_iterations
+        if fast_now and done < self.rewinder.quiet_until and start - self._quiet_end < Rewinder.WAIT_SECONDS:
+            # A boundary the rewinder would only count: told later, in one call (_pass_quietly).
+            self._lane += 1
+            self._lane_last = done
+            self._lane_seconds += self._block_seconds
+            self._block_seconds = 0.0
+        else:
+            self._take()
+            start = time.perf_counter()
         while True:
             try:
                 batch = self._next_batch()  # opening the epoch's iterator where `for batch in loader:` would
@@ -320,8 +336,7 @@ class Stepper(DriverBase):
                 return []
             if plan.epoch_scheduler_first(self.experiment, self.injector):
                 return None  # the new epoch starts with the scheduler: the stage-by-stage path runs it
-        fast = self.fast_path
-        if fast.applies():
+        if fast_now:
             state.iteration += 1
             state.batches_this_epoch += 1
             state.micro_batch = 1
@@ -339,7 +354,8 @@ class Stepper(DriverBase):
             note = fast.loss_note
             if fast.warned or note is None:
                 return self._fast_events(start, None)
-            seconds = time.perf_counter() - start
+            self._quiet_end = end = time.perf_counter()
+            seconds = end - start
             self._block_seconds += seconds
             self.recorder.hold_plain_loss(note, state.iteration, state.epoch, seconds * 1000.0)
             return []
@@ -438,6 +454,7 @@ class Stepper(DriverBase):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pass_quietly()  # the boundaries passed so far are the rewinder's before they are left
         exp = self.experiment
         self.switch_bugs(state["bugs"])  # first: switching a bug changes the model and optimizer
         self.model.load_state_dict(state["model"])
@@ -462,6 +479,7 @@ class Stepper(DriverBase):
         Afterwards `rewound_events` are the training stages of the iteration the loop is back at
         the end of, with full statistics where they can be had, for the panels to show."""
         self.recorder.catch_up()  # the history must hold every loss before it is rewritten
+        self._pass_quietly()  # and the rewinder every boundary
         events = self.rewinder.step_back(self)
         if events is None:
             return False
@@ -485,7 +503,7 @@ class Stepper(DriverBase):
     def _start_block(self) -> StageEvent | None:
         state = self.state
         if state.prefetched is None:
-            self.rewinder.take(self, self._take_block_seconds())
+            self._take()
         while True:
             start, batch, failure = self._take_batch()
             if failure is not None:
@@ -556,10 +574,21 @@ class Stepper(DriverBase):
         state.micro_batch += 1
         return self._run(Stage.LOAD_BATCH, batch=batch, start=start)
 
-    def _take_block_seconds(self) -> float:
-        """Seconds the stages since the last boundary took (training, not waiting for a person)."""
+    def _take(self) -> None:
+        """The rewinder's turn at a boundary, after the seconds the stages since the last one took
+        (training, not waiting for a person); told first of the boundaries passed quietly."""
+        gap = self._pass_quietly()
         seconds, self._block_seconds = self._block_seconds, 0.0
-        return seconds
+        self.rewinder.take(self, seconds, gap)
+
+    def _pass_quietly(self) -> float | None:
+        """Hand the rewinder the boundaries the fast path passed without it (Rewinder.quiet_until).
+        Returns the time since the last fast iteration ended; None where none were passed."""
+        if not self._lane:
+            return None
+        self.rewinder.passed_quietly(self._lane, self._lane_last, self._lane_seconds)
+        self._lane, self._lane_seconds = 0, 0.0
+        return time.perf_counter() - self._quiet_end
 
     def _take_batch(self) -> tuple[float, Any, BaseException | None]:
         """(start time, batch or _END, exception); uses a batch fetched early by `run_epoch`."""
@@ -580,7 +609,7 @@ class Stepper(DriverBase):
         nothing in the order of random draws.
         """
         if self.state.prefetched is None:
-            self.rewinder.take(self, self._take_block_seconds())
+            self._take()
             start, batch, failure = self._take_batch()
             self.state.prefetched = (time.perf_counter() - start, batch, failure)
         return self.state.prefetched[1] is _END
