@@ -23,8 +23,10 @@ from loopscope.engine.recorder import PlainLoss, StageRecord, plain_loss_record,
 from loopscope.engine.stages import IterationValues, LoopBody
 from loopscope.shared.vocab import Stage
 
-_PLAIN = (Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD, Stage.STEP)
-_PLAIN_CLIPPED = (Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS, Stage.BACKWARD, Stage.CLIP_GRAD, Stage.STEP)
+_LOAD_BATCH, _ZERO_GRAD, _FORWARD, _LOSS = Stage.LOAD_BATCH, Stage.ZERO_GRAD, Stage.FORWARD, Stage.LOSS
+_BACKWARD, _CLIP_GRAD, _STEP = Stage.BACKWARD, Stage.CLIP_GRAD, Stage.STEP
+_PLAIN = (_ZERO_GRAD, _FORWARD, _LOSS, _BACKWARD, _STEP)
+_PLAIN_CLIPPED = (_ZERO_GRAD, _FORWARD, _LOSS, _BACKWARD, _CLIP_GRAD, _STEP)
 
 
 class FastPath:
@@ -38,7 +40,8 @@ class FastPath:
         self.loss_note: PlainLoss | None = None  # the loss's figures, once the loss stage has run
         self.iterations = 0  # run here so far
         self._values: IterationValues | None = None  # reused from one fast iteration to the next
-        # Decided once: none of these change while the experiment runs.
+        # Decided once: none of these change while the experiment runs. An iteration runs here where
+        # this holds, the body is quiet, no bug is on and no twin runs (Stepper._quiet_iteration).
         self.possible = (
             experiment.accumulation == 1
             and body.scaler is None
@@ -46,24 +49,20 @@ class FastPath:
             and tuple(plan.iteration_queue(experiment, _NO_BUGS)[1:]) in (_PLAIN, _PLAIN_CLIPPED)
         )
 
-    def applies(self) -> bool:
-        """Whether the next iteration can run here: running unprobed, nothing on that changes the loop."""
-        body = self.body
-        return self.possible and body.quiet and not body.injector.active and body.twin is None
-
     @property
     def stages(self) -> tuple[Stage, ...]:
         return _PLAIN if self.body.experiment.clip_grad_norm is None else _PLAIN_CLIPPED
 
     def run(self, batch: Any, caught: list[warnings.WarningMessage]) -> None:
         """One iteration after its batch was taken. An exception leaves `stage` at the stage that
-        raised it; the warnings are kept per stage in `warned`, the loss's record in `loss_record`.
+        raised it; the warnings are kept per stage in `warned`, the loss's figures in `loss_note`.
 
         Each line is one the stage bodies run too, minus what they do only for bugs or probes; the
-        common shapes (a tensor batch, a tensor output) skip the general helpers' dispatch, which
-        run between a small model's stages costs several times what it costs alone."""
+        common shapes (a tensor batch, a tensor output) skip the general helpers' dispatch. Between
+        a small model's torch calls each Python step costs several times what it costs alone (the
+        interpreter's caches are cold again): stages are module constants, not Enum lookups, and
+        each object is read once (issue 17)."""
         body = self.body
-        experiment, device = body.experiment, body.device
         values = body.values
         if values is not self._values:  # fresh after a stage-by-stage iteration; then the fast path's own
             values = body.values = self._values = IterationValues()
@@ -71,7 +70,8 @@ class FastPath:
         if self.warned:
             self.warned = {}
         self.loss_note = None
-        stage = Stage.LOAD_BATCH  # a local: kept in `self.stage` only when something raises
+        experiment = body.experiment
+        stage = _LOAD_BATCH  # a local: kept in `self.stage` only when something raises
         try:
             kind = type(batch)
             if (kind is list or kind is tuple) and len(batch) == 2:  # what a DataLoader of pairs gives
@@ -80,20 +80,22 @@ class FastPath:
             else:
                 inputs, targets = split_batch(batch)
                 values.target_key = target_key(batch)
+            device = body.device
             inputs = inputs.to(device) if type(inputs) is torch.Tensor else to_device(inputs, device)
             targets = targets.to(device) if type(targets) is torch.Tensor else to_device(targets, device)
             values.clean_inputs = values.inputs = inputs
             values.clean_targets = values.targets = targets
-            if body.state.batches_this_epoch == 1:
-                body.state.running_loss = 0.0  # the loop's per-epoch report starts afresh
+            state = body.state
+            if state.batches_this_epoch == 1:
+                state.running_loss = 0.0  # the loop's per-epoch report starts afresh
             if caught:
                 self._note_warnings(stage, caught)
-            stage = Stage.ZERO_GRAD
+            stage = _ZERO_GRAD
             optimizer = experiment.optimizer
             optimizer.zero_grad()
             if caught:
                 self._note_warnings(stage, caught)
-            stage = Stage.FORWARD
+            stage = _FORWARD
             model = body.model
             self._training = model.training
             loss_fn, amp = experiment.loss_fn, experiment.amp
@@ -106,7 +108,7 @@ class FastPath:
                     output = body._output_of(raw)
             if caught:
                 self._note_warnings(stage, caught)
-            stage = Stage.LOSS
+            stage = _LOSS
             if amp is None:
                 loss = own_loss(raw) if loss_fn is None else loss_fn(output, targets)
             else:
@@ -114,22 +116,32 @@ class FastPath:
                     loss = own_loss(raw) if loss_fn is None else loss_fn(output, targets)
             if not isinstance(loss, torch.Tensor):
                 raise TypeError(f"the loss function returned {type(loss).__name__}, not a tensor")
-            value, summed_over = body.loss_value(loss)
-            body.state.running_loss = float(body.state.running_loss) + value  # the loop's epoch report
+            known = body.training_reduction
+            if (  # the common case, a scalar loss known not to be a sum: LoopBody.loss_value's answer, inline
+                known is not None
+                and known[2] != "sum"
+                and known[0] is loss_fn
+                and known[1] == getattr(loss_fn, "reduction", None)
+                and loss.numel() == 1
+            ):
+                value, summed_over = float(loss.item()), None
+            else:
+                value, summed_over = body.loss_value(loss)
+            state.running_loss = float(state.running_loss) + value  # the loop's epoch report
             self.loss_note = (value, loss.shape, summed_over)
             if caught:
                 self._note_warnings(stage, caught)
-            stage = Stage.BACKWARD
+            stage = _BACKWARD
             loss.backward()
             if caught:
                 self._note_warnings(stage, caught)
             max_norm = experiment.clip_grad_norm
             if max_norm is not None:
-                stage = Stage.CLIP_GRAD
+                stage = _CLIP_GRAD
                 self._clip_total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 if caught:
                     self._note_warnings(stage, caught)
-            stage = Stage.STEP
+            stage = _STEP
             optimizer.step()
             if caught:
                 self._note_warnings(stage, caught)

@@ -90,7 +90,9 @@ class EventRecorder:
         self.diagnostics = diagnostics
         self.on_event = on_event
         self.sync_cuda = sync_cuda and device.type == "cuda"  # stepping: true per-stage durations
-        self._held: list[tuple[Stage, StageRecord | PlainLoss, int, int, tuple[str, ...], float]] = []  # see hold()
+        # Events held back (see hold): (stage, record or a plain loss's figures, iteration, epoch, bugs,
+        # ms). The stepper's fast path appends to it itself, a call less per iteration (issue 17).
+        self.held: list[tuple[Stage, StageRecord | PlainLoss, int, int, tuple[str, ...], float]] = []
 
     def elapsed_ms(self, start: float) -> float:
         """Milliseconds since `start`, the GPU's queued work included when stepping."""
@@ -104,22 +106,14 @@ class EventRecorder:
         """`emit` later, at `catch_up`: running, the losses of unprobed iterations are handed on in
         batches. Made one by one between a small model's stages, events, history and diagnostics
         cost ~3x what they cost in a batch (the training pushes their code out of the CPU caches)."""
-        held = self._held
+        held = self.held
         held.append((stage, record, iteration, epoch, bugs, duration_ms))
-        if len(held) >= HELD_AT_MOST:
-            self.catch_up()
-
-    def hold_plain_loss(self, note: PlainLoss, iteration: int, epoch: int, duration_ms: float) -> None:
-        """`hold` for the loss of a plain iteration (no bug on), as its bare figures: its record is
-        built at `catch_up`, in a batch (issue 17: ~5 us an iteration of a 0.45 ms MLP's step)."""
-        held = self._held
-        held.append((Stage.LOSS, note, iteration, epoch, (), duration_ms))
         if len(held) >= HELD_AT_MOST:
             self.catch_up()
 
     def catch_up(self) -> None:
         """Emit the held events, in order."""
-        held, self._held = self._held, []
+        held, self.held = self.held, []
         device, hand_on = self._device_name, self._hand_on
         for stage, record, iteration, epoch, bugs, duration_ms in held:
             if isinstance(record, tuple):  # a plain iteration's loss: its event straight from the figures
@@ -148,7 +142,7 @@ class EventRecorder:
         error: StageError | None = None,
         code_line: Any = None,
     ) -> StageEvent:
-        if self._held:  # in order: what was held comes first
+        if self.held:  # in order: what was held comes first
             self.catch_up()
         if self._on_cuda:
             self._note_cuda_memory(record.metrics)

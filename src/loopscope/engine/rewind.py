@@ -69,6 +69,9 @@ class Rewindable(Protocol):
     def quietly(self) -> AbstractContextManager[None]: ...
 
 
+WAIT_SECONDS = 0.05  # a gap this much longer than the training in it was spent waiting
+
+
 @dataclass
 class Snapshot:
     completed_iterations: int
@@ -92,7 +95,6 @@ class Rewinder:
     # Stepping back replays up to a spacing's worth of iterations: where that would take longer
     # than this, snapshots come closer, up to twice BUDGET (a keypress should not wait seconds).
     MAX_REPLAY_SECONDS = 0.25
-    WAIT_SECONDS = 0.05  # a gap this much longer than the training in it was spent waiting
 
     def __init__(self, keep: int = 200, clock: Callable[[], float] = time.perf_counter) -> None:
         self.keep = keep
@@ -151,7 +153,7 @@ class Rewinder:
         last_time, self._last_boundary_time = self._last_boundary_time, now
         if gap is not None and last_time is not None:
             last_time = now - gap - training_seconds
-        waited = last_time is None or now - last_time > 2 * training_seconds + self.WAIT_SECONDS
+        waited = last_time is None or now - last_time > 2 * training_seconds + WAIT_SECONDS
         done = stepper.completed_iterations
         bugs = stepper.active_bugs
         if bugs != self._bugs[0]:

@@ -89,7 +89,7 @@ class LoopBody(EpochEndStages):
         self.scaler = grad_scaler_for(experiment.amp, device)
         self._update_meter = probes.UpdateMeter()
         # (loss function, its `reduction` attribute, the reduction found): see _reduction_of_training_loss
-        self._training_reduction: tuple[Any, Any, str] | None = None
+        self.training_reduction: tuple[Any, Any, str] | None = None
 
     def run(self, stage: Stage, record: StageRecord, batch: Any = None) -> None:
         match stage:
@@ -326,14 +326,14 @@ class LoopBody(EpochEndStages):
         """ "sum" when the loss adds up its examples (stated, or measured once on this batch)."""
         loss_fn = self.experiment.loss_fn
         stated = getattr(loss_fn, "reduction", None)
-        known = self._training_reduction
+        known = self.training_reduction
         if known is not None and known[0] is loss_fn and known[1] == stated:  # asked every iteration
             return known[2]
         values = self.values
         reduction = loss_reduction(loss_fn)
         if reduction is None:
             reduction = self._reduction(values.inputs, values.targets, values.target_key)
-        self._training_reduction = (loss_fn, stated, reduction)
+        self.training_reduction = (loss_fn, stated, reduction)
         return reduction
 
     def backward(self, record: StageRecord) -> None:
