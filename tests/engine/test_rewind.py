@@ -166,14 +166,14 @@ def _spacing_after(rewinder, seconds_per_iteration: float, snapshot_cost: float)
     return rewinder.interval
 
 
-def test_snapshot_spacing_keeps_a_step_back_replay_short_at_up_to_twice_the_budget():
+def test_snapshot_spacing_keeps_a_step_back_replay_short_at_up_to_one_percent_of_the_run():
     rewinder = Stepper(load_experiment("blobs", 0)).rewinder
-    # Cheap snapshots: half a percent of the run, a replay well under a quarter second.
-    assert _spacing_after(rewinder, 0.001, 0.0005) == 100  # 100 ms of replay at most
-    # Costly ones on a slow model: 0.5% would mean replaying 400 x 10 ms = 4 s on a step back;
+    # Cheap snapshots: a quarter percent of the run, a replay under a quarter second.
+    assert _spacing_after(rewinder, 0.001, 0.0005) == 200  # 200 ms of replay at most
+    # Costly ones on a slow model: 0.25% would mean replaying 800 x 10 ms = 8 s on a step back;
     # they come closer, but never past 1% of the run (200 x 10 ms).
     assert _spacing_after(rewinder, 0.010, 0.020) == 200
-    # A middle case: 0.5% would be 40 x 10 ms; the quarter second wins (25), costing 0.8%.
+    # A middle case: 0.25% would be 80 x 10 ms; the quarter second wins (25), costing 0.8%.
     assert _spacing_after(rewinder, 0.010, 0.002) == 25
 
 

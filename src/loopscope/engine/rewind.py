@@ -83,7 +83,7 @@ class Rewinder:
     """Boundaries of the last `keep` iterations: full snapshots every few iterations, replay between.
 
     Copying the model and optimizer at every boundary would slow a fast run down badly (Adam's
-    state alone is twice the model), so snapshots are spaced to cost ~0.5% of the training time
+    state alone is twice the model), so snapshots are spaced to cost ~0.25% of the training time
     (up to 1% where that keeps a step back's replay short, see `interval`); stepping back to a
     boundary between two snapshots restores the earlier one and replays the iterations in between,
     which the loop's determinism makes exact. After a wait (a person stepping by hand, a paused
@@ -91,10 +91,15 @@ class Rewinder:
     the wait is not counted as training time.
     """
 
-    BUDGET = 0.005
+    # The cost a snapshot is charged (its copy, and the next iteration's slowdown from the caches it
+    # pushed out) misses the slowdown of the iterations after that: measured on the bench's small
+    # MLP, snapshots at a 0.5% budget cost 0.9-1.9% of the run (issue 17). Half that budget keeps
+    # the real cost near half a percent; a step back there replays at most ~0.16 s.
+    BUDGET = 0.0025
     # Stepping back replays up to a spacing's worth of iterations: where that would take longer
-    # than this, snapshots come closer, up to twice BUDGET (a keypress should not wait seconds).
+    # than this, snapshots come closer, up to MAX_BUDGET (a keypress should not wait seconds).
     MAX_REPLAY_SECONDS = 0.25
+    MAX_BUDGET = 0.01
 
     def __init__(self, keep: int = 200, clock: Callable[[], float] = time.perf_counter) -> None:
         self.keep = keep
@@ -124,7 +129,7 @@ class Rewinder:
         if spacing * self._training > self.MAX_REPLAY_SECONDS:
             spacing = max(
                 math.ceil(self.MAX_REPLAY_SECONDS / self._training),
-                math.ceil(self._cost / (2 * self.BUDGET * self._training)),
+                math.ceil(self._cost / (self.MAX_BUDGET * self._training)),
             )
         return max(1, spacing)
 

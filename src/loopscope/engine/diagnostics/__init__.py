@@ -37,8 +37,18 @@ class Diagnostics:
             self.structure.stage_error(event)
             return self.log.raised
         structure, symptoms, it = self.structure, self.symptoms, event.iteration
-        # The order of the checks is the order findings appear in an event: keep it.
+        # The order of the checks is the order findings appear in an event: keep it. The loss comes
+        # first: running, every iteration's loss is judged, the other stages only when probed.
         match event.stage:
+            case Stage.LOSS:
+                symptoms.loss_value(event)
+                structure.loss_input(event)
+                symptoms.logits_squashed(event)
+                structure.loss_shapes(event)
+                structure.graph_kept(event)
+                structure.loss_divided(event)
+                symptoms.loss_trend(event)
+                structure.replay_exactness(event)
             case Stage.LOAD_BATCH:
                 structure.batch_mixing(event)
                 symptoms.input_scale(event)
@@ -51,15 +61,6 @@ class Diagnostics:
                 symptoms.activation_scale(it, modules)
                 structure.linear_stack(it, modules)
                 structure.output_squashed_twice(it, modules)
-            case Stage.LOSS:
-                symptoms.loss_value(event)
-                structure.loss_input(event)
-                symptoms.logits_squashed(event)
-                structure.loss_shapes(event)
-                structure.graph_kept(event)
-                structure.loss_divided(event)
-                symptoms.loss_trend(event)
-                structure.replay_exactness(event)
             case Stage.BACKWARD:
                 structure.gradients_at_backward(event)
                 trainable = [layer for layer in event.layers if layer.trainable]

@@ -251,8 +251,10 @@ class SymptomChecks:
         )
 
     def logits_squashed(self, event: StageEvent) -> None:
+        if self.context.loss_kind != "bce_with_logits":  # first: this runs for every loss
+            return
         output = next((t for t in event.tensors if t.name == "output"), None)
-        if self.context.loss_kind != "bce_with_logits" or output is None or output.min is None:
+        if output is None or output.min is None:
             return
         assert output.max is not None
         inside = output.min >= 0.0 and output.max <= 1.0
