@@ -39,7 +39,9 @@ class ProbeSchedule:
             return True
         if self.probed_seconds is not None and self.plain_seconds is None:
             return False  # learn what an unprobed iteration costs before probing again
-        return now - self.last_probe >= self.interval
+        since = now - self.last_probe
+        # The interval is never under frame_seconds: most iterations are answered without it.
+        return since >= self.frame_seconds and since >= self.interval
 
     def record(self, probed: bool, started: float, seconds: float) -> None:
         if probed:
