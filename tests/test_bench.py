@@ -184,3 +184,22 @@ def test_bench_json_has_the_design_fields(monkeypatch, capsys):
     model_rows = [line for line in table.splitlines() if line.split()[:1] in (["mlp"], ["wide_mlp"], ["cnn"])]
     assert len(model_rows) == 3 and all(line.endswith("<= 1.05 ok") for line in model_rows)  # every model judged
     assert "under loopscope 1.050 ms/it, ratio 1.050  (target <= 1.10: ok)" in table
+
+
+def test_screen_rate_counts_the_apps_own_screen_in_tmux_against_a_plain_loop_in_the_same_terminal():
+    import shutil
+
+    from loopscope.devtools import screen_rate
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    result = screen_rate.measure("mlp", seconds=1.0, rounds=1)
+    assert len(result["plain_its"]) == 2 and len(result["app_its"]) == 1
+    assert all(0 < rate < math.inf for rate in result["plain_its"] + result["app_its"])
+    app, (before, after) = result["app_its"][0], result["plain_its"]
+    assert result["rounds"] == [pytest.approx(app * (1 / before + 1 / after) / 2, abs=0.002)]
+    # The terminal is gone, and with it the app and its engine.
+    sessions = subprocess.run(["tmux", "list-sessions"], capture_output=True, text=True).stdout
+    assert "loopscope-rate" not in sessions
+    left = subprocess.run(["pgrep", "-f", "bench_models:mlp_experiment"], capture_output=True, text=True).stdout
+    assert left == ""

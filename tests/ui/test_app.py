@@ -574,3 +574,32 @@ async def test_while_running_the_loss_plot_redraws_at_most_every_plot_seconds_an
     gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(while_running)]
     assert min(gaps) >= PLOT_SECONDS, gaps
     assert [x for _, x in while_running] == sorted(x for _, x in while_running)  # and it follows the run
+
+
+async def test_a_repaint_without_new_loss_data_reuses_the_plots_last_build():
+    """A plotext build is the screen's costliest draw (~5 ms): a repaint the plot's data did not cause
+    (the epochs table scrolling to a new epoch repainted the whole screen) draws the last build
+    again; new data, the log axis and a new size build it anew, and the screen shows them."""
+    from loopscope.ui.plot import LossPlot
+
+    app = make_app("blobs")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_and_wait(pilot, "n", lambda: state(app).iteration == 1)
+        plot = app.query_one(LossPlot)
+        builds = []
+        build = plot.plt.build
+        plot.plt.build = lambda: builds.append(1) or build()  # type: ignore[method-assign]
+
+        for _ in range(3):
+            app.screen.refresh(repaint=True)
+            plot.refresh()
+            await pilot.pause()
+        assert builds == []
+        drawn = screen_text(app)
+        assert "iteration" in drawn  # the plot's axis label: the plot is on the screen
+
+        await press_and_wait(pilot, "l", lambda: len(builds) == 1)
+        assert "log10" in screen_text(app)
+        await pilot.resize_terminal(110, 40)
+        await wait_until(pilot, lambda: len(builds) == 2)

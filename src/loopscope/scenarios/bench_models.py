@@ -1,6 +1,7 @@
-"""The three reference models `loopscope bench` times (synthetic data, generated locally): a small
-MLP, a wide MLP with Adam and a CNN. Experiments like the scenarios, so the engine process builds
-them by name without loading the command-line tools."""
+"""The reference models (synthetic data, generated locally): the three `loopscope bench` times (a small
+MLP, a wide MLP with Adam and a CNN), and the MLP with Adam whose speed `devtools.screen_rate` counts
+on the app's screen. Experiments like the scenarios, so the engine process builds them by name
+without loading the command-line tools."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def reference_experiment(name: str, batch: int = BATCH) -> Experiment:
         x = torch.randn(4096, 512, generator=g)
         model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    elif name == "adam_mlp":  # issue 17's model: ~1 ms an iteration on a 2-core CPU
+        x = torch.randn(4096, 64, generator=g)
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
         x = torch.randn(4096, 64, generator=g)
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
@@ -53,6 +58,10 @@ def mlp_experiment():
 
 def wide_mlp_experiment():
     return reference_experiment("wide_mlp")
+
+
+def adam_mlp_experiment():
+    return reference_experiment("adam_mlp")
 
 
 def cnn_experiment():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from rich.text import Text
+from textual.app import RenderResult
 from textual_plotext import PlotextPlot
 
 from loopscope.shared.history import Series
@@ -50,8 +51,20 @@ class LossPlot(PlotextPlot):
     plot is (and the axis scale), so the plot keeps every row for the lines."""
 
     log_scale = False
+    _drawn = 0  # how many times show() gave the plot new data
+    _built: tuple[object, RenderResult] | None = None  # the last build, and what it was built from
+
+    def render(self) -> RenderResult:
+        # A repaint that new data did not cause (a panel scrolled, the screen's own refresh) reuses
+        # the last build: a plotext build is ~5 ms, the screen's costliest draw, and while a run
+        # goes on every epoch scrolled the epochs table once, which repainted the whole screen.
+        key = (self._drawn, self.size, self.app.theme)
+        if self._built is None or self._built[0] != key:
+            self._built = (key, super().render())
+        return self._built[1]
 
     def show(self, model: ScreenModel) -> None:
+        self._drawn += 1
         plt = self.plt
         plt.clear_data()  # not clear_figure: that rebuilds the figure (deep copies), ~1 ms a frame
         plt.title("")
