@@ -172,7 +172,7 @@ def test_bench_json_has_the_design_fields(monkeypatch, capsys):
     assert [m["name"] for m in result["models"]] == ["mlp", "wide_mlp", "cnn"]
     assert set(result["plot_render_ms"]) == {"1000", "100000", "1000000"}
     assert {"history_memory_mb", "app", "first_frame_ms"} <= set(result)
-    assert list(result["app"]) == ["mlp", "wide_mlp"]  # a small model and a wide one
+    assert list(result["app"]) == ["adam_mlp", "wide_mlp"]  # a small model and a wide one
     assert all(set(app) == {"plain_its", "app_its", "ratio", "rounds"} for app in result["app"].values())
     assert {m["batch"] for m in result["models"]} == {64}  # the CPU reference batch
     assert "measuring stepper vs plain loop: cnn at batch 64 on cpu..." in captured.err  # progress, off stdout
@@ -180,7 +180,7 @@ def test_bench_json_has_the_design_fields(monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "ratios are rough" in table  # a quick run's verdicts are not the figures to judge by
     assert "1.00x the plain loop's rate, the median of 1 rounds" in table
-    assert "in the app (mlp," in table and "in the app (wide_mlp," in table
+    assert "in the app (adam_mlp," in table and "in the app (wide_mlp," in table
     model_rows = [line for line in table.splitlines() if line.split()[:1] in (["mlp"], ["wide_mlp"], ["cnn"])]
     assert len(model_rows) == 3 and all(line.endswith("<= 1.05 ok") for line in model_rows)  # every model judged
     assert "under loopscope 1.050 ms/it, ratio 1.050  (target <= 1.10: ok)" in table
