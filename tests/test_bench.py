@@ -197,7 +197,8 @@ def test_screen_rate_counts_the_apps_own_screen_in_tmux_against_a_plain_loop_in_
     assert len(result["plain_its"]) == 2 and len(result["app_its"]) == 1
     assert all(0 < rate < math.inf for rate in result["plain_its"] + result["app_its"])
     app, (before, after) = result["app_its"][0], result["plain_its"]
-    assert result["rounds"] == [pytest.approx(app * (1 / before + 1 / after) / 2, abs=0.002)]
+    # The rates are rounded to 0.1 it/s, a slow round's to a few parts in a thousand.
+    assert result["rounds"] == [pytest.approx(app * (1 / before + 1 / after) / 2, rel=0.01)]
     # The terminal is gone, and with it the app and its engine.
     sessions = subprocess.run(["tmux", "list-sessions"], capture_output=True, text=True).stdout
     assert "loopscope-rate" not in sessions
