@@ -383,7 +383,10 @@ def _batchnorm_rank(rank: int, port: int, per_rank: bool, results: mp.Queue) -> 
         for parameter in model.parameters():  # summed as the loss of both halves together would be
             dist.all_reduce(parameter.grad)
         bn = model[0]
-        results.put((rank, type(bn).__name__, half.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+        # As numpy arrays: a tensor on a queue is shared through a socket of this process's, gone if it
+        # exits before the test has read it (FileNotFoundError in the test, seen under load).
+        tensors = (half.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)
+        results.put((rank, type(bn).__name__, *(t.detach().numpy().copy() for t in tensors)))
         dist.destroy_process_group()
     except BaseException:  # told to the test, which would otherwise wait for a result
         results.put((rank, "failed", traceback.format_exc(), None, None, None, None))
@@ -428,8 +431,9 @@ def test_sync_batchnorm_on_cpu_ranks_computes_what_one_process_computes_on_the_w
         expected = {rank: whole.grad[rank * 8 : (rank + 1) * 8] for rank in (0, 1)}
         grads = (layer[0].weight.grad, layer[0].bias.grad)
         statistics = (layer[0].running_mean, layer[0].running_var)
-    for rank, (kind, input_grad, weight_grad, bias_grad, running_mean, running_var) in got.items():
-        assert kind == "RankSyncedBatchNorm", f"rank {rank}: {input_grad}"
+    for rank, (kind, *arrays) in got.items():
+        assert kind == "RankSyncedBatchNorm", f"rank {rank}: {arrays[0]}"
+        input_grad, weight_grad, bias_grad, running_mean, running_var = map(torch.from_numpy, arrays)
         if per_rank:  # a plain BatchNorm on this rank's half, bitwise
             _, _, alone = _batchnorm_case()
             half = inputs[rank * 8 : (rank + 1) * 8].clone().requires_grad_()

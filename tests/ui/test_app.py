@@ -546,34 +546,73 @@ async def test_a_scripts_prints_show_in_the_output_panel_as_python_prints_them()
         await wait_until(pilot, lambda: [line for line in output.lines if line] == expected)
 
 
-async def test_while_running_the_loss_plot_redraws_at_most_every_plot_seconds_and_catches_up_on_stop(monkeypatch):
-    """The plot is the costliest thing to draw: while a run goes on it redraws at most every
-    PLOT_SECONDS (CPU the engine would rather have); once the run stops it shows the last loss at once.
-    A lower bound on the spacing holds however loaded the machine: load only spaces frames further."""
-    from loopscope.shared.protocol import PLOT_SECONDS
+async def test_at_max_speed_the_plot_and_the_panels_redraw_once_a_second_and_catch_up_on_stop(monkeypatch):
+    """At max speed the plot and the detail panels redraw at most every MAX_SPEED_DETAIL_SECONDS:
+    their redraws were what the UI process took from the engine's threads (issue 17). Once the run
+    stops the screen shows the last loss at once. A lower bound on the spacing holds however loaded
+    the machine: load only spaces frames further."""
+    from loopscope.shared.protocol import MAX_SPEED_DETAIL_SECONDS
+    from loopscope.ui.panels.gradients import GradientsPanel
     from loopscope.ui.plot import LossPlot
 
     plots = []  # (when, running, the last iteration drawn)
-    show = LossPlot.show
+    gradients = []  # (when, running)
+    show_plot, show_gradients = LossPlot.show, GradientsPanel.show
 
-    def recorded_show(self, model):
+    def recorded_plot(self, model):
         running = bool(model.state and model.state.running)
         # When: the frame's own clock (its start), so the time the other panels took does not count.
         plots.append((self.app._last_plot, running, max(model.loss.means()[0], default=0)))
-        return show(self, model)
+        return show_plot(self, model)
 
-    monkeypatch.setattr(LossPlot, "show", recorded_show)
+    def recorded_gradients(self, model):
+        gradients.append((self.app._last_panels, bool(model.state and model.state.running)))
+        return show_gradients(self, model)
+
+    monkeypatch.setattr(LossPlot, "show", recorded_plot)
+    monkeypatch.setattr(GradientsPanel, "show", recorded_gradients)
     app = make_app("loopscope.scenarios.bench_models:mlp_experiment")  # long enough to run for seconds
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await pilot.press("r")
-        await wait_until(pilot, lambda: sum(running for _, running, _ in plots) >= 6)
+        await wait_until(pilot, lambda: sum(running for _, running, _ in plots) >= 4)
         await press_and_wait(pilot, "r", lambda: not state(app).running)
         await wait_until(pilot, lambda: plots[-1][1:] == (False, state(app).completed_iterations))
-    while_running = [(when, x) for when, running, x in plots if running]
-    gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(while_running)]
-    assert min(gaps) >= PLOT_SECONDS, gaps
-    assert [x for _, x in while_running] == sorted(x for _, x in while_running)  # and it follows the run
+    for shown in (plots, gradients):
+        while_running = [when for when, running, *_ in shown if running]
+        assert len(while_running) >= 2, shown
+        gaps = [later - earlier for earlier, later in itertools.pairwise(while_running)]
+        assert min(gaps) >= MAX_SPEED_DETAIL_SECONDS, gaps
+    drawn = [x for _, running, x in plots if running]
+    assert drawn == sorted(drawn) and drawn[-1] > drawn[0]  # and it follows the run
+
+
+async def test_a_paced_run_shows_each_of_its_iterations_in_the_panels(monkeypatch):
+    """A paced run (a lecture's slow run) keeps the fast panel rate: at 2 it/s the gradients panel
+    shows every iteration, where the once-a-second rate of max speed would skip every other."""
+    from loopscope.shared.protocol import SessionSpec
+    from loopscope.ui.app import LoopscopeApp
+    from loopscope.ui.panels.gradients import GradientsPanel
+
+    shown = set()
+    show = GradientsPanel.show
+
+    def recorded(self, model):
+        event = model.last_by_stage.get("step")
+        if event is not None and model.state and model.state.running:
+            shown.add(event.iteration)
+        return show(self, model)
+
+    monkeypatch.setattr(GradientsPanel, "show", recorded)
+    app = LoopscopeApp(SessionSpec("blobs", "cpu", 0, speed=2.0), in_process=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await expect_text(pilot, "#status", "2 it/s")
+        await pilot.press("r")
+        await wait_until(pilot, lambda: state(app).completed_iterations >= 7)
+        await press_and_wait(pilot, "r", lambda: not state(app).running)
+    run = set(range(2, 7))  # the first and last could fall either side of the presses
+    assert len(run & shown) >= 4, sorted(shown)
 
 
 async def test_a_repaint_without_new_loss_data_reuses_the_plots_last_build():

@@ -26,6 +26,7 @@ from loopscope.shared.lifeline import ORPHAN_CHECK_SECONDS, input_closed
 from loopscope.shared.protocol import (
     DETAIL_SECONDS,
     FRAME_SECONDS,
+    MAX_SPEED_DETAIL_SECONDS,
     PLOT_SECONDS,
     RUN_SPEEDS,
     Checks,
@@ -313,8 +314,9 @@ class LoopscopeApp(App[None]):
         state = model.state
         running = state is not None and state.running
         now = time.monotonic()
-        if running and not force and now - self._last_panels < DETAIL_SECONDS:
-            # While running, the detail panels follow at 5 frames a second (the plot at 2.5); the counters at 10.
+        detail_seconds, plot_seconds = self._running_rates()
+        if running and not force and now - self._last_panels < detail_seconds:
+            # While running, the detail panels and the plot follow at their own pace; the counters at 10.
             self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
             return
         self._last_panels = now
@@ -351,10 +353,16 @@ class LoopscopeApp(App[None]):
         self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
         if self.demo is not None:
             self.query_one(NarrationBar).show(self.demo, model)
-        if not running or force or now - self._last_plot >= PLOT_SECONDS:
+        if not running or force or now - self._last_plot >= plot_seconds:
             self._last_plot = now
             self._show_plot()
         self._sync_bug_list()
+
+    def _running_rates(self) -> tuple[float, float]:
+        """How often the detail panels and the plot redraw while a run goes on (seconds)."""
+        if RUN_SPEEDS[self.speed_index] is None:
+            return MAX_SPEED_DETAIL_SECONDS, MAX_SPEED_DETAIL_SECONDS
+        return DETAIL_SECONDS, PLOT_SECONDS
 
     def _show_plot(self) -> None:
         model, box = self.model, self.query_one("#plot-box")
