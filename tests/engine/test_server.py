@@ -96,3 +96,38 @@ def test_a_step_back_that_replays_other_numbers_is_told_to_the_screen(fixture_mo
         session.send(Step(StepKind.ITERATION))
     finally:
         session.stop()
+
+
+def test_at_max_speed_the_engine_sends_its_news_4_times_a_second():
+    """Issue 17: at max speed each message wakes the UI process, whose CPU time on 2 cores costs
+    training about twice over; so the counters move at 4 frames a second there, not 10. Every
+    running Update was sent between `began` and `ended`, at least MAX_SPEED_FRAME_SECONDS apart
+    (a loaded machine only spaces them further)."""
+    import time
+
+    from loopscope.shared.protocol import MAX_SPEED_FRAME_SECONDS
+
+    messages: queue.Queue = queue.Queue()
+    session = EngineSession(
+        SessionSpec("loopscope.scenarios.bench_models:mlp_experiment", "cpu"), messages.put, in_process=True
+    )
+    session.start()
+    try:
+        while not isinstance(messages.get(timeout=60), Ready):
+            pass
+        began = time.monotonic()
+        session.send(SetRunning(True))
+        time.sleep(2.0)
+        session.send(SetRunning(False))
+        running = []
+        while True:
+            message = messages.get(timeout=60)
+            if isinstance(message, Update):
+                if not message.state.running:
+                    break
+                running.append(message.state.completed_iterations)
+        ended = time.monotonic()
+    finally:
+        session.stop()
+    assert running == sorted(running) and running[-1] > running[0]  # the counters moved
+    assert len(running) <= (ended - began) / MAX_SPEED_FRAME_SECONDS + 1, (len(running), ended - began)

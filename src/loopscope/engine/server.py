@@ -20,6 +20,7 @@ from loopscope.shared.history import loss_point
 from loopscope.shared.nodes import parse_endpoint
 from loopscope.shared.protocol import (
     FRAME_SECONDS,
+    MAX_SPEED_FRAME_SECONDS,
     Checks,
     EngineState,
     Failed,
@@ -324,7 +325,7 @@ class EngineServer:
         s = self.stepper
         s.sync_cuda = False  # running: never force a GPU sync per stage
         s.quiet = True  # and the unprobed iterations make no events but their losses
-        frame_due = self._last_frame + FRAME_SECONDS
+        frame_due = self._last_frame + (FRAME_SECONDS if self.speed is not None else MAX_SPEED_FRAME_SECONDS)
         with s.recording_warnings():
             self._run_until_frame(frame_due)
         if (

@@ -22,10 +22,14 @@ DETAIL_SECONDS = 0.2
 # panels' rate: the UI process then takes 0.067-0.071 of a core instead of 0.090-0.109 (the bench's
 # mlp running in the app, 2 cores, four runs each).
 PLOT_SECONDS = 0.4
-# At max speed the detail panels and the plot follow a run once a second (the counters stay at 10):
+# At max speed the detail panels and the plot follow a run once a second:
 # there the engine's threads want every core, and the panels' redraws were what the UI process cost
 # them. A paced run (a lecture's 20 it/s) keeps the rates above: each of its iterations is worth seeing.
 MAX_SPEED_DETAIL_SECONDS = 1.0
+# And at max speed the engine sends its news 4 times a second, not 10, so the counters move at 4: the UI
+# process then takes ~0.045 of a core instead of ~0.067 (2 cores, issue 17's MLP). On 2 cores each
+# of its ms takes about two from training, since torch's two threads wait for each other.
+MAX_SPEED_FRAME_SECONDS = 0.25
 
 DEFAULT_HISTORY = 200  # iterations that `b` can step back through
 

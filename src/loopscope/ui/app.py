@@ -316,7 +316,8 @@ class LoopscopeApp(App[None]):
         now = time.monotonic()
         detail_seconds, plot_seconds = self._running_rates()
         if running and not force and now - self._last_panels < detail_seconds:
-            # While running, the detail panels and the plot follow at their own pace; the counters at 10.
+            # While running, the detail panels and the plot follow at their own pace; the counters move
+            # with each of the engine's frames (10 a second, 4 at max speed).
             self.query_one(StatusLine).show(model, self.speed_label, self.query_one(LossPlot).log_scale)
             return
         self._last_panels = now
