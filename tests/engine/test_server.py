@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
-from loopscope.shared.protocol import Ready, RunIterations, SessionSpec, SetRunning, Step, Update
+from loopscope.shared.protocol import (
+    MAX_SPEED_FRAME_SECONDS,
+    Ready,
+    RunIterations,
+    SessionSpec,
+    SetRunning,
+    Step,
+    Update,
+)
 from loopscope.ui.session import EngineSession
 
 
@@ -103,10 +112,6 @@ def test_at_max_speed_the_engine_sends_its_news_4_times_a_second():
     training about twice over; so the counters move at 4 frames a second there, not 10. Every
     running Update was sent between `began` and `ended`, at least MAX_SPEED_FRAME_SECONDS apart
     (a loaded machine only spaces them further)."""
-    import time
-
-    from loopscope.shared.protocol import MAX_SPEED_FRAME_SECONDS
-
     messages: queue.Queue = queue.Queue()
     session = EngineSession(
         SessionSpec("loopscope.scenarios.bench_models:mlp_experiment", "cpu"), messages.put, in_process=True

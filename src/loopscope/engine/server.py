@@ -19,8 +19,6 @@ from loopscope.shared.errors import UserError, check_processes
 from loopscope.shared.history import loss_point
 from loopscope.shared.nodes import parse_endpoint
 from loopscope.shared.protocol import (
-    FRAME_SECONDS,
-    MAX_SPEED_FRAME_SECONDS,
     Checks,
     EngineState,
     Failed,
@@ -41,6 +39,7 @@ from loopscope.shared.protocol import (
     Step,
     TimePlainLoop,
     Update,
+    running_rates,
 )
 from loopscope.shared.vocab import Stage, StepKind
 
@@ -325,7 +324,8 @@ class EngineServer:
         s = self.stepper
         s.sync_cuda = False  # running: never force a GPU sync per stage
         s.quiet = True  # and the unprobed iterations make no events but their losses
-        frame_due = self._last_frame + (FRAME_SECONDS if self.speed is not None else MAX_SPEED_FRAME_SECONDS)
+        frame_seconds, _, _ = running_rates(self.speed)
+        frame_due = self._last_frame + frame_seconds
         with s.recording_warnings():
             self._run_until_frame(frame_due)
         if (

@@ -31,6 +31,15 @@ MAX_SPEED_DETAIL_SECONDS = 1.0
 # of its ms takes about two from training, since torch's two threads wait for each other.
 MAX_SPEED_FRAME_SECONDS = 0.25
 
+
+def running_rates(speed: float | None) -> tuple[float, float, float]:
+    """Seconds between the engine's frames, the detail panels' redraws and the plot's while a run
+    goes on at `speed` (iterations a second; None: max). The engine and the screen both follow it."""
+    if speed is None:
+        return MAX_SPEED_FRAME_SECONDS, MAX_SPEED_DETAIL_SECONDS, MAX_SPEED_DETAIL_SECONDS
+    return FRAME_SECONDS, DETAIL_SECONDS, PLOT_SECONDS
+
+
 DEFAULT_HISTORY = 200  # iterations that `b` can step back through
 
 # ----- UI -> engine ----------------------------------------------------------------------

@@ -24,10 +24,7 @@ from loopscope.shared.bugs import BUGS
 from loopscope.shared.demo import Demo
 from loopscope.shared.lifeline import ORPHAN_CHECK_SECONDS, input_closed
 from loopscope.shared.protocol import (
-    DETAIL_SECONDS,
     FRAME_SECONDS,
-    MAX_SPEED_DETAIL_SECONDS,
-    PLOT_SECONDS,
     RUN_SPEEDS,
     Checks,
     Failed,
@@ -40,6 +37,7 @@ from loopscope.shared.protocol import (
     SetSpeed,
     SetTwin,
     Step,
+    running_rates,
 )
 from loopscope.shared.vocab import StepKind
 from loopscope.ui.commands import LoopCommands
@@ -314,7 +312,7 @@ class LoopscopeApp(App[None]):
         state = model.state
         running = state is not None and state.running
         now = time.monotonic()
-        detail_seconds, plot_seconds = self._running_rates()
+        _, detail_seconds, plot_seconds = running_rates(RUN_SPEEDS[self.speed_index])
         if running and not force and now - self._last_panels < detail_seconds:
             # While running, the detail panels and the plot follow at their own pace; the counters move
             # with each of the engine's frames (10 a second, 4 at max speed).
@@ -358,12 +356,6 @@ class LoopscopeApp(App[None]):
             self._last_plot = now
             self._show_plot()
         self._sync_bug_list()
-
-    def _running_rates(self) -> tuple[float, float]:
-        """How often the detail panels and the plot redraw while a run goes on (seconds)."""
-        if RUN_SPEEDS[self.speed_index] is None:
-            return MAX_SPEED_DETAIL_SECONDS, MAX_SPEED_DETAIL_SECONDS
-        return DETAIL_SECONDS, PLOT_SECONDS
 
     def _show_plot(self) -> None:
         model, box = self.model, self.query_one("#plot-box")
