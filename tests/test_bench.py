@@ -55,17 +55,23 @@ def test_script_mode_is_timed_against_the_same_script_run_as_written():
 
 
 def test_plot_render_times_the_downsampled_plot_of_the_whole_history(monkeypatch):
-    import plotext
+    from textual_plotext.plot import Plot
+
+    import loopscope.ui.plot as plot_module
 
     assert 0 < bench.plot_render_ms(1000) < math.inf
-    plotted, build = [], plotext.build
+    plotted, draw, text_of = [], Plot.plot, plot_module.plotext_text
 
-    def slow_build():  # a build known to take at least 50 ms: the figure must include it
+    def recording_plot(figure, xs, ys, **kwargs):
+        plotted.append((list(xs), list(ys)))
+        return draw(figure, xs, ys, **kwargs)
+
+    def slow_text(figure):  # a build known to take at least 50 ms: the figure must include it
         time.sleep(0.05)
-        return build()
+        return text_of(figure)
 
-    monkeypatch.setattr(plotext, "plot", lambda xs, ys, **kwargs: plotted.append((list(xs), list(ys))))
-    monkeypatch.setattr(plotext, "build", slow_build)
+    monkeypatch.setattr(Plot, "plot", recording_plot)
+    monkeypatch.setattr(plot_module, "plotext_text", slow_text)
     assert bench.plot_render_ms(100_000, width=60) >= 50
     ((xs, ys),) = plotted
     assert len(xs) <= 2 * 60  # downsampled to the plot's width, as the app draws it

@@ -629,8 +629,8 @@ async def test_a_repaint_without_new_loss_data_reuses_the_plots_last_build():
         await press_and_wait(pilot, "n", lambda: state(app).iteration == 1)
         plot = app.query_one(LossPlot)
         builds = []
-        build = plot.plt.build
-        plot.plt.build = lambda: builds.append(1) or build()  # type: ignore[method-assign]
+        build = plot.plt._build_matrix  # what every build of the figure runs, however it is turned into text
+        plot.plt._build_matrix = lambda: builds.append(1) or build()  # type: ignore[method-assign]
 
         for _ in range(3):
             app.screen.refresh(repaint=True)

@@ -188,21 +188,20 @@ def plot_render_ms(points: int, width: int = 60, height: int = 15) -> float:
     """Time to render the loss plot from a history of `points` losses, as the app does."""
     import math
 
-    import plotext as plt
-    from rich.text import Text
+    from textual_plotext.plot import Plot
 
     from loopscope.shared.history import Series
-    from loopscope.ui.plot import plot_points
+    from loopscope.ui.plot import plot_points, plotext_text
 
     series = Series(4096)
     for i in range(points):
         series.add(i, 1.0 / math.sqrt(i + 1))
     start = time.perf_counter()
     xs, ys = plot_points(series, width)
-    plt.clear_data()
-    plt.plotsize(width, height)
-    plt.plot(xs, ys, marker="braille")
-    Text.from_ansi(plt.build())  # as textual-plotext turns the plot into the widget's text
+    figure = Plot()
+    figure.plotsize(width, height)
+    figure.plot(xs, ys, marker="braille")
+    plotext_text(figure)  # as the app's plot widgets turn the figure into their text
     return (time.perf_counter() - start) * 1000
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+from typing import Any
 
+import plotext._utility as plotext_utility
+from rich.style import Style
 from rich.text import Text
 from textual.app import RenderResult
 from textual_plotext import PlotextPlot
@@ -46,7 +50,68 @@ def loss_legend(model: ScreenModel) -> str:
     )
 
 
-class LossPlot(PlotextPlot):
+@lru_cache(maxsize=256)
+def _cell_style(colours: tuple[Any, Any, Any]) -> Style | None:
+    """The style Text.from_ansi gives plotext's escape codes for (foreground, style, background)."""
+    codes = plotext_utility.colors_to_ansi(*colours)
+    spans = Text.from_ansi(codes + "x").spans
+    return spans[0].style if spans else None  # type: ignore[return-value]
+
+
+def _style_of(foreground: Any, style: Any, background: Any) -> Style | None:
+    def hashable(colour: Any) -> Any:
+        return tuple(colour) if isinstance(colour, list) else colour  # an RGB colour may be a list
+
+    return _cell_style((hashable(foreground), hashable(style), hashable(background)))
+
+
+def plotext_text(figure: Any) -> Text:
+    """What `Text.from_ansi(figure.build())` returns, straight from plotext's character and colour
+    matrices: plotext writes every cell's escape codes into one string and rich parses them back,
+    which took 30-40% of a build (6.4 -> 4.6 ms for a 58x12 loss plot, 30 -> 18 ms at 200x50)."""
+    figure._set_sizes()
+    figure._build_matrix()
+    matrix = figure.monitor.matrix
+    text = Text()
+    for row in reversed(range(matrix.rows)):
+        markers, foregrounds, styles, backgrounds = (
+            matrix.marker[row],
+            matrix.fullground[row],
+            matrix.style[row],
+            matrix.background[row],
+        )
+        start, end = 0, len(markers)
+        for col in range(1, end + 1):  # one span for each run of cells with the same colours
+            if (
+                col == end
+                or foregrounds[col] != foregrounds[start]
+                or styles[col] != styles[start]
+                or backgrounds[col] != backgrounds[start]
+            ):
+                text.append(
+                    "".join(markers[start:col]), _style_of(foregrounds[start], styles[start], backgrounds[start])
+                )
+                start = col
+        text.append("\n")  # as from_ansi keeps plotext's last newline
+    return text
+
+
+class FastPlotextPlot(PlotextPlot):
+    """PlotextPlot, less the round trip through escape codes (see plotext_text)."""
+
+    def render(self) -> RenderResult:
+        figure: Any = self._plot
+        monitor = getattr(figure, "monitor", None)
+        if monitor is None or getattr(monitor, "fast_plot", False) or not hasattr(monitor, "matrix"):
+            return super().render()  # a plotext this was not written for: its own way
+        # As PlotextPlot.render sets up the figure before it builds.
+        figure.plotsize(self.size.width, self.size.height)
+        figure._set_size(self.size.width, self.size.height)
+        figure.theme(self._get_plotext_theme_name(self.app.theme))
+        return plotext_text(figure)
+
+
+class LossPlot(FastPlotextPlot):
     """Train loss, val loss and twin loss against the iteration. The panel's border says what the
     plot is (and the axis scale), so the plot keeps every row for the lines."""
 
@@ -121,7 +186,7 @@ class PictureNote(TextPanel):
         self.update(Text(picture_note(model) or "", style="italic"))
 
 
-class PicturePlot(PlotextPlot):
+class PicturePlot(FastPlotextPlot):
     """The decision boundary (2-D classifiers) or predictions against targets (1-D regression)."""
 
     def show(self, model: ScreenModel) -> None:
