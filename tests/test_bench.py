@@ -106,7 +106,7 @@ def test_app_throughput_brackets_each_app_round_with_the_plain_rounds_around_it(
 
     monkeypatch.setattr(subprocess, "run", probe)
     result = bench.app_throughput("mlp", seconds=3.0, rounds=2, device="cpu")
-    assert calls[0][-4:] == ["mlp", "1.5", "2", "cpu"]  # seconds are split between the rounds
+    assert calls[0][-5:] == ["mlp", "1.5", "2", "cpu", str(bench.APP_WARM_UP_SECONDS)]  # seconds split between rounds
     # Round 1: 90 against 100 and 100 = 0.9; round 2: 50 against 100 and 50, on times: 50 * (1/100 + 1/50) / 2.
     assert result == {
         "plain_its": 100.0,
@@ -124,6 +124,27 @@ def _next(messages: queue.Queue, kind: type):
             return message
 
 
+def test_the_plain_loops_warm_up_runs_iterations_it_does_not_count(monkeypatch):
+    from loopscope.engine import plainloop
+    from loopscope.scenarios.bench_models import reference_experiment
+
+    steps = []
+    monkeypatch.setattr(plainloop.PlainLoop, "step", lambda loop: steps.append(1) or 0.0)
+    experiment = reference_experiment("mlp")
+    counted, seconds = plainloop.plain_iterations_for(experiment, torch_cpu(), 0.05, warm_up=0.05)
+    assert 0 < counted < len(steps)  # some ran in the warm-up, uncounted
+    assert seconds >= 0.05
+    steps.clear()
+    counted, _ = plainloop.plain_iterations_for(experiment, torch_cpu(), 0.05)
+    assert counted == len(steps)  # no warm-up: every step counted
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
 def test_the_engine_times_the_plain_loop_on_its_own_model_and_keeps_its_place():
     # The app's reference loop runs on the engine's own objects (see TimePlainLoop).
     messages: queue.Queue = queue.Queue()
@@ -136,6 +157,8 @@ def test_the_engine_times_the_plain_loop_on_its_own_model_and_keeps_its_place():
         session.send(TimePlainLoop(0.3))
         timed = _next(messages, PlainLoopTimed)
         assert timed.iterations > 0 and timed.seconds >= 0.3
+        session.send(TimePlainLoop(0.3, warm_up=0.2))  # as bench's rounds: a warm-up, then counted
+        assert _next(messages, PlainLoopTimed).iterations > 0
         assert _next(messages, Update).state.completed_iterations == 0  # not counted as loopscope's iterations
     finally:
         session.stop()

@@ -42,10 +42,17 @@ class PlainLoop:
         return time.perf_counter() - start
 
 
-def plain_iterations_for(experiment: Experiment, device: torch.device, seconds: float) -> int:
-    """How many plain-loop iterations run in `seconds` (the app's reference, see TimePlainLoop)."""
-    loop, done, began = PlainLoop(experiment, device), 0, time.perf_counter()
+def plain_iterations_for(
+    experiment: Experiment, device: torch.device, seconds: float, warm_up: float = 0.0
+) -> tuple[int, float]:
+    """(iterations, the seconds they took) of a plain loop run for `seconds` after `warm_up` seconds
+    uncounted (the app's reference, see TimePlainLoop)."""
+    loop = PlainLoop(experiment, device)
+    began = time.perf_counter()
+    while time.perf_counter() - began < warm_up:
+        loop.step()
+    done, began = 0, time.perf_counter()
     while time.perf_counter() - began < seconds:
         loop.step()
         done += 1
-    return done
+    return done, time.perf_counter() - began

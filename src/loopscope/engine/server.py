@@ -191,15 +191,13 @@ class EngineServer:
             elif (reason := self.pictures.unavailable()) is not None:
                 self.conn.send(NoPicture(reason))
 
-    def _time_plain_loop(self, seconds: float) -> PlainLoopTimed:
+    def _time_plain_loop(self, seconds: float, warm_up: float) -> PlainLoopTimed:
         from loopscope.engine.plainloop import plain_iterations_for
-
-        start = time.perf_counter()
         from loopscope.engine.stepper import Stepper
 
         assert isinstance(self.stepper, Stepper), "the plain loop reference needs an experiment"
-        done = plain_iterations_for(self.stepper.experiment, self.stepper.device, seconds)
-        return PlainLoopTimed(done, time.perf_counter() - start)
+        done, counted = plain_iterations_for(self.stepper.experiment, self.stepper.device, seconds, warm_up)
+        return PlainLoopTimed(done, counted)
 
     # ----- loop ------------------------------------------------------------------------
     def serve(self) -> None:
@@ -259,9 +257,9 @@ class EngineServer:
                         self.pictures.remember_batch()  # a paused or finished run has a picture too
                 case RunChecks():
                     self._run_checks()
-                case TimePlainLoop(seconds=seconds):
+                case TimePlainLoop(seconds=seconds, warm_up=warm_up):
                     self.running, self.run_until = False, None
-                    self.conn.send(self._time_plain_loop(seconds))
+                    self.conn.send(self._time_plain_loop(seconds, warm_up))
         except UserError as exc:
             self.conn.send(Failed(str(exc), fatal=False))
         self._flush()

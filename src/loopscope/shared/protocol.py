@@ -103,6 +103,7 @@ class TimePlainLoop:
     process: a copy elsewhere lands elsewhere in memory, which alone moved the figure by up to ~10%."""
 
     seconds: float
+    warm_up: float = 0.0  # run this long before counting, as the app's rounds are counted
 
 
 @dataclass(frozen=True)
