@@ -125,24 +125,21 @@ def _next(messages: queue.Queue, kind: type):
 
 
 def test_the_plain_loops_warm_up_runs_iterations_it_does_not_count(monkeypatch):
+    import torch
+
     from loopscope.engine import plainloop
     from loopscope.scenarios.bench_models import reference_experiment
 
     steps = []
     monkeypatch.setattr(plainloop.PlainLoop, "step", lambda loop: steps.append(1) or 0.0)
     experiment = reference_experiment("mlp")
-    counted, seconds = plainloop.plain_iterations_for(experiment, torch_cpu(), 0.05, warm_up=0.05)
+    cpu = torch.device("cpu")
+    counted, seconds = plainloop.plain_iterations_for(experiment, cpu, 0.05, warm_up=0.05)
     assert 0 < counted < len(steps)  # some ran in the warm-up, uncounted
     assert seconds >= 0.05
     steps.clear()
-    counted, _ = plainloop.plain_iterations_for(experiment, torch_cpu(), 0.05)
+    counted, _ = plainloop.plain_iterations_for(experiment, cpu, 0.05)
     assert counted == len(steps)  # no warm-up: every step counted
-
-
-def torch_cpu():
-    import torch
-
-    return torch.device("cpu")
 
 
 def test_the_engine_times_the_plain_loop_on_its_own_model_and_keeps_its_place():

@@ -225,7 +225,8 @@ def history_memory_mb(iterations: int = 1_000_000) -> float:
 # loop runs in the engine process on the engine's own model and data (TimePlainLoop), with the
 # screen idle: the only difference between the two is loopscope.
 # Each round, the app's and the plain loop's, is counted from 1.5 s after it starts: the app's first
-# half second after `r` ran ~30% slower (the engine's, not the screen's doing), and in 2 s rounds that
+# half second after `r` ran ~30% slower (inside the training's own torch calls, cause unknown; a plain
+# loop after a pause shows no such start), and in 2 s rounds that
 # alone moved adam_mlp's figure from ~0.99 to ~0.85x; screen_rate likewise waits 2 s.
 APP_WARM_UP_SECONDS = 1.5
 _APP_PROBE = """

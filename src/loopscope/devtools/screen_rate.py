@@ -120,22 +120,15 @@ def _run_plain(model: str, seconds: float, out: Path) -> None:
     import torch
 
     from loopscope.engine.allocator import tune_allocator
-    from loopscope.engine.plainloop import PlainLoop
+    from loopscope.engine.plainloop import plain_iterations_for
     from loopscope.scenarios.bench_models import reference_experiment
 
     # As the app's engine process does (and bench's plain loop): measured here, the allocator alone
     # made the engine ~5-8% faster than an untuned plain loop, which hid loopscope's own cost.
     tune_allocator()
     torch.manual_seed(0)  # as `loopscope run` seeds before building the experiment
-    loop = PlainLoop(reference_experiment(model), torch.device("cpu"))
-    began = time.perf_counter()
-    while time.perf_counter() - began < WARM_UP_SECONDS:
-        loop.step()
-    done, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds:
-        loop.step()
-        done += 1
-    out.write_text(json.dumps({"rate": done / (time.perf_counter() - began)}))
+    done, took = plain_iterations_for(reference_experiment(model), torch.device("cpu"), seconds, WARM_UP_SECONDS)
+    out.write_text(json.dumps({"rate": done / took}))
 
 
 def measure(model: str = "adam_mlp", seconds: float = 10.0, rounds: int = 3, report=None) -> dict[str, Any]:

@@ -196,8 +196,8 @@ class EngineServer:
         from loopscope.engine.stepper import Stepper
 
         assert isinstance(self.stepper, Stepper), "the plain loop reference needs an experiment"
-        done, counted = plain_iterations_for(self.stepper.experiment, self.stepper.device, seconds, warm_up)
-        return PlainLoopTimed(done, counted)
+        done, took = plain_iterations_for(self.stepper.experiment, self.stepper.device, seconds, warm_up)
+        return PlainLoopTimed(done, took)
 
     # ----- loop ------------------------------------------------------------------------
     def serve(self) -> None:
